@@ -1,0 +1,200 @@
+"""Export of a bundle to ONNX (fp32 and fp16) and TorchScript, with the parity check.
+
+The exported model is :func:`zoo.bundle.full_model` — ``Sequential(InputAdapter, net)`` — so the
+files take **uint8 NCHW images at ``image_size``** and return logits; the preprocessing travels
+inside them. Each file carries the card subset of :func:`card_metadata` (ONNX ``metadata_props``
+under :data:`zoo.runtime.METADATA_KEY`, TorchScript ``_extra_files`` under the same name), so a
+lone file is enough to serve it.
+
+:func:`export_bundle` writes every file under a temporary directory inside the bundle, runs the
+parity check (:mod:`export.parity`) on each, and only when all pass moves them to their final
+names and records them in the card (``exports``: file, sha256, size, opset, provider, parity).
+A failed export or check raises and leaves nothing behind. :func:`check_bundle` re-runs the
+check on the files already exported (``zoo export BUNDLE --check``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+from zoo.runtime import EXPORT_FILES, ModelFileError
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "torchscript")  # what `zoo export` writes by default; --fp16 adds "onnx_fp16"
+
+
+class ExportError(RuntimeError):
+    """The model could not be exported (the message says which step failed)."""
+
+
+def card_metadata(card: dict[str, Any], fmt: str) -> dict[str, Any]:
+    """The card subset every exported file carries: enough to serve it without its bundle."""
+    from zoo import __version__
+
+    prep = card["preprocessing"]
+    dataset = card.get("dataset") or {}
+    return {
+        "format": fmt,
+        "id": card["id"],
+        "arch": card["arch"],
+        "model_kwargs": card.get("model_kwargs", {}),
+        "labels": list(card["labels"]),
+        "task": card["task"],
+        "num_outputs": int(card["num_outputs"]),
+        "preprocessing": prep,
+        "weights_sha256": card["weights_sha256"],
+        "dataset": dataset.get("name") if isinstance(dataset, dict) else str(dataset),
+        "input": {"name": "images", "dtype": "uint8", "layout": "NCHW",
+                  "shape": ["batch", prep["in_channels"], prep["image_size"], prep["image_size"]]},
+        "output": {"name": "logits", "dtype": "float32", "shape": ["batch", int(card["num_outputs"])]},
+        "medzoo": __version__,
+    }
+
+
+def resolve_formats(formats: Sequence[str] | None, fp16: bool) -> list[str]:
+    """The card keys to export: ``formats`` (default onnx + torchscript) plus ``onnx_fp16``."""
+    chosen = list(formats) if formats else list(FORMATS)
+    if fp16 and "onnx_fp16" not in chosen:
+        chosen.append("onnx_fp16")
+    unknown = [f for f in chosen if f not in EXPORT_FILES]
+    if unknown:
+        raise ValueError(f"unknown export format(s) {', '.join(unknown)}; choose from {', '.join(EXPORT_FILES)}")
+    return list(dict.fromkeys(chosen))
+
+
+def _record(path: Path, fmt: str, report: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from zoo.bundle import sha256_of
+
+    return {
+        "file": EXPORT_FILES[fmt],
+        "sha256": sha256_of(path),
+        "size": path.stat().st_size,
+        **extra,
+        "provider": report["provider"],
+        "parity": report["parity"],
+        "torch": torch.__version__,
+        "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def export_bundle(
+    path: str | Path,
+    formats: Sequence[str] | None = None,
+    fp16: bool = False,
+    data_root: str | Path | None = None,
+    providers: Sequence[str] | None = None,
+    opset: int | None = None,
+    batch_sizes: Sequence[int] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Export a bundle, check parity, then move the files in and record them in the card.
+
+    Returns the card's new ``exports`` entries (one per format). Raises
+    :class:`export.parity.ParityError` when a check fails, :class:`ExportError` when a format cannot
+    be exported; in both cases no new file is left in the bundle and the card is unchanged.
+    """
+    from zoo.bundle import load_bundle, read_card, update_card
+
+    from . import onnx_export, parity, torchscript_export
+
+    fmts = resolve_formats(formats, fp16)
+    opset = opset or onnx_export.DEFAULT_OPSET
+    bundle = load_bundle(path, "cpu")
+    prep = bundle.preprocessing
+    inputs = parity.parity_inputs(bundle, data_root, batch_sizes or parity.BATCH_SIZES)
+    reference = parity.Reference.of(bundle.model, inputs)
+    tmp = Path(tempfile.mkdtemp(dir=bundle.path, prefix=".export-"))
+    try:
+        records: dict[str, dict[str, Any]] = {}
+        reports: dict[str, dict[str, Any]] = {}
+        proto = None
+        if "onnx" in fmts or "onnx_fp16" in fmts:
+            proto = onnx_export.to_onnx(bundle.model, prep, opset)
+        for fmt in fmts:
+            dest = tmp / EXPORT_FILES[fmt]
+            meta = card_metadata(bundle.card, fmt)
+            if fmt == "torchscript":
+                torchscript_export.save_torchscript(torchscript_export.to_torchscript(bundle.model, prep), meta, dest)
+                extra: dict[str, Any] = {"opset": None, "precision": "fp32"}
+            else:
+                assert proto is not None
+                variant = onnx_export.to_fp16(proto) if fmt == "onnx_fp16" else proto
+                onnx_export.write_onnx(variant, meta, dest)
+                extra = {"opset": onnx_export.opset_of(variant),
+                         "precision": "fp16" if fmt == "onnx_fp16" else "fp32"}
+            reports[fmt] = parity.check_file(fmt, dest, bundle.card, inputs, reference, providers)
+            records[fmt] = _record(dest, fmt, reports[fmt], extra)
+        failed = [f for f in fmts if not reports[f]["parity"]["passed"]]
+        if failed:
+            raise parity.ParityError(
+                f"parity check failed for {', '.join(failed)} of {bundle.id}: "
+                + "; ".join(parity.failure_reason(fmt, reports[fmt]["parity"]) for fmt in failed)
+                + "; nothing was written"
+            )
+        for fmt in fmts:
+            os.replace(tmp / EXPORT_FILES[fmt], bundle.path / EXPORT_FILES[fmt])
+        exports = {**(read_card(bundle.path).get("exports") or {}), **records}
+        update_card(bundle.path, exports=exports)
+        return records
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_bundle(
+    path: str | Path,
+    formats: Sequence[str] | None = None,
+    data_root: str | Path | None = None,
+    providers: Sequence[str] | None = None,
+    batch_sizes: Sequence[int] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Re-run the parity check on a bundle's exported files (all present ones by default).
+
+    Each file is first verified against the card (sha256, metadata). On success the card's
+    ``exports`` entries get the new parity numbers; on failure :class:`export.parity.ParityError`
+    is raised and neither the files nor the card are touched.
+    """
+    from zoo.bundle import load_bundle, read_card, update_card
+
+    from . import parity
+
+    bundle = load_bundle(path, "cpu")
+    if formats:
+        fmts = resolve_formats(formats, False)
+        missing = [EXPORT_FILES[f] for f in fmts if not (bundle.path / EXPORT_FILES[f]).is_file()]
+        if missing:
+            raise ModelFileError(f"{bundle.path} has no {', '.join(missing)}; run `zoo export {bundle.path}` first")
+    else:
+        fmts = [f for f, name in EXPORT_FILES.items() if (bundle.path / name).is_file()]
+        if not fmts:
+            raise ModelFileError(f"{bundle.path} has no exported model; run `zoo export {bundle.path}` first")
+    inputs = parity.parity_inputs(bundle, data_root, batch_sizes or parity.BATCH_SIZES)
+    reference = parity.Reference.of(bundle.model, inputs)
+    reports = {
+        fmt: parity.check_file(fmt, bundle.path / EXPORT_FILES[fmt], bundle.card, inputs, reference, providers)
+        for fmt in fmts
+    }
+    failed = [f for f in fmts if not reports[f]["parity"]["passed"]]
+    if failed:
+        raise parity.ParityError(
+            f"parity check failed for {', '.join(failed)} of {bundle.id}: "
+            + "; ".join(parity.failure_reason(fmt, reports[fmt]["parity"]) for fmt in failed)
+            + "; the card was not changed"
+        )
+    exports = dict(read_card(bundle.path).get("exports") or {})
+    checked = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    for fmt in fmts:
+        exports[fmt] = {**exports[fmt], "provider": reports[fmt]["provider"],
+                        "parity": reports[fmt]["parity"], "checked": checked}
+    update_card(bundle.path, exports=exports)
+    return {fmt: exports[fmt] for fmt in fmts}
+
+
+__all__ = ["FORMATS", "ExportError", "card_metadata", "check_bundle", "export_bundle", "resolve_formats"]

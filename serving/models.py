@@ -1,0 +1,215 @@
+"""The served models: one ONNX Runtime session per task plus the ensemble members.
+
+Runs inside the inference worker. :class:`ModelTable` opens what the configuration names,
+remembers why a task has no model (the message its endpoint answers with 503), runs batches
+and counts the batch sizes each model saw.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from serving.config import (
+    ENSEMBLE_ROUTE,
+    Resolved,
+    ServeConfig,
+    ensemble_hint,
+    resolve_ensemble,
+    resolve_task,
+)
+from zoo.bundle import BundleError, read_card
+from zoo.runtime import ModelFileError, OnnxModel
+
+log = logging.getLogger("serving")
+
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+class NotServed(RuntimeError):
+    """A task or the ensemble without a usable model; the message says what to train."""
+
+
+@dataclass
+class ServedModel:
+    """One exported bundle opened on ONNX Runtime."""
+
+    task: str
+    path: Path
+    card: dict[str, Any]
+    model: OnnxModel
+
+    @property
+    def id(self) -> str:
+        return str(self.card["id"])
+
+    @property
+    def weights_sha256(self) -> str:
+        return str(self.card.get("weights_sha256", ""))
+
+    def ref(self) -> dict[str, str]:
+        """Which model answered: enough to find it again."""
+        return {"id": self.id, "weights_sha256": self.weights_sha256}
+
+    def info(self) -> dict[str, Any]:
+        """The card as ``/models`` shows it (metrics without the per-epoch history)."""
+        metrics = {k: v for k, v in self.card.get("metrics", {}).items() if k != "history"}
+        return {
+            "task": self.task,
+            "status": "ok",
+            "id": self.id,
+            "arch": self.card.get("arch"),
+            "dataset": self.card.get("dataset", {}).get("name"),
+            "labels": self.model.labels,
+            "num_outputs": self.card.get("num_outputs"),
+            "preprocessing": self.model.meta["preprocessing"],
+            "metrics": metrics,
+            "reported": self.card.get("reported"),
+            "weights_sha256": self.weights_sha256,
+            "created": self.card.get("created"),
+            "provider": self.model.provider,
+            "onnx": self.model.path.name,
+            "path": str(self.path),
+        }
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        """Logits (N, K) of a uint8 batch; device-bound inputs on a GPU provider."""
+        if self.model.provider in GPU_PROVIDERS:
+            return self.model.predict_bound(images)
+        return self.model.predict(images)
+
+
+def open_bundle(task: str, path: Path) -> ServedModel:
+    """Open a bundle's ``model.onnx`` on the best provider."""
+    card = read_card(path)
+    model = OnnxModel.open(path)  # checks the file against the sha256 and weights the card recorded
+    log.info("%s: %s (%s) on %s", task, card["id"], card.get("arch"), model.provider)
+    if model.provider not in GPU_PROVIDERS:
+        log.info("%s: no GPU provider in this ONNX Runtime; running on the CPU", task)
+    return ServedModel(task=task, path=path, card=card, model=model)
+
+
+@dataclass
+class BatchStats:
+    """Histogram of the batch sizes (images per model call) each model saw."""
+
+    sizes: dict[str, Counter[int]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def record(self, name: str, n: int) -> None:
+        with self._lock:
+            self.sizes.setdefault(name, Counter())[n] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            out = {}
+            for name, hist in self.sizes.items():
+                calls = sum(hist.values())
+                images = sum(k * v for k, v in hist.items())
+                out[name] = {
+                    "calls": calls,
+                    "images": images,
+                    "max": max(hist),
+                    "mean": images / calls,
+                    "sizes": {str(k): hist[k] for k in sorted(hist)},
+                }
+            return out
+
+
+class ModelTable:
+    """Every served model, opened once per inference worker."""
+
+    def __init__(self, cfg: ServeConfig) -> None:
+        self.cfg = cfg
+        self.models: dict[str, ServedModel] = {}
+        self.missing: dict[str, str] = {}
+        self.members: list[ServedModel] = []
+        self.ensemble_message = ""
+        self.stats = BatchStats()
+        for task in cfg.task_names:
+            self._open_task(resolve_task(cfg, task))
+        self._open_ensemble()
+
+    def _open_task(self, r: Resolved) -> None:
+        if r.path is None:
+            self.missing[r.task] = r.message
+            log.warning("%s: not served: %s", r.task, r.message)
+            return
+        try:
+            self.models[r.task] = open_bundle(r.task, r.path)
+        except (BundleError, ModelFileError) as e:
+            self.missing[r.task] = f"{e}"
+            log.warning("%s: not served: %s", r.task, e)
+
+    def _open_ensemble(self) -> None:
+        found, problems = resolve_ensemble(self.cfg)
+        notes = [problems] if problems else []
+        for r in found:
+            assert r.path is not None
+            try:
+                m = open_bundle(ENSEMBLE_ROUTE, r.path)
+            except (BundleError, ModelFileError) as e:
+                notes.append(str(e))
+                continue
+            if self.members and not _compatible(self.members[0], m):
+                notes.append(f"{m.id} left out: its input or labels differ from {self.members[0].id}")
+                continue
+            self.members.append(m)
+        if len(self.members) < 2:
+            have = ", ".join(m.id for m in self.members) or "none"
+            notes.insert(0, (
+                f"the ensemble needs at least two pathology bundles of arch {self.cfg.ensemble_arch} "
+                f"(found {len(self.members)}: {have}): {ensemble_hint(self.cfg.ensemble_arch)}"
+            ))
+            log.warning("%s: not served: %s", ENSEMBLE_ROUTE, notes[0])
+        self.ensemble_message = "; ".join(notes)
+
+    def get(self, task: str) -> ServedModel:
+        if task in self.models:
+            return self.models[task]
+        raise NotServed(self.missing.get(task, f"unknown task {task!r}"))
+
+    def predict(self, task: str, images: np.ndarray) -> np.ndarray:
+        """Logits (N, K) of ``task``'s model; the batch size is recorded."""
+        model = self.get(task)
+        self.stats.record(task, len(images))
+        return model.run(images)
+
+    def predict_members(self, images: np.ndarray) -> np.ndarray:
+        """Member logits (N, M, K) for the ensemble."""
+        if len(self.members) < 2:
+            raise NotServed(self.ensemble_message)
+        self.stats.record(ENSEMBLE_ROUTE, len(images))
+        return np.stack([m.run(images) for m in self.members], axis=1)
+
+    def describe(self) -> dict[str, Any]:
+        """What the API layer needs to decode and answer: cards, preprocessing, what is missing."""
+        tasks: dict[str, Any] = {}
+        for task in self.cfg.task_names:
+            if task in self.models:
+                tasks[task] = self.models[task].info()
+            else:
+                tasks[task] = {"task": task, "status": "missing", "message": self.missing[task]}
+        ok = len(self.members) >= 2
+        ensemble: dict[str, Any] = {
+            "task": ENSEMBLE_ROUTE,
+            "status": "ok" if ok else "missing",
+            "arch": self.cfg.ensemble_arch,
+            "members": [m.info() for m in self.members],
+            "message": self.ensemble_message,
+        }
+        if self.members:
+            ensemble["labels"] = self.members[0].model.labels
+            ensemble["preprocessing"] = self.members[0].model.meta["preprocessing"]
+        return {"tasks": tasks, "ensemble": ensemble, "config": self.cfg.to_dict()}
+
+
+def _compatible(a: ServedModel, b: ServedModel) -> bool:
+    pa, pb = a.model.preprocessing, b.model.preprocessing
+    return (pa.image_size, pa.in_channels) == (pb.image_size, pb.in_channels) and a.model.labels == b.model.labels

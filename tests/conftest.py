@@ -1,0 +1,77 @@
+"""Shared fixtures: the real BreastMNIST, synthetic MedMNIST files, bundles trained once per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+BREAST_DIR = SHARED / "data" / "medmnist"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_home(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """No test touches ~/.medzoo or ~/.medmnist, and nothing is downloaded."""
+    home = tmp_path_factory.mktemp("medzoo_home")
+    os.environ["MEDZOO_HOME"] = str(home)
+    os.environ["MEDZOO_DATA"] = str(tmp_path_factory.mktemp("medzoo_data"))
+    os.environ.setdefault("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
+
+
+@pytest.fixture(scope="session")
+def breast_root() -> Path:
+    """Folder holding the real breastmnist.npz (official splits)."""
+    if not (BREAST_DIR / "breastmnist.npz").is_file():
+        pytest.skip("the real BreastMNIST file is not available")
+    return BREAST_DIR
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic DermaMNIST (RGB, 7 classes), OrganAMNIST (grey, 11) and PathMNIST (RGB, 9) at 28 px."""
+    from zoo.data.synthetic import write_synthetic_medmnist
+
+    root = tmp_path_factory.mktemp("synthetic_medmnist")
+    for i, flag in enumerate(("dermamnist", "organamnist", "pathmnist")):
+        write_synthetic_medmnist(root, flag, 28, (240, 60, 60), seed=i)
+    return root
+
+
+def _train(dataset: str, arch: str, data_root: Path, store: Path, **overrides: object) -> Path:
+    from zoo.recipe import apply_overrides, find_recipe
+    from zoo.train import train
+
+    recipe = apply_overrides(find_recipe(dataset, arch), dict(overrides))
+    return train(recipe, data_root=data_root, store=store, progress=False, download=False).bundle
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("store")
+
+
+@pytest.fixture(scope="session")
+def breast_bundle(breast_root: Path, store: Path) -> Path:
+    """A small CNN trained on the real BreastMNIST (≈ 20 s on 2 CPU cores)."""
+    return _train("breast", "simplecnn", breast_root, store, **{"epochs": 8, "lr": 1e-3, "batch_size": 32})
+
+
+@pytest.fixture(scope="session")
+def synthetic_bundles(synthetic_root: Path, store: Path) -> dict[str, Path]:
+    """One small bundle per service task (skin, organ, pathology) on synthetic data."""
+    return {
+        task: _train(flag, "simplecnn", synthetic_root, store, **{"epochs": 2, "batch_size": 32})
+        for task, flag in (("skin", "derma"), ("organ", "organa"), ("pathology", "path"))
+    }
+
+
+@pytest.fixture()
+def bundle_copy(breast_bundle: Path, tmp_path: Path) -> Path:
+    """A private copy of the BreastMNIST bundle that a test may alter."""
+    dst = tmp_path / breast_bundle.name
+    shutil.copytree(breast_bundle, dst)
+    return dst

@@ -1,0 +1,96 @@
+"""Datasets as in-memory uint8 tensors: MedMNIST, MNIST and user image folders.
+
+``load_dataset(name, ...)`` is the one entry point. ``name`` is a MedMNIST flag or alias
+(``derma``, ``skin``, ``organa``, ``path``, ``breast`` …), ``mnist``, or a path to an image
+folder (one sub-folder per class).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from zoo.data.base import (
+    ArrayDataset,
+    DataSplits,
+    DataUnavailableError,
+    convert_channels,
+    resplit,
+)
+from zoo.data.medmnist_data import ALIASES, load_medmnist, medmnist_flag
+
+__all__ = [
+    "ALIASES",
+    "ArrayDataset",
+    "DataSplits",
+    "DataUnavailableError",
+    "FOLDER_DATASETS",
+    "convert_channels",
+    "default_data_root",
+    "load_dataset",
+    "resolve_name",
+    "resplit",
+]
+
+
+# Datasets of the reports that are user image folders (not downloadable): name → where from.
+FOLDER_DATASETS = {
+    "isic2019": "the ISIC 2019 training images (challenge.isic-archive.com), one sub-folder per class",
+    "binaryskin": "a benign/malignant skin lesion image folder (report 004), one sub-folder per class",
+}
+
+
+def default_data_root() -> Path:
+    """``$MEDZOO_DATA``, else MedMNIST's own default ``~/.medmnist``."""
+    return Path(os.environ.get("MEDZOO_DATA", Path.home() / ".medmnist")).expanduser()
+
+
+def resolve_name(name: str) -> str:
+    """Canonical dataset name: a MedMNIST flag, ``mnist``, or ``folder:<abs path>``."""
+    if name.startswith("folder:"):
+        return "folder:" + str(Path(name[7:]).expanduser().resolve())
+    if name.lower() in ("mnist", *FOLDER_DATASETS):
+        return name.lower()
+    flag = medmnist_flag(name)
+    if flag is not None:
+        return flag
+    if Path(name).expanduser().is_dir():
+        return "folder:" + str(Path(name).expanduser().resolve())
+    known = ", ".join(sorted(set(ALIASES)))
+    raise ValueError(
+        f"unknown dataset {name!r}: use a MedMNIST name ({known}), 'mnist', or an image folder"
+    )
+
+
+def load_dataset(
+    name: str,
+    size: int = 28,
+    root: str | os.PathLike[str] | None = None,
+    download: bool = True,
+    in_channels: int | None = None,
+) -> DataSplits:
+    """Load train/val/test splits into memory. ``in_channels`` converts grey↔RGB if given."""
+    canonical = resolve_name(name)
+    data_root = Path(root).expanduser() if root is not None else default_data_root()
+    if canonical == "mnist":
+        from zoo.data.mnist import load_mnist
+
+        splits = load_mnist(data_root, download=download)
+    elif canonical.startswith("folder:") or canonical in FOLDER_DATASETS:
+        from zoo.data.folders import load_folder
+
+        if canonical in FOLDER_DATASETS:
+            if root is None:
+                raise DataUnavailableError(
+                    f"{canonical} is an image-folder dataset: pass --data-root pointing at "
+                    f"{FOLDER_DATASETS[canonical]}"
+                )
+            folder, label = data_root, canonical
+        else:
+            folder, label = Path(canonical[7:]), canonical
+        splits = load_folder(folder, size=size, in_channels=in_channels or 3, name=label)
+    else:
+        splits = load_medmnist(canonical, size=size, root=data_root, download=download)
+    if in_channels is not None and in_channels != splits.in_channels:
+        splits = convert_channels(splits, in_channels)
+    return splits

@@ -1,0 +1,226 @@
+"""Training recipes: the schema, the loader, overrides.
+
+Recipes are data: one YAML file per (dataset, architecture) row of the reports in
+``zoo/recipes/``, each citing its report. ``medmnist-v2.yaml`` is the MedMNIST v2 benchmark
+protocol, used for any dataset × architecture that has no recipe of its own.
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ANY = "any"
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: 10x faster
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OptimizerCfg(_Strict):
+    name: Literal["adamw", "adam", "adagrad", "sgd", "nadam", "rmsprop"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.0, ge=0)
+
+
+class SchedulerCfg(_Strict):
+    name: Literal["none", "step", "plateau", "multistep", "onecycle", "cosine"] = "none"
+    step_size: int = Field(10, ge=1)  # step: epochs between decays
+    gamma: float = Field(0.5, gt=0)  # step / multistep / plateau factor
+    milestones: list[float] = [0.5, 0.75]  # multistep: fractions of the epochs
+    patience: int = Field(5, ge=0)  # plateau
+    max_lr: float | None = None  # onecycle; defaults to the optimiser's lr
+
+
+class EarlyStoppingCfg(_Strict):
+    patience: int | None = Field(None, ge=1)  # None: run every epoch, still keep the best
+    metric: Literal["acc", "auc", "macro_f1", "loss"] = "acc"
+
+
+class AugmentCfg(_Strict):
+    """Batched augmentations; each ``*_p`` is the probability per image (report 001 uses 0.1)."""
+
+    hflip_p: float = Field(0.0, ge=0, le=1)
+    vflip_p: float = Field(0.0, ge=0, le=1)
+    rotation_deg: float = Field(0.0, ge=0, le=180)
+    rotation_p: float = Field(0.0, ge=0, le=1)
+    jitter_p: float = Field(0.0, ge=0, le=1)
+    brightness: float = Field(0.2, ge=0)
+    contrast: float = Field(0.2, ge=0)
+    saturation: float = Field(0.2, ge=0)
+
+    @property
+    def enabled(self) -> bool:
+        return any(
+            p > 0 for p in (self.hflip_p, self.vflip_p, self.rotation_p, self.jitter_p)
+        )
+
+
+class LossCfg(_Strict):
+    name: Literal["cross_entropy", "bce", "hinge"] = "cross_entropy"
+    l1: float = Field(0.0, ge=0)  # penalty on weights, added to the loss (report 002)
+    l2: float = Field(0.0, ge=0)  # explicit L2 penalty (separate from optimiser weight decay)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class DataCfg(_Strict):
+    size: Literal[28, 64, 128, 224] = 28  # MedMNIST file resolution / folder decode size
+    input_size: int | None = Field(None, ge=16, le=512)  # network input; default = size
+    channels: Literal[1, 3] | None = None  # default: the dataset's own
+    normalize: Literal["dataset", "imagenet", "none"] = "dataset"
+    val_fraction: float | None = Field(None, gt=0, lt=1)  # carve val from train (reports' splits)
+    split_seed: int = 22
+
+
+class TrainCfg(_Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)
+    eval_batch_size: int = Field(512, ge=1)
+    seed: int = 0
+    balance: bool = False  # WeightedRandomSampler-style: weight 1/count (report 001)
+    grad_clip: float | None = Field(None, gt=0)
+    amp: bool = True  # bf16 autocast on GPU only
+    early_stopping: EarlyStoppingCfg = EarlyStoppingCfg()
+
+
+class ReportedCfg(_Strict):
+    metric: str = ""  # e.g. "test_acc", "val_acc", "test_auc"
+    value: float | None = None  # as a fraction (0.7447), None when the report gives curves only
+    note: str = ""
+
+
+class Recipe(_Strict):
+    name: str
+    dataset: str  # alias or flag; "any" for protocols
+    arch: str  # registry name; "any" for protocols
+    report: str  # "000".."004" or "medmnist-v2"
+    citation: str
+    model: dict[str, Any] = {}
+    model_by_arch: dict[str, dict[str, Any]] = {}  # protocols: per-architecture model kwargs
+    pretrained: bool | str = False
+    data: DataCfg = DataCfg()
+    train: TrainCfg = TrainCfg()
+    optimizer: OptimizerCfg = OptimizerCfg()
+    scheduler: SchedulerCfg = SchedulerCfg()
+    loss: LossCfg = LossCfg()
+    augment: AugmentCfg = AugmentCfg()
+    reported: ReportedCfg = ReportedCfg()
+
+    @model_validator(mode="after")
+    def _check(self) -> "Recipe":
+        from zoo.models import list_models
+
+        if self.arch != ANY and self.arch not in list_models():
+            raise ValueError(f"unknown architecture {self.arch!r}")
+        return self
+
+    @property
+    def input_size(self) -> int:
+        return self.data.input_size or self.data.size
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {**self.model_by_arch.get(self.arch, {}), **self.model}
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class RecipeError(ValueError):
+    """A recipe that does not exist or does not validate."""
+
+
+def recipe_dir() -> Path:
+    return Path(str(resources.files("zoo") / "recipes"))
+
+
+def recipe_files() -> list[Path]:
+    return sorted(recipe_dir().glob("*.yaml"))
+
+
+def load_recipe_file(path: str | Path) -> Recipe:
+    with open(path) as f:
+        raw = yaml.load(f, Loader=_Loader)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(f"{path}: {e}") from None
+
+
+def all_recipes() -> list[Recipe]:
+    return [load_recipe_file(p) for p in recipe_files()]
+
+
+def find_recipe(dataset: str, arch: str) -> Recipe:
+    """The recipe for ``zoo train DATASET ARCH``.
+
+    ``ARCH`` is an architecture (its default recipe for that dataset: the one named
+    ``<dataset>-<arch>``, else the only one) or a recipe variant name (``mlp-l1l2`` for
+    ``organa-mlp-l1l2``). Without a recipe of its own, the MedMNIST v2 protocol applies.
+    """
+    from zoo.data import resolve_name
+
+    flag = resolve_name(dataset)
+    recipes = all_recipes()
+    mine = [r for r in recipes if r.dataset != ANY and resolve_name(r.dataset) == flag]
+    by_name = {r.name.split("-", 1)[1]: r for r in mine if "-" in r.name}
+    if arch in by_name:
+        return by_name[arch]
+    same_arch = [r for r in mine if r.arch == arch]
+    if same_arch:
+        return min(same_arch, key=lambda r: len(r.name))
+    protocol = next((r for r in recipes if r.name == "medmnist-v2"), None)
+    if protocol is None:
+        raise RecipeError(f"no recipe for {dataset} × {arch}")
+    from zoo.models import list_models
+
+    if arch not in list_models():
+        raise RecipeError(
+            f"no recipe or architecture named {arch!r}; architectures: {', '.join(list_models())}"
+        )
+    return protocol.model_copy(update={"dataset": dataset, "arch": arch, "name": f"medmnist-v2:{arch}"})
+
+
+def _set_path(d: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        d = d.setdefault(k, {})
+        if not isinstance(d, dict):
+            raise RecipeError(f"cannot set {dotted}: {k} is not a section")
+    d[keys[-1]] = value
+
+
+# CLI shortcuts → recipe fields.
+SHORTCUTS = {
+    "epochs": "train.epochs",
+    "batch_size": "train.batch_size",
+    "seed": "train.seed",
+    "lr": "optimizer.lr",
+    "optimizer": "optimizer.name",
+    "size": "data.size",
+    "input_size": "data.input_size",
+    "patience": "train.early_stopping.patience",
+    "pretrained": "pretrained",
+}
+
+
+def apply_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
+    """Return a validated copy with ``{"train.epochs": 3, "lr": 1e-3, ...}`` applied.
+
+    String values are parsed as YAML scalars, so ``--set model.hidden=[64,32]`` works.
+    """
+    raw = copy.deepcopy(recipe.model_dump(mode="python"))
+    for key, value in overrides.items():
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        _set_path(raw, SHORTCUTS.get(key, key), value)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(f"invalid override: {e}") from None

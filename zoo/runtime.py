@@ -1,0 +1,237 @@
+"""ONNX Runtime inference shared by export checks, serving and batch scoring.
+
+``OnnxModel`` opens an exported model (``model.onnx`` inside a bundle, or a lone ONNX file: the
+file carries its card in its metadata) on the best execution provider present — TensorRT,
+then CUDA, then CPU — and says which one it actually got, because onnxruntime falls back to
+CPU silently when a GPU provider fails to initialise.
+
+Opening checks the file before any session is made: protobuf decoding, the medzoo metadata, the
+ONNX checker and, inside a bundle, the sha256 ``zoo export`` recorded in the card and the weights
+the file was exported from. Every failure is a :class:`ModelFileError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from zoo.preprocess import Preprocessing
+
+log = logging.getLogger(__name__)
+
+PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+METADATA_KEY = "medzoo.card"  # ONNX metadata_props key holding the card subset as JSON
+ONNX_FILE = "model.onnx"
+ONNX_FP16_FILE = "model.fp16.onnx"
+TORCHSCRIPT_FILE = "model.torchscript.pt"
+# card["exports"] key -> file name inside the bundle
+EXPORT_FILES = {"onnx": ONNX_FILE, "onnx_fp16": ONNX_FP16_FILE, "torchscript": TORCHSCRIPT_FILE}
+# what an exported file's metadata must hold to be served on its own
+REQUIRED_METADATA = ("id", "arch", "labels", "task", "num_outputs", "preprocessing", "weights_sha256")
+
+
+class ModelFileError(RuntimeError):
+    """An exported file that is missing, truncated, tampered with or not a medzoo export."""
+
+
+def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
+    """Providers to ask for, best first, among those this onnxruntime build has."""
+    import onnxruntime as ort
+
+    available = set(ort.get_available_providers())
+    wanted = list(requested) if requested else [
+        p.strip() for p in os.environ.get("MEDZOO_PROVIDERS", ",".join(PREFERRED)).split(",") if p.strip()
+    ]
+    chosen = [p for p in wanted if p in available]
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+def create_session(path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None):
+    """An InferenceSession and the provider it really runs on (first of ``get_providers()``)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    chosen = choose_providers(providers)
+    try:
+        sess = ort.InferenceSession(str(path), sess_options=opts, providers=chosen)
+    except Exception as e:  # onnxruntime raises its own pybind exception types
+        raise ModelFileError(f"{path} cannot be loaded by ONNX Runtime: {str(e).splitlines()[0][:200]}") from None
+    got = sess.get_providers()[0]
+    if got != chosen[0]:
+        log.warning("asked for %s, ONNX Runtime gave %s", chosen[0], got)
+    log.info("ONNX Runtime session for %s on %s", Path(path).name, got)
+    return sess, got
+
+
+def load_onnx(path: str | Path) -> Any:
+    """The ``onnx.ModelProto`` of a file; truncated or non-ONNX bytes give :class:`ModelFileError`."""
+    import onnx
+
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise ModelFileError(f"{path} is not a readable ONNX file: {_first_line(e)}") from None
+
+
+def check_onnx(proto: Any, path: str | Path) -> None:
+    """``onnx.checker.check_model``; a malformed graph gives :class:`ModelFileError`."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(proto)
+    except (onnx.checker.ValidationError, ValueError) as e:
+        raise ModelFileError(f"{path} fails the ONNX checker: {_first_line(e)}") from None
+
+
+def parse_metadata(text: str | None, path: str | Path) -> dict[str, Any]:
+    """The card subset stored in an export (JSON), validated; :class:`ModelFileError` otherwise."""
+    if text is None:
+        raise ModelFileError(f"{path} carries no medzoo metadata; export it with `zoo export`")
+    try:
+        meta = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelFileError(f"{path} has corrupt medzoo metadata (not JSON: {e})") from None
+    if not isinstance(meta, dict):
+        raise ModelFileError(f"{path} has corrupt medzoo metadata (not a JSON object)")
+    missing = [k for k in REQUIRED_METADATA if k not in meta]
+    if missing:
+        raise ModelFileError(f"{path} has incomplete medzoo metadata (missing {', '.join(missing)})")
+    try:
+        Preprocessing.from_dict(meta["preprocessing"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelFileError(f"{path} has invalid preprocessing in its metadata: {e}") from None
+    return meta
+
+
+def onnx_metadata(proto: Any, path: str | Path) -> dict[str, Any]:
+    """The medzoo metadata of a loaded ``ModelProto``."""
+    props = {p.key: p.value for p in proto.metadata_props}
+    return parse_metadata(props.get(METADATA_KEY), path)
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The card subset an export carries (labels, preprocessing, ids), without loading weights."""
+    return onnx_metadata(load_onnx(path), path)
+
+
+def bundle_card(path: str | Path) -> dict[str, Any] | None:
+    """The card of the bundle an export file lies in (``None`` for a lone file)."""
+    from zoo.bundle import CARD, BundleError, read_card
+
+    p = Path(path)
+    if p.name not in EXPORT_FILES.values() or not (p.parent / CARD).is_file():
+        return None
+    try:
+        return read_card(p.parent)
+    except BundleError as e:
+        raise ModelFileError(str(e)) from None
+
+
+def check_origin(path: str | Path, card: dict[str, Any], meta: dict[str, Any]) -> None:
+    """An export's metadata must name its bundle's id and weights (``weights_sha256``)."""
+    if meta.get("weights_sha256") != card.get("weights_sha256") or str(meta.get("id")) != str(card.get("id")):
+        raise ModelFileError(
+            f"{path} was exported from {meta.get('id')} (weights sha256 {str(meta.get('weights_sha256'))[:12]}…), "
+            f"not from this bundle {card.get('id')} (weights sha256 {str(card.get('weights_sha256'))[:12]}…); "
+            f"run `zoo export {Path(path).parent}` again"
+        )
+
+
+def verify_export(path: str | Path, card: dict[str, Any], meta: dict[str, Any] | None = None) -> None:
+    """Check an export file against its bundle's card: the sha256 recorded at export time and,
+    when ``meta`` is given, that the file was exported from this bundle's weights."""
+    from zoo.bundle import sha256_of
+
+    p = Path(path)
+    if meta is not None:
+        check_origin(p, card, meta)
+    again = f"run `zoo export {p.parent}` again"
+    records = card.get("exports") or {}
+    record = next((r for r in records.values() if isinstance(r, dict) and r.get("file") == p.name), None)
+    if record is None:
+        raise ModelFileError(f"{p} is not recorded in {p.parent.name}/card.json (no sha256 to check it against); {again}")
+    digest = sha256_of(p)
+    if digest != record.get("sha256"):
+        raise ModelFileError(
+            f"{p} does not match the sha256 its card recorded at export ({digest[:12]}…, {p.stat().st_size} bytes; "
+            f"card: {str(record.get('sha256'))[:12]}…, {record.get('size')} bytes): the file was altered, "
+            f"truncated or replaced; {again}"
+        )
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:200]
+
+
+@dataclass
+class OnnxModel:
+    """An exported classifier: uint8 NCHW images at ``image_size`` in, logits out."""
+
+    path: Path
+    session: Any
+    provider: str
+    meta: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None) -> "OnnxModel":
+        p = Path(path)
+        if p.is_dir():
+            p = p / ONNX_FILE
+        if not p.is_file():
+            raise ModelFileError(f"{p} does not exist; run `zoo export` on the bundle first")
+        proto = load_onnx(p)
+        meta = onnx_metadata(proto, p)
+        card = bundle_card(p)
+        if card is not None:  # inside a bundle: the file must be the one `zoo export` recorded
+            verify_export(p, card, meta)
+        check_onnx(proto, p)
+        del proto
+        sess, got = create_session(p, providers, threads)
+        return cls(path=p, session=sess, provider=got, meta=meta)
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing.from_dict(self.meta["preprocessing"])
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.meta["labels"])
+
+    @property
+    def model_id(self) -> str:
+        return str(self.meta["id"])
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """Logits (N, K) for a uint8 batch (N, C, H, W)."""
+        if images.dtype != np.uint8:
+            raise ValueError("OnnxModel.predict takes uint8 images")
+        name = self.session.get_inputs()[0].name
+        return self.session.run(None, {name: np.ascontiguousarray(images)})[0].astype(np.float32)
+
+    def predict_bound(self, images: np.ndarray, device_id: int = 0) -> np.ndarray:
+        """``predict`` through io_binding: the batch is copied once into the provider's memory
+        (the GPU for TensorRT / CUDA, host memory for the CPU provider) and bound there, the
+        logits are allocated on that device and copied back once."""
+        import onnxruntime as ort
+
+        if images.dtype != np.uint8:
+            raise ValueError("OnnxModel.predict_bound takes uint8 images")
+        device = "cuda" if self.provider in ("TensorrtExecutionProvider", "CUDAExecutionProvider") else "cpu"
+        binding = self.session.io_binding()
+        x = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(images), device, device_id)
+        binding.bind_ortvalue_input(self.session.get_inputs()[0].name, x)
+        binding.bind_output(self.session.get_outputs()[0].name, device, device_id)
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0].astype(np.float32)
