@@ -6,7 +6,7 @@ colour jitter, each with p 0.1) — and both run a validation pass per epoch. Th
 the reports did: ``medmnist.DermaMNIST(transform=...)`` → ``DataLoader`` → a PIL image and
 per-sample torchvision transforms for every sample of every epoch.
 
-    python bench/bench_train.py [--models lenet simplecnn mlp] [--epochs 2] [--n 4000]
+    python bench/bench_train.py [--models lenet simplecnn mlp] [--epochs 2]
 """
 
 from __future__ import annotations
@@ -81,12 +81,13 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["mlp", "lenet", "simplecnn"])
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--n", type=int, default=4000, help="training images")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root, store = Path(tmp) / "data", Path(tmp) / "store"
-        write_synthetic_medmnist(root, "dermamnist", 28, (args.n, args.n // 5, args.n // 5))
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.n} images 28 px RGB, "
+        # DermaMNIST's real split sizes: medmnist's Dataset.__len__ asserts them
+        sizes = tuple(medmnist.INFO["dermamnist"]["n_samples"][s] for s in ("train", "val", "test"))
+        write_synthetic_medmnist(root, "dermamnist", 28, sizes)
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {sizes[0]} images 28 px RGB, "
               f"batch {args.batch}, {args.epochs} epochs, report-001 augmentation")
         print(f"{'model':12s} {'zoo train':>14s} {'DataLoader+PIL':>16s} {'ratio':>7s}")
         for arch in args.models:

@@ -27,7 +27,7 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def export_missing_onnx(cfg: ServeConfig) -> list[Path]:
+def export_missing_onnx(cfg: ServeConfig, data_root: str | Path | None = None) -> list[Path]:
     """Export ``model.onnx`` for every served bundle that has none; returns those exported."""
     from serving.bootstrap import export_onnx
 
@@ -37,7 +37,7 @@ def export_missing_onnx(cfg: ServeConfig) -> list[Path]:
     for p in dict.fromkeys(paths):
         if not (p / ONNX_FILE).is_file():
             _say(f"serve: exporting {p.name} to ONNX")
-            export_onnx(p)
+            export_onnx(p, data_root)
             done.append(p)
     return done
 
@@ -66,7 +66,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             _say(f"serve: no bundle for {', '.join(missing)} in the store: building the default models first")
             build_default_models(missing, store=cfg.store, data_root=args.data_root,
                                  download=not args.offline, epochs=args.epochs, say=_say)
-    export_missing_onnx(cfg)
+    export_missing_onnx(cfg, args.data_root)
     if args.package:
         from serving.package import package_models
 

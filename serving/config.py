@@ -18,11 +18,13 @@ YAML layout (every key optional)::
     max_file_mb: 20
     max_request_mb: 100
     max_images: 64
+    api_workers: 1                        # processes decoding requests (the API layer)
+    access_log: true                      # BentoML's per-request access log lines
 
 Environment: ``MEDZOO_SERVE_<TASK>`` (e.g. ``MEDZOO_SERVE_SKIN``) sets a task's bundle,
 ``MEDZOO_ENSEMBLE_MEMBERS`` (comma-separated) and ``MEDZOO_ENSEMBLE_ARCH`` the ensemble,
 ``MEDZOO_TOP_K``, ``MEDZOO_MAX_BATCH_SIZE``, ``MEDZOO_MAX_LATENCY_MS``, ``MEDZOO_MAX_FILE_MB``,
-``MEDZOO_MAX_REQUEST_MB``, ``MEDZOO_MAX_IMAGES`` the settings, ``MEDZOO_HOME`` the store and
+``MEDZOO_MAX_REQUEST_MB``, ``MEDZOO_MAX_IMAGES``, ``MEDZOO_API_WORKERS``, ``MEDZOO_ACCESS_LOG`` the settings, ``MEDZOO_HOME`` the store and
 ``MEDZOO_SERVE_SOURCE`` (``auto``, ``store`` or ``bento``) where the bundles are read from.
 """
 
@@ -55,7 +57,8 @@ RESERVED_ROUTES = frozenset(
      "static_content", "assets", ENSEMBLE_ROUTE, "ensemble", "describe", "config", "source",
      "to_async", "to_sync", "bento_service", "table"}
 )
-SETTINGS = ("top_k", "max_batch_size", "max_latency_ms", "max_file_mb", "max_request_mb", "max_images")
+SETTINGS = ("top_k", "max_batch_size", "max_latency_ms", "max_file_mb", "max_request_mb", "max_images",
+            "api_workers", "access_log")
 TASK_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 
 
@@ -83,6 +86,8 @@ class ServeConfig:
     max_batch_size: int = 64
     max_latency_ms: int = 10_000
     limits: Limits = field(default_factory=Limits)
+    api_workers: int = 1
+    access_log: bool = True
     store: Path | None = None  # None: $MEDZOO_HOME
     source: str = "store"  # "store" (the medzoo store) or "bento" (the BentoML model store)
     bento_dir: Path | None = None  # the BentoML model directory when source == "bento"
@@ -103,6 +108,8 @@ class ServeConfig:
             "max_file_mb": self.limits.max_file_bytes / 2**20,
             "max_request_mb": self.limits.max_request_bytes / 2**20,
             "max_images": self.limits.max_images,
+            "api_workers": self.api_workers,
+            "access_log": self.access_log,
             "store": str(self.store or home()),
             "source": self.source,
         }
@@ -126,6 +133,17 @@ def _positive_float(name: str, value: Any) -> float:
     if not v > 0:
         raise ConfigError(f"{name} must be a positive number, not {value!r}")
     return v
+
+
+def _flag(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, not {value!r}")
 
 
 def check_task_name(name: str) -> str:
@@ -255,6 +273,8 @@ def load_config(
         max_batch_size=max_batch,
         max_latency_ms=_positive_int("max_latency_ms", settings.get("max_latency_ms", 10_000)),
         limits=limits,
+        api_workers=_positive_int("api_workers", settings.get("api_workers", 1)),
+        access_log=_flag("access_log", settings.get("access_log", True)),
         store=store,
         source=source,
         bento_dir=bento_dir,
@@ -273,7 +293,8 @@ class Resolved:
 def train_hint(task: str) -> str:
     """What to run to get a servable bundle for a task."""
     dataset = TASKS.get(task, task)
-    return f"train one with `zoo train {task} simplecnn` and export it with `zoo export BUNDLE` (dataset {dataset})"
+    hint = f"train one with `zoo train {task} simplecnn` and export it with `zoo export BUNDLE` (dataset {dataset})"
+    return hint + (", or let `zoo serve` build a default one" if task in TASKS else "")
 
 
 def ensemble_hint(arch: str) -> str:

@@ -213,3 +213,27 @@ class ModelTable:
 def _compatible(a: ServedModel, b: ServedModel) -> bool:
     pa, pb = a.model.preprocessing, b.model.preprocessing
     return (pa.image_size, pa.in_channels) == (pb.image_size, pb.in_channels) and a.model.labels == b.model.labels
+
+
+class LocalBackend:
+    """A :class:`ModelTable` in this process behind the API layer's backend interface
+    (no batching across requests: for tools, tests and single-process use)."""
+
+    def __init__(self, table: ModelTable) -> None:
+        self.table = table
+
+    async def describe(self) -> dict[str, Any]:
+        return self.table.describe()
+
+    async def stats(self) -> dict[str, Any]:
+        return self.table.stats.snapshot()
+
+    async def predict(self, task: str, images: np.ndarray) -> np.ndarray:
+        import anyio
+
+        return await anyio.to_thread.run_sync(self.table.predict, task, images)
+
+    async def predict_members(self, images: np.ndarray) -> np.ndarray:
+        import anyio
+
+        return await anyio.to_thread.run_sync(self.table.predict_members, images)

@@ -19,6 +19,7 @@ imported: the set of tasks, hence of endpoints, is fixed at start-up.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Callable
 
 import bentoml
@@ -50,13 +51,17 @@ def _inference_namespace() -> dict[str, Any]:
     def __init__(self: Any) -> None:
         from serving.models import ModelTable
 
+        # This worker shares the CPU with the HTTP workers: ONNX Runtime's idle threads should
+        # sleep rather than spin (zoo.runtime reads this when it creates the sessions).
+        os.environ.setdefault("MEDZOO_ORT_SPINNING", "0")
         self.table = ModelTable(CONFIG)
 
-    def describe(self: Any) -> dict[str, Any]:
+    # async: answered on the event loop, not queued behind a running batch in the one thread
+    async def describe(self: Any) -> dict[str, Any]:
         """Cards, preprocessing and status of every served model (read by the API worker)."""
         return self.table.describe()
 
-    def stats(self: Any) -> dict[str, Any]:
+    async def stats(self: Any) -> dict[str, Any]:
         """Histogram of the batch sizes each model saw in this worker."""
         return self.table.stats.snapshot()
 
@@ -90,6 +95,7 @@ def _inference_namespace() -> dict[str, Any]:
 MedZooInference = bentoml.service(
     name="MedZooInference", workers=1, threads=1,
     runner_connection={"max_requests": 10**9, "max_age": 1e9},
+    logging={"access": {"enabled": CONFIG.access_log}},
 )(
     type("MedZooInference", (), _inference_namespace())
 )
@@ -99,9 +105,9 @@ class DependencyBackend:
     """The inference worker as the API layer calls it (remote in a server, local otherwise).
 
     Inference calls are pure, so a call whose connection to the inference worker dropped is sent
-    again (up to ``RETRIES`` times): BentoML >= 1.4.30 renews its dependency client session every
-    100 requests and closes the old one with requests still in flight (bentoml/BentoML#5540,
-    #4971), which would otherwise surface as failed requests under load.
+    again (up to ``RETRIES`` times) instead of failing the user's request: BentoML's dependency
+    client can lose connections under load (bentoml/BentoML#4971; and #5540, whose session renewal
+    is switched off for this service through ``runner_connection``).
     """
 
     RETRIES = 3
@@ -136,7 +142,8 @@ def _current_frontend() -> Frontend:
     return bentoml.get_current_service().frontend
 
 
-@bentoml.service(name="MedZoo", workers=1, traffic={"timeout": 120})
+@bentoml.service(name="MedZoo", workers=CONFIG.api_workers, traffic={"timeout": 120},
+                 logging={"access": {"enabled": CONFIG.access_log}})
 @bentoml.asgi_app(build_app(_current_frontend, TASK_NAMES), path="/")
 class MedZoo:
     """API worker: per-request decoding, JSON answers; inference in :data:`MedZooInference`."""

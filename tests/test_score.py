@@ -40,6 +40,7 @@ BAD = {  # relative path -> a word the reason must contain
     "bad/deep/random.png": "not an image",
     "bad/empty.png": "empty",
     "notes/readme.txt": "not an image",
+    "bad/dangling.png": "no such file",  # a symbolic link to nothing
 }
 
 
@@ -93,12 +94,14 @@ def image_folder(test_split: tuple[np.ndarray, np.ndarray], tmp_path_factory: py
     (root / "bad/deep/random.png").write_bytes(np.random.default_rng(1).bytes(2000))
     (root / "bad/empty.png").write_bytes(b"")
     (root / "notes/readme.txt").write_text("not an image\n")
+    (root / "bad/dangling.png").symlink_to(root / "nowhere.png")
     (root / ".hidden.png").write_bytes(data)  # hidden files are not scored
     return {"root": root, "png": png, "jpeg": jpeg}
 
 
 @pytest.fixture(scope="module")
-def scored(bundle: Path, breast_root: Path, image_folder: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def scored(bundle: Path, breast_root: Path, image_folder: dict[str, Any],
+           tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One CSV scoring run of the mixed folder (2 decode workers, small chunks), and ``zoo eval``'s answer."""
     had_onnx = (bundle / ONNX_FILE).exists()
     out = tmp_path_factory.mktemp("score_out") / "scores.csv"
@@ -194,6 +197,22 @@ def test_cli_rerun_is_a_noop_and_overwrite_rescores(scored: dict[str, Any], imag
     assert "format" in capsys.readouterr().err
 
 
+def test_listing_rules(tmp_path: Path) -> None:
+    """Recursive, sorted, hidden and excluded paths skipped, special files kept for the errors file."""
+    from zoo.score import SPECIAL, display_path, list_folder
+
+    for rel in ("b/2.png", "b/10.png", "a.jpg", ".hidden/x.png", "b/.x.png", "out.csv.partial/chunk-000000.json"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "b" / "pipe.png")
+    entries = list_folder(tmp_path, exclude=[tmp_path / "out.csv.partial"])
+    rels = [e.rel for e in entries]
+    assert rels == sorted(rels) == ["a.jpg", "b/10.png", "b/2.png", *(["b/pipe.png"] if hasattr(os, "mkfifo") else [])]
+    assert all(e.size == 1 for e in entries[:3]) and (len(entries) == 3 or entries[3].size == SPECIAL)
+    assert display_path(os.fsdecode(b"caf\xe9.png")) == "caf\\xe9.png"
+
+
 def _crash_after(chunks: int) -> Any:
     """An ``infer`` that dies (like a kill) once ``chunks`` chunks have been scored."""
     real, calls = score_mod.infer, {"n": 0}
@@ -238,8 +257,10 @@ def _children(pid: int) -> list[int]:
     """Child processes of ``pid`` (Linux /proc)."""
     found = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        text = (task / "children").read_text().split()
-        found += [int(c) for c in text]
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except FileNotFoundError:  # a thread that just ended
+            continue
     return found
 
 
@@ -256,7 +277,7 @@ def test_sigkilled_run_resumes_without_loss_or_duplicates(bundle: Path, test_spl
                                                           scored: dict[str, Any], tmp_path: Path) -> None:
     images, _ = test_split
     folder = tmp_path / "many"
-    n = 2400
+    n = 1200
     for i in range(n):
         _write_png(folder / f"d{i % 7}" / f"{i:05d}.png", np.roll(images[i % len(images)], i // len(images), axis=-1))
     out = tmp_path / "killed.csv"

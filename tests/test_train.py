@@ -93,7 +93,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(breast_root: Path, tmp_pa
     snap = torch.load(state, weights_only=True)
     assert 0 <= snap["epoch"] < 5, "the run was not killed mid-training"
 
-    resumed = _cli(*args, "--resume", "-v", store=killed)
+    resumed = _cli("-v", *args, "--resume", store=killed)
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
     assert "resuming" in out

@@ -62,6 +62,10 @@ def create_session(path: str | Path, providers: Sequence[str] | None = None, thr
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
+    if os.environ.get("MEDZOO_ORT_SPINNING", "").strip().lower() in ("0", "false", "no", "off"):
+        # Idle intra-op threads sleep instead of spin-waiting: for a process that shares the CPU
+        # with others (the inference worker of `zoo serve` next to its HTTP workers).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     chosen = choose_providers(providers)
     try:
         sess = ort.InferenceSession(str(path), sess_options=opts, providers=chosen)
@@ -160,7 +164,9 @@ def verify_export(path: str | Path, card: dict[str, Any], meta: dict[str, Any] |
     records = card.get("exports") or {}
     record = next((r for r in records.values() if isinstance(r, dict) and r.get("file") == p.name), None)
     if record is None:
-        raise ModelFileError(f"{p} is not recorded in {p.parent.name}/card.json (no sha256 to check it against); {again}")
+        raise ModelFileError(
+            f"{p} is not recorded in {p.parent.name}/card.json (no sha256 to check it against); {again}"
+        )
     digest = sha256_of(p)
     if digest != record.get("sha256"):
         raise ModelFileError(

@@ -32,24 +32,26 @@ import math
 import multiprocessing
 import os
 import shutil
+import signal
 import stat
 import sys
 import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Sequence
+from typing import IO, Any
 
 import numpy as np
 
 from zoo.bundle import BundleError, atomic_write_bytes, read_card, sha256_of
 from zoo.metrics import to_probs
 from zoo.preprocess import ImageError, Preprocessing, load_image
-from zoo.runtime import ONNX_FILE, ModelFileError, OnnxModel
+from zoo.runtime import ONNX_FILE, ModelFileError, OnnxModel, bundle_card
 from zoo.store import _score as validation_score
 from zoo.store import best_bundle, bundles_dir, list_bundles, resolve_bundle
 
@@ -64,6 +66,8 @@ MAX_FILE_BYTES = 1 << 30  # files above this are refused before being read into 
 DEFAULT_BATCH = 64
 DEFAULT_CHUNK = 512
 CRASH_REASON = "the image decoder crashed on this file"
+UNLISTABLE = -2  # FileEntry.size of a folder that cannot be listed
+SPECIAL = -3  # FileEntry.size of a FIFO, socket or device (never opened)
 
 
 # --- results -----------------------------------------------------------------------------------
@@ -112,7 +116,8 @@ class FileEntry:
     """One file to score: its path relative to the folder (POSIX separators), size and mtime."""
 
     rel: str
-    size: int  # -1 when it cannot be stat'ed (broken link, unreadable directory)
+    # -1: cannot be stat'ed (broken link); UNLISTABLE: a folder that cannot be listed; SPECIAL: not a regular file
+    size: int
     mtime_ns: int
 
 
@@ -121,8 +126,9 @@ def list_folder(folder: Path, exclude: Sequence[Path] = ()) -> list[FileEntry]:
 
     Hidden files and folders (name starting with ``.``) and the paths in ``exclude`` (the
     run's own output, errors file and journal when they sit inside the folder) are skipped.
-    Entries that cannot be stat'ed or listed are kept with ``size == -1`` so that they reach
-    the errors file.
+    Files that cannot be stat'ed (``size == -1``), folders that cannot be listed
+    (``UNLISTABLE``) and FIFOs, sockets or devices (``SPECIAL``) are kept so that they reach the
+    errors file.
     """
     root = str(folder.resolve())
     excluded = {str(p.resolve()) for p in exclude}
@@ -134,7 +140,7 @@ def list_folder(folder: Path, exclude: Sequence[Path] = ()) -> list[FileEntry]:
 
     def unreadable(err: OSError) -> None:
         if err.filename and os.path.abspath(err.filename) != root:
-            entries.append(FileEntry(rel_of(os.path.abspath(err.filename)), -1, 0))
+            entries.append(FileEntry(rel_of(os.path.abspath(err.filename)), UNLISTABLE, 0))
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
         dirnames[:] = [d for d in dirnames if not d.startswith(".") and os.path.join(dirpath, d) not in excluded]
@@ -147,8 +153,8 @@ def list_folder(folder: Path, exclude: Sequence[Path] = ()) -> list[FileEntry]:
             except OSError:
                 entries.append(FileEntry(rel_of(path), -1, 0))
                 continue
-            if stat.S_ISREG(st.st_mode):  # never open FIFOs, sockets or devices
-                entries.append(FileEntry(rel_of(path), st.st_size, st.st_mtime_ns))
+            regular = stat.S_ISREG(st.st_mode)  # FIFOs, sockets and devices are never opened
+            entries.append(FileEntry(rel_of(path), st.st_size if regular else SPECIAL, st.st_mtime_ns))
     entries.sort(key=lambda e: e.rel)
     return entries
 
@@ -180,6 +186,11 @@ def decode_entries(folder: str, entries: Sequence[tuple[str, int]], prep: Prepro
     errors: list[tuple[int, str]] = []
     for i, (rel, size) in enumerate(entries):
         try:
+            if size == UNLISTABLE:
+                os.listdir(Path(folder, rel))  # raises the reason it could not be listed
+                raise OSError(0, "it could not be listed")
+            if size == SPECIAL:
+                raise ImageError("not a regular file (a FIFO, socket or device)")
             if size > MAX_FILE_BYTES:
                 raise ImageError(f"file of {size} bytes is above the {MAX_FILE_BYTES} byte limit")
             data = Path(folder, rel).read_bytes()
@@ -188,8 +199,9 @@ def decode_entries(folder: str, entries: Sequence[tuple[str, int]], prep: Prepro
         except ImageError as e:
             errors.append((i, str(e)))
         except OSError as e:
-            errors.append((i, f"cannot read the file: {e.strerror or e}"))
-        except Exception as e:  # noqa: BLE001 - a Pillow plugin failing oddly on a malformed file must not stop the run
+            what = "cannot list this folder" if size == UNLISTABLE else "cannot read the file"
+            errors.append((i, f"{what}: {e.strerror or e}"))
+        except Exception as e:  # a Pillow plugin failing oddly on a malformed file must not stop the run
             errors.append((i, f"the decoder failed: {type(e).__name__}: {e}"))
     c, s = prep.in_channels, prep.image_size
     images = np.stack(arrays) if arrays else np.zeros((0, c, s, s), dtype=np.uint8)
@@ -207,6 +219,7 @@ def _watch_parent(parent: int) -> None:
 
 
 def _init_worker(folder: str, prep: Preprocessing, parent: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the scoring process's to handle
     _WORKER["folder"], _WORKER["prep"] = folder, prep
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
 
@@ -257,7 +270,8 @@ class Decoder:
         if self.pool is None:
             return []
         step = max(1, math.ceil(len(entries) / parts))
-        return [(off, self.pool.submit(_decode_task, entries[off : off + step])) for off in range(0, len(entries), step)]
+        return [(off, self.pool.submit(_decode_task, entries[off : off + step]))
+                for off in range(0, len(entries), step)]
 
     def feed(self, chunks: Iterator[list[tuple[str, int]]]) -> None:
         """Keep ``depth`` chunks in flight, taking new ones from ``chunks``."""
@@ -293,9 +307,10 @@ class Decoder:
                 parts.append((i, DecodedChunk(np.zeros((0, c, s, s), np.uint8), [], [(0, CRASH_REASON)])))
         return _merge(parts, self.prep)
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Stop the workers (``wait=False``: without waiting for the running tasks, on an error)."""
         if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool.shutdown(wait=wait, cancel_futures=True)
             self.pool = None
 
 
@@ -308,13 +323,29 @@ def ensure_onnx(target: Path) -> Path:
         return target
     onnx_path = target / ONNX_FILE
     if not onnx_path.is_file():
+        from export import ExportError
         from export.onnx_export import export_onnx
+        from export.parity import ParityError
 
         log.warning("%s has no %s yet: exporting it first", target.name, ONNX_FILE)
-        export_onnx(target)
-        if not onnx_path.is_file():
-            raise ModelFileError(f"exporting {target} did not produce {onnx_path}")
+        try:
+            export_onnx(target)
+        except (ExportError, ParityError) as e:
+            raise ModelFileError(f"{target} has no {ONNX_FILE} and exporting it failed: {e}") from e
     return onnx_path
+
+
+def model_identity(model: OnnxModel) -> dict[str, str]:
+    """What a journal records of a model: its id and the sha256 of the ONNX file that scores.
+
+    Inside a bundle the sha256 is the one ``zoo export`` recorded in the card (which
+    :meth:`OnnxModel.open` has just verified); a lone file is hashed.
+    """
+    card = bundle_card(model.path)
+    records = (card or {}).get("exports") or {}
+    digest = next((r.get("sha256") for r in records.values()
+                   if isinstance(r, dict) and r.get("file") == model.path.name), None)
+    return {"id": model.model_id, "onnx_sha256": str(digest or sha256_of(model.path))}
 
 
 def ensemble_members(task: str, n: int, store: Path | None = None) -> list[Path]:
@@ -333,9 +364,11 @@ def ensemble_members(task: str, n: int, store: Path | None = None) -> list[Path]
             if c.get("dataset", {}).get("name") == flag and c.get("arch") == arch]
     ranked = sorted(same, key=lambda pc: (-validation_score(pc[1]), str(pc[1].get("id"))))
     if len(ranked) < 2:
-        raise BundleError(f"an ensemble for {task!r} needs at least two {arch} bundles of {flag}; the store has {len(ranked)}")
+        raise BundleError(f"an ensemble for {task!r} needs at least two {arch} bundles of {flag}; "
+                          f"the store has {len(ranked)}")
     if len(ranked) < n:
-        log.warning("only %d %s bundles of %s: the ensemble has %d members, not %d", len(ranked), arch, flag, len(ranked), n)
+        log.warning("only %d %s bundles of %s: the ensemble has %d members, not %d",
+                    len(ranked), arch, flag, len(ranked), n)
     return [p for p, _ in ranked[:n]]
 
 
@@ -394,7 +427,7 @@ def infer(models: Sequence[OnnxModel], images: np.ndarray, batch_size: int) -> S
         return Scores(probs.argmax(1), probs, None)
     probs = to_probs(np.stack(logits).mean(axis=0)).astype(np.float32)
     top = probs.argmax(1)
-    member_top = np.stack([to_probs(l).argmax(1) for l in logits])
+    member_top = np.stack([to_probs(lg).argmax(1) for lg in logits])
     return Scores(top, probs, (member_top == top[None]).mean(axis=0).astype(np.float32))
 
 
@@ -404,6 +437,11 @@ def infer(models: Sequence[OnnxModel], images: np.ndarray, batch_size: int) -> S
 def _num(v: float) -> float:
     """A float32 value as the shortest decimal that reads back to it (stable text in every format)."""
     return float(str(np.float32(v)))
+
+
+def display_path(rel: str) -> str:
+    """A relative path as valid UTF-8 text: bytes of a non-UTF-8 file name appear as ``\\xNN``."""
+    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _chunk_name(i: int) -> str:
@@ -470,7 +508,8 @@ def output_format(out: Path) -> str:
 
 def output_columns(labels: Sequence[str], ensemble: bool) -> list[str]:
     """Column names of the output, in order."""
-    return ["path", "model_id", "top_class", *(PROB_PREFIX + lab for lab in labels)] + (["agreement"] if ensemble else [])
+    probs = [PROB_PREFIX + lab for lab in labels]
+    return ["path", "model_id", "top_class", *probs] + (["agreement"] if ensemble else [])
 
 
 def _atomic_stream(path: Path, write: Callable[[IO[bytes]], None]) -> None:
@@ -497,11 +536,11 @@ def _write_output(out: Path, fmt: str, columns: list[str], rows: Iterator[list[A
 
         cols: list[list[Any]] = [[] for _ in columns]
         for row in rows:
-            for c, v in zip(cols, row):
+            for c, v in zip(cols, row, strict=True):
                 c.append(v)
             count += 1
         types = [pa.string()] * 3 + [pa.float32()] * (len(columns) - 3)
-        table = pa.table({name: pa.array(c, type=t) for name, c, t in zip(columns, cols, types)})
+        table = pa.table({name: pa.array(c, type=t) for name, c, t in zip(columns, cols, types, strict=True)})
         _atomic_stream(out, lambda f: pq.write_table(table, f))
         return count
 
@@ -516,7 +555,7 @@ def _write_output(out: Path, fmt: str, columns: list[str], rows: Iterator[list[A
                 count += 1
         else:
             for row in rows:
-                text.write(json.dumps(dict(zip(columns, row)), ensure_ascii=False) + "\n")
+                text.write(json.dumps(dict(zip(columns, row, strict=True)), ensure_ascii=False) + "\n")
                 count += 1
         text.flush()
         text.detach()
@@ -531,9 +570,10 @@ def _count_rows(path: Path, fmt: str) -> int:
         import pyarrow.parquet as pq
 
         return int(pq.ParquetFile(path).metadata.num_rows)
-    with open(path, "rb") as f:
-        lines = sum(1 for _ in f)
-    return max(lines - 1, 0) if fmt == "csv" else lines
+    with open(path, encoding="utf-8", newline="") as f:
+        if fmt == "csv":
+            return max(sum(1 for _ in csv.reader(f)) - 1, 0)
+        return sum(1 for line in f if line.strip())
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -577,7 +617,7 @@ def _manifest(folder: Path, entries: list[FileEntry], models: Sequence[OnnxModel
         "folder": str(folder),
         "files": len(entries),
         "listing_sha256": listing_digest(entries),
-        "models": [{"id": m.model_id, "onnx_sha256": sha256_of(m.path)} for m in models],
+        "models": [model_identity(m) for m in models],
         "ensemble": ensemble,
         "labels": models[0].labels,
         "chunk_size": chunk_size,
@@ -603,6 +643,9 @@ def _open_journal(run: _Run) -> None:
             raise ValueError(
                 f"{run.journal} is an unfinished run with other inputs ({', '.join(what.get(k, k) for k in diff)} "
                 f"changed); pass --overwrite to discard it and start again")
+        if (old["chunk_size"], old["batch_size"]) != (run.chunk_size, run.batch_size):
+            log.info("resuming with the journal's chunk size %s and batch size %s",
+                     old["chunk_size"], old["batch_size"])
         run.chunk_size, run.batch_size = int(old["chunk_size"]), int(old["batch_size"])
         run.manifest = old
         for i in range(run.n_chunks):
@@ -621,7 +664,9 @@ def _open_journal(run: _Run) -> None:
     atomic_write_bytes(path, (json.dumps(run.manifest, indent=1) + "\n").encode())
 
 
-def _chunk_record(index: int, entries: Sequence[FileEntry], decoded: DecodedChunk, scores: Scores | None) -> dict[str, Any]:
+def _chunk_record(index: int, entries: Sequence[FileEntry], decoded: DecodedChunk,
+                  scores: Scores | None) -> dict[str, Any]:
+    """The journal record of a chunk: rows ``[path, top, probs, agreement]`` and errors ``[path, reason]``."""
     rows = []
     for k, i in enumerate(decoded.ok):
         assert scores is not None
@@ -654,13 +699,16 @@ def _score_chunks(run: _Run, workers: int, progress: bool) -> tuple[int, float]:
             entries = run.chunk_entries(i)
             scores = infer(run.models, decoded.images, run.batch_size) if decoded.ok else None
             record = _chunk_record(i, entries, decoded, scores)
-            atomic_write_bytes(run.journal / _chunk_name(i), json.dumps(record, ensure_ascii=False).encode())
+            atomic_write_bytes(run.journal / _chunk_name(i), json.dumps(record).encode())
             run.done[i] = record
             processed += len(entries)
             bar.update(len(entries))
+    except BaseException:
+        decoder.close(wait=False)
+        raise
     finally:
         bar.close()
-        decoder.close()
+    decoder.close()
     return processed, time.perf_counter() - t0
 
 
@@ -669,7 +717,7 @@ def _assemble(run: _Run, ensemble: bool) -> tuple[int, int]:
     labels = run.models[0].labels
     model_id = "+".join(m.model_id for m in run.models)
 
-    errors = [e for i in range(run.n_chunks) for e in run.done[i]["errors"]]
+    errors = [[display_path(rel), reason] for i in range(run.n_chunks) for rel, reason in run.done[i]["errors"]]
 
     def write_errors(f: IO[bytes]) -> None:
         text = io.TextIOWrapper(f, encoding="utf-8", newline="")
@@ -682,7 +730,7 @@ def _assemble(run: _Run, ensemble: bool) -> tuple[int, int]:
     def rows() -> Iterator[list[Any]]:
         for i in range(run.n_chunks):
             for rel, top, probs, agreement in run.done[i]["rows"]:
-                yield [rel, model_id, labels[top], *probs] + ([agreement] if ensemble else [])
+                yield [display_path(rel), model_id, labels[top], *probs] + ([agreement] if ensemble else [])
 
     _atomic_stream(run.errors_out, write_errors)
     n = _write_output(run.out, run.fmt, output_columns(labels, ensemble), rows())
@@ -757,6 +805,7 @@ def score_folder(
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    """``zoo score``: run :func:`score_folder` and print its summary; model file problems exit 2."""
     try:
         summary = score_folder(
             args.folder, args.model, args.out, ensemble=args.ensemble, ensemble_size=args.ensemble_size,

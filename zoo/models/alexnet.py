@@ -8,8 +8,9 @@ are loaded into the plain network before the BN layers are inserted.
 
 ``alexnet_nbase`` is the AlexNet-style Keras network of report 004's lab (layers reconstructed;
 the report shows only its hyper-parameters): convs k3 same of width n, 2n, 4n, 4n, 2n with ReLU,
-max pool 2 after the 1st, 2nd and 5th; then an adaptive average pool to 4×4 (so 28..224 px all
-work), dense 64, dense 64, dense out, with optional dropout after the two hidden dense layers
+max pool 2 after the 1st, 2nd and 5th; flatten (``2n · (input_size // 8)²`` features, computed
+from ``input_size`` so 8..224 px all work, and no adaptive pooling so it exports to ONNX at any
+size), dense 64, dense 64, dense out, with optional dropout after the two hidden dense layers
 (0.4 in the report).
 """
 
@@ -18,11 +19,11 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models import AlexNet, AlexNet_Weights
 
-from .registry import load_backbone_state, register_model, resolve_pretrained
+from .registry import Pretrained, load_backbone_state, register_model, resolve_pretrained
 
 
 def _alexnet(
-    num_classes: int, in_channels: int, pretrained: bool | str, batchnorm: bool, arch: str
+    num_classes: int, in_channels: int, pretrained: Pretrained, batchnorm: bool, arch: str
 ) -> AlexNet:
     """torchvision AlexNet, optionally pretrained, with BN layers and a new head."""
     model = AlexNet(num_classes=1000)
@@ -53,7 +54,7 @@ def build_alexnet(
     num_classes: int,
     in_channels: int,
     input_size: int,
-    pretrained: bool | str = False,
+    pretrained: Pretrained = False,
     *,
     batchnorm: bool = False,
 ) -> nn.Module:
@@ -69,7 +70,7 @@ def build_alexnet(
     supports_pretrained=True,
 )
 def build_alexnet_bn(
-    num_classes: int, in_channels: int, input_size: int, pretrained: bool | str = False
+    num_classes: int, in_channels: int, input_size: int, pretrained: Pretrained = False
 ) -> nn.Module:
     """``alexnet`` with ``batchnorm=True``."""
     return _alexnet(num_classes, in_channels, pretrained, True, "alexnet_bn")
@@ -79,13 +80,13 @@ def build_alexnet_bn(
     "alexnet_nbase",
     min_size=8,
     report="004",
-    summary="AlexNet-style convs n/2n/4n/4n/2n, adaptive pool 4x4, dense 64, 64, out",
+    summary="AlexNet-style convs n/2n/4n/4n/2n (k3, 3 max pools), dense 64, 64, out",
 )
 def build_alexnet_nbase(
     num_classes: int,
     in_channels: int,
     input_size: int,
-    pretrained: bool | str = False,
+    pretrained: Pretrained = False,
     *,
     n_base: int = 16,
     dropout: float = 0.0,
@@ -96,6 +97,7 @@ def build_alexnet_nbase(
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"alexnet_nbase: dropout must be in [0, 1), got {dropout}")
     n = n_base
+    side = input_size // 8
 
     def conv(cin: int, cout: int) -> list[nn.Module]:
         return [nn.Conv2d(cin, cout, kernel_size=3, padding=1), nn.ReLU()]
@@ -112,9 +114,8 @@ def build_alexnet_nbase(
         *conv(4 * n, 4 * n),
         *conv(4 * n, 2 * n),
         nn.MaxPool2d(2),
-        nn.AdaptiveAvgPool2d(4),
         nn.Flatten(),
-        nn.Linear(2 * n * 16, 64),
+        nn.Linear(2 * n * side * side, 64),
         nn.ReLU(),
         *drop(),
         nn.Linear(64, 64),

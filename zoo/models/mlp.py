@@ -39,7 +39,8 @@ def build_mlp(
 ) -> nn.Module:
     """Flatten ``in_channels * input_size**2`` values, then the hidden layers, then the logits."""
     if activation not in _ACTIVATIONS:
-        raise ValueError(f"mlp: activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+        known = sorted(_ACTIVATIONS)
+        raise ValueError(f"mlp: activation must be one of {known}, got {activation!r}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"mlp: dropout must be in [0, 1), got {dropout}")
     if any(int(h) < 1 for h in hidden):

@@ -22,7 +22,7 @@ from torch import nn
 from torchvision.models import ResNet18_Weights, ResNet50_Weights, ResNet152_Weights
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from .registry import load_backbone_state, register_model, resolve_pretrained
+from .registry import Pretrained, load_backbone_state, register_model, resolve_pretrained
 
 _LAYOUTS: dict[int, tuple[type[BasicBlock] | type[Bottleneck], list[int], str]] = {
     18: (BasicBlock, [2, 2, 2, 2], ResNet18_Weights.IMAGENET1K_V1.url),
@@ -47,7 +47,7 @@ class FrozenBackboneResNet(ResNet):
 def _resnet(
     depth: int,
     in_channels: int,
-    pretrained: bool | str,
+    pretrained: Pretrained,
     stem: str,
     arch: str,
     cls: type[ResNet] = ResNet,
@@ -84,7 +84,7 @@ def _register_plain(depth: int, report: str) -> None:
         num_classes: int,
         in_channels: int,
         input_size: int,
-        pretrained: bool | str = False,
+        pretrained: Pretrained = False,
         *,
         stem: str = "imagenet",
     ) -> nn.Module:
@@ -112,7 +112,7 @@ def build_resnet50_tl(
     num_classes: int,
     in_channels: int,
     input_size: int,
-    pretrained: bool | str = False,
+    pretrained: Pretrained = False,
     *,
     head_hidden: Sequence[int] = (224,),
     head_dropout: float = 0.2,

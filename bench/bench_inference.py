@@ -1,0 +1,161 @@
+"""Inference throughput of exported models: PyTorch eager vs TorchScript vs ONNX Runtime.
+
+Images per second at batch 1 and 64 for ``simplecnn`` and ``resnet18`` (stem ``"small"``, the
+MedMNIST v2 28 px setting), untrained weights, 3 channels, 28 px: the model is
+:func:`zoo.bundle.full_model` (uint8 input through the ``InputAdapter``), exported exactly as
+``zoo export`` does (:func:`export.onnx_export.to_onnx`, :func:`export.torchscript_export.to_torchscript`).
+All three backends run in the same process with the same number of intra-op threads
+(``--threads``), in alternating timed windows, and the ratios are against eager measured in the
+same run. ``--size224`` adds 224 px variants (resnet18 with the
+ImageNet stem, as MedMNIST at 224 px), which take minutes on a small CPU.
+
+    python bench/bench_inference.py            # ~2 min on a 2-core CPU
+    python bench/bench_inference.py --quick    # ~30 s, fewer and shorter repeats
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from export.onnx_export import to_onnx
+from export.torchscript_export import load_torchscript, save_torchscript, to_torchscript
+from zoo.bundle import full_model
+from zoo.models import create_model
+from zoo.preprocess import Preprocessing
+from zoo.runtime import create_session
+
+
+@dataclass(frozen=True)
+class Config:
+    """One model to measure."""
+
+    name: str
+    arch: str
+    size: int
+    kwargs: tuple[tuple[str, str], ...] = ()
+
+
+CONFIGS = [
+    Config("simplecnn", "simplecnn", 28),
+    Config("resnet18 (small stem)", "resnet18", 28, (("stem", "small"),)),
+]
+CONFIGS_224 = [
+    Config("simplecnn", "simplecnn", 224),
+    Config("resnet18 (ImageNet stem)", "resnet18", 224, (("stem", "imagenet"),)),
+]
+
+
+def throughput(runs: dict[str, Callable[[], object]], batch: int, seconds: float, repeats: int) -> dict[str, float]:
+    """Median images/s of each backend over ``repeats`` rounds; in every round each backend runs
+    one window of about ``seconds / repeats``, in turn, so that a change in the machine's load
+    hits all of them alike."""
+    calls = {}
+    for name, run in runs.items():
+        start = time.perf_counter()
+        for _ in range(2):  # warm-up: allocations, TorchScript profiling runs, ORT arenas
+            run()
+        per_call = max((time.perf_counter() - start) / 2, 1e-6)
+        calls[name] = max(1, int(seconds / repeats / per_call))
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            for _ in range(calls[name]):
+                run()
+            rates[name].append(batch * calls[name] / (time.perf_counter() - t0))
+    return {name: statistics.median(r) for name, r in rates.items()}
+
+
+def _torch_call(module: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    def run() -> object:
+        with torch.inference_mode():
+            return module(x)
+
+    return run
+
+
+def _ort_call(session: Any, name: str, x: np.ndarray) -> Callable[[], object]:
+    def run() -> object:
+        return session.run(None, {name: x})
+
+    return run
+
+
+def measure(cfg: Config, batches: list[int], seconds: float, repeats: int, threads: int) -> list[dict[str, object]]:
+    """images/s of the three backends for one model at each batch size."""
+    torch.manual_seed(0)
+    prep = Preprocessing(cfg.size, cfg.size, 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    net = create_model(cfg.arch, num_classes=9, in_channels=3, input_size=cfg.size, **dict(cfg.kwargs))
+    model = full_model(net, prep).eval()
+    meta = {"id": "bench", "arch": cfg.arch, "labels": [str(i) for i in range(9)], "task": "multi-class",
+            "num_outputs": 9, "preprocessing": prep.to_dict(), "weights_sha256": "-"}
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        onnx_path.write_bytes(to_onnx(model, prep).SerializeToString())
+        session, provider = create_session(onnx_path, threads=threads)
+        ts_path = Path(tmp) / "model.torchscript.pt"
+        save_torchscript(to_torchscript(model, prep), meta, ts_path)
+        scripted = load_torchscript(ts_path).module
+    name = session.get_inputs()[0].name
+    rows = []
+    rng = np.random.default_rng(0)
+    for batch in batches:
+        x = rng.integers(0, 256, (batch, 3, cfg.size, cfg.size), dtype=np.uint8)
+        runs = {"eager": _torch_call(model, torch.from_numpy(x)),
+                "torchscript": _torch_call(scripted, torch.from_numpy(x)),
+                "onnxruntime": _ort_call(session, name, x)}
+        rates = throughput(runs, batch, seconds, repeats)
+        rows.append({"model": cfg.name, "size": cfg.size, "batch": batch, "provider": provider, **rates})
+        print(f"  {cfg.name} {cfg.size}px batch {batch}: " + ", ".join(f"{k} {v:.0f}/s" for k, v in rates.items()),
+              file=sys.stderr, flush=True)
+    return rows
+
+
+def table(rows: list[dict[str, object]]) -> str:
+    """Markdown table with ratios against eager."""
+    lines = ["| model | px | batch | eager img/s | TorchScript img/s | × eager | ONNX Runtime img/s | × eager |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        e, t, o = float(r["eager"]), float(r["torchscript"]), float(r["onnxruntime"])  # type: ignore[arg-type]
+        lines.append(f"| {r['model']} | {r['size']} | {r['batch']} | {e:,.0f} | {t:,.0f} | {t / e:.2f} | "
+                     f"{o:,.0f} | {o / e:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="short run: 3 repeats of ~0.3 s")
+    p.add_argument("--size224", action="store_true", help="also the 224 px variants (slow on a CPU)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help="intra-op threads for torch and ONNX Runtime (default: torch's)")
+    args = p.parse_args(argv)
+    seconds, repeats = (1.0, 3) if args.quick else (5.0, 5)  # per backend and batch size
+    torch.set_num_threads(args.threads)
+    import onnxruntime as ort
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {args.threads} threads; "
+          f"torch {torch.__version__}, onnxruntime {ort.__version__}; {'quick' if args.quick else 'full'} run",
+          flush=True)
+    rows = []
+    for cfg in CONFIGS + (CONFIGS_224 if args.size224 else []):
+        rows += measure(cfg, args.batches, seconds, repeats, args.threads)
+    print(f"ONNX Runtime provider: {', '.join(sorted({str(r['provider']) for r in rows}))}")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

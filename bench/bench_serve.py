@@ -1,0 +1,345 @@
+"""Serving load benchmark: the BentoML service against raw ONNX Runtime and a naive PyTorch server.
+
+One ResNet-18 (28 px, stem "small", untrained weights: speed does not depend on them), made with
+``create_model`` + ``save_bundle`` + ``zoo export``, is
+
+* run by ONNX Runtime directly, batches of 64 already decoded: the ceiling (raw img/s);
+* served by the real BentoML service (``bentoml serve serving.service:MedZoo``, adaptive
+  batching) as the ``pathology`` task;
+* served by a naive server: Starlette + uvicorn, a sync endpoint that decodes with PIL and runs
+  the PyTorch model on that one image per request (no batching).
+
+Both servers get the same PNG uploads (one image per request, loopback only) at concurrency 1,
+16 and 64, from a bounded aiohttp client; each level reports requests/s and p50 / p99 latency.
+``ratio vs ORT`` = served req/s ÷ raw ORT img/s (the cost of HTTP, decoding and batching);
+``served / naive`` = served req/s ÷ naive req/s. The machine is shared, so both servers run at once
+and each round measures raw ORT, the service and the naive server back to back; the figures are
+medians over the rounds.
+
+    python bench/bench_serve.py [--requests 200] [--concurrency 1 16 64] [--rounds 2] [--markdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 9
+SIZE = 28
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def make_bundle(store: Path) -> Path:
+    """An untrained ResNet-18 (28 px, small stem) as a bundle, exported to ONNX."""
+    import medmnist
+    import torch
+    import yaml
+
+    from serving.bootstrap import export_onnx
+    from zoo.bundle import save_bundle
+    from zoo.models import create_model
+    from zoo.preprocess import Preprocessing
+    from zoo.recipe import apply_overrides, find_recipe
+
+    torch.manual_seed(0)
+    prep = Preprocessing(SIZE, SIZE, 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    net = create_model("resnet18", num_classes=NUM_CLASSES, in_channels=3, input_size=SIZE,
+                       pretrained=False, stem="small")
+    recipe = apply_overrides(find_recipe("path", "resnet18"), {"epochs": 1, "pretrained": False})
+    labels = [medmnist.INFO["pathmnist"]["label"][str(i)] for i in range(NUM_CLASSES)]
+    card: dict[str, Any] = {
+        "id": "bench-pathmnist-resnet18-small-untrained",
+        "arch": "resnet18",
+        "model_kwargs": {"stem": "small"},
+        "num_outputs": NUM_CLASSES,
+        "task": "multi-class",
+        "labels": labels,
+        "preprocessing": prep.to_dict(),
+        "dataset": {"name": "pathmnist", "checksum": "none (untrained benchmark model)"},
+        "recipe": recipe.to_dict(),
+        "metrics": {},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    path = save_bundle(store / "bundles" / card["id"], net, card, yaml.safe_dump(recipe.to_dict()))
+    export_onnx(path)  # no data for an untrained model: parity on random images
+    return path
+
+
+def sample_pngs(n: int) -> list[bytes]:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        buf = io.BytesIO()
+        Image.fromarray((rng.random((SIZE, SIZE, 3)) * 255).astype(np.uint8)).save(buf, "PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def raw_ort(bundle: Path, batch: int = 64, seconds: float = 4.0) -> float:
+    """Images/s of ONNX Runtime on already-decoded uint8 batches (the ceiling)."""
+    from zoo.runtime import OnnxModel
+
+    model = OnnxModel.open(bundle)
+    x = (np.random.default_rng(0).random((batch, 3, SIZE, SIZE)) * 255).astype(np.uint8)
+    model.predict(x)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        model.predict(x)
+        n += batch
+    return n / (time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------- the naive server
+
+
+def naive_app(bundle: Path) -> Any:
+    """Starlette app: PIL decode + PyTorch forward per request, no batching."""
+    import torch
+    from PIL import Image
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from zoo.bundle import load_bundle
+
+    b = load_bundle(bundle)
+    model, labels = b.model, b.labels
+
+    def classify(data: bytes) -> list[dict[str, Any]]:
+        img = Image.open(io.BytesIO(data)).convert("RGB").resize((SIZE, SIZE), Image.Resampling.BILINEAR)
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1).copy())[None]
+        with torch.inference_mode():
+            probs = torch.softmax(model(x), dim=1)[0]
+        top = torch.topk(probs, 3)
+        return [{"class": int(i), "label": labels[int(i)], "prob": float(p)} for p, i in zip(top.values, top.indices)]
+
+    async def endpoint(request: Request) -> JSONResponse:
+        form = await request.form()
+        data = await form["images"].read()  # type: ignore[union-attr]
+        from starlette.concurrency import run_in_threadpool
+
+        return JSONResponse({"results": [{"top": await run_in_threadpool(classify, data)}]})
+
+    return Starlette(routes=[Route("/pathology", endpoint, methods=["POST"])])
+
+
+def run_naive(bundle: Path, port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(naive_app(bundle), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+# --------------------------------------------------------------------------- load
+
+
+@dataclass
+class Level:
+    concurrency: int
+    requests: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+async def _load(url: str, pngs: list[bytes], concurrency: int, n: int) -> Level:
+    """``n`` one-image requests, at most ``concurrency`` in flight (aiohttp: a light client, since it
+    shares the CPU with the servers it measures)."""
+    import aiohttp
+
+    sem = asyncio.Semaphore(concurrency)
+    lat: list[float] = []
+    errors = 0
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as client:
+        async def one(i: int) -> None:
+            nonlocal errors
+            form = aiohttp.FormData()
+            form.add_field("images", pngs[i % len(pngs)], filename=f"{i}.png", content_type="image/png")
+            async with sem:
+                t = time.perf_counter()
+                try:
+                    async with client.post("/pathology", data=form) as r:
+                        body = await r.json()
+                        status = r.status
+                except aiohttp.ClientError as e:
+                    print(f"request {i}: {e!r}", file=sys.stderr)
+                    errors += 1
+                    return
+                lat.append(time.perf_counter() - t)
+                if status != 200 or not body["results"][0].get("top"):
+                    print(f"request {i}: HTTP {status} {str(body)[:200]}", file=sys.stderr)
+                    errors += 1
+
+        await asyncio.gather(*[one(i) for i in range(min(n, 2 * concurrency))])  # warm-up
+        lat.clear()
+        t0 = time.perf_counter()
+        await asyncio.gather(*[one(i) for i in range(n)])
+        wall = time.perf_counter() - t0
+    ms = np.array(lat) * 1000
+    return Level(concurrency, n, n / wall, float(np.percentile(ms, 50)), float(np.percentile(ms, 99)), errors)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(url: str, proc: subprocess.Popen, path: str, timeout: float = 240) -> None:  # type: ignore[type-arg]
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + path, timeout=5).status_code in (200, 405):
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} not ready after {timeout} s")
+
+
+def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:  # type: ignore[type-arg]
+    with open(log, "wb") as out:
+        return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
+    os.killpg(proc.pid, signal.SIGTERM)  # the process group this benchmark started
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def median_level(runs: list[Level]) -> Level:
+    """The median of each figure over the rounds of one concurrency level."""
+    return Level(runs[0].concurrency, runs[0].requests, float(np.median([r.rps for r in runs])),
+                 float(np.median([r.p50_ms for r in runs])), float(np.median([r.p99_ms for r in runs])),
+                 sum(r.errors for r in runs))
+
+
+def bench(levels: list[int], n_requests: int, rounds: int) -> dict[str, Any]:
+    """Both servers up at once; per level and round: raw ORT, then BentoML, then naive (interleaved,
+    so that the three see the same background load on a shared machine)."""
+    import httpx
+
+    work = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    bundle = make_bundle(work / "store")
+    pngs = sample_pngs(64)
+    env = {**os.environ, "MEDZOO_HOME": str(work / "store"), "MEDZOO_SERVE_PATHOLOGY": bundle.name,
+           "BENTOML_HOME": str(work / "bentoml_home"), "BENTOML_DO_NOT_TRACK": "true",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env.pop("MEDZOO_SERVE_CONFIG", None)
+    urls: dict[str, str] = {}
+    procs: list[subprocess.Popen] = []  # type: ignore[type-arg]
+    try:
+        for name in ("bentoml", "naive"):
+            port = free_port()
+            urls[name] = f"http://127.0.0.1:{port}"
+            if name == "bentoml":
+                cmd = [sys.executable, "-m", "bentoml", "serve", "serving.service:MedZoo", "--host", "127.0.0.1",
+                       "--port", str(port), "--working-dir", str(REPO)]
+            else:
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--naive-server", str(bundle), "--port", str(port)]
+            procs.append(start(cmd, env, work / f"{name}.log"))
+            wait_ready(urls[name], procs[-1], "/readyz" if name == "bentoml" else "/pathology")
+        ort: dict[int, list[float]] = {c: [] for c in levels}
+        runs: dict[str, dict[int, list[Level]]] = {"bentoml": {c: [] for c in levels}, "naive": {c: [] for c in levels}}
+        for c in levels:
+            for _ in range(rounds):
+                ort[c].append(raw_ort(bundle, seconds=2.0))
+                for name in ("bentoml", "naive"):
+                    runs[name][c].append(asyncio.run(_load(urls[name], pngs, c, max(n_requests, 2 * c))))
+        ort_1 = raw_ort(bundle, batch=1, seconds=2.0)
+        stats = httpx.get(urls["bentoml"] + "/stats", timeout=30).json()["batches"].get("pathology", {})
+    finally:
+        for proc in procs:
+            stop(proc)
+    ratios = {c: float(np.median([s.rps / o for s, o in zip(runs["bentoml"][c], ort[c])])) for c in levels}
+    vs_naive = {c: float(np.median([s.rps / n.rps for s, n in zip(runs["bentoml"][c], runs["naive"][c])]))
+                for c in levels}
+    return {"ort": {c: float(np.median(v)) for c, v in ort.items()}, "ort_1": ort_1, "ratios": ratios,
+            "vs_naive": vs_naive, "rounds": rounds,
+            "results": {k: [median_level(v[c]) for c in levels] for k, v in runs.items()},
+            "stats": stats, "load": os.getloadavg(), "cpus": os.cpu_count()}
+
+
+def report(out: dict[str, Any], markdown: bool) -> str:
+    import bentoml
+    import onnxruntime
+    import torch
+
+    served, naive = out["results"]["bentoml"], out["results"]["naive"]
+    ort_all = list(out["ort"].values())
+    head = (f"ResNet-18 (28 px, small stem, {NUM_CLASSES} classes, untrained), one PNG per request, loopback; "
+            f"raw ONNX Runtime {min(ort_all):.0f}-{max(ort_all):.0f} img/s at batch 64 (measured before each "
+            f"round), {out['ort_1']:.0f} img/s at batch 1. Medians of {out['rounds']} interleaved rounds. "
+            f"Machine: {out['cpus']} CPU cores ({platform.processor() or platform.machine()}), shared with other "
+            f"jobs (load average {out['load'][0]:.1f} at the end), no GPU; bentoml {bentoml.__version__}, "
+            f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}.")
+    rows = []
+    for s, n in zip(served, naive):
+        c = s.concurrency
+        rows.append((c, s.requests, s.rps, s.p50_ms, s.p99_ms, out["ort"][c], out["ratios"][c],
+                     n.rps, n.p50_ms, n.p99_ms, out["vs_naive"][c], s.errors + n.errors))
+    hist = out["stats"].get("sizes", {})
+    batches = (f"Batch sizes the served model saw over the whole run (images per call: calls): "
+               f"{', '.join(f'{k}: {v}' for k, v in hist.items())}; mean {out['stats'].get('mean', 0):.1f}.")
+    if markdown:
+        lines = [head, "", "| concurrency | requests | served req/s | p50 ms | p99 ms | raw ORT img/s | served / ORT | "
+                 "naive req/s | naive p50 ms | naive p99 ms | served / naive | errors |",
+                 "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += ["| " + " | ".join([f"{r[0]}", f"{r[1]}", f"{r[2]:.1f}", f"{r[3]:.0f}", f"{r[4]:.0f}", f"{r[5]:.0f}",
+                                     f"{r[6]:.2f}", f"{r[7]:.1f}", f"{r[8]:.0f}", f"{r[9]:.0f}", f"{r[10]:.2f}",
+                                     f"{r[11]}"]) + " |"
+                  for r in rows]
+        return "\n".join(lines + ["", batches])
+    lines = [head, f"{'conc':>4} {'n':>5} {'req/s':>7} {'p50':>6} {'p99':>6} {'ORT':>5} {'/ORT':>5} | {'naive':>7} "
+                   f"{'p50':>6} {'p99':>6} {'/naive':>6} {'err':>4}"]
+    lines += [f"{r[0]:>4} {r[1]:>5} {r[2]:>7.1f} {r[3]:>6.0f} {r[4]:>6.0f} {r[5]:>5.0f} {r[6]:>5.2f} | {r[7]:>7.1f} "
+              f"{r[8]:>6.0f} {r[9]:>6.0f} {r[10]:>6.2f} {r[11]:>4}" for r in rows]
+    return "\n".join(lines + [batches])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--requests", type=int, default=200, help="timed requests per concurrency level (at least 2x it)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds per level (medians reported)")
+    p.add_argument("--markdown", action="store_true", help="print the table for docs/BENCHMARKS.md")
+    p.add_argument("--naive-server", metavar="BUNDLE", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.naive_server:
+        run_naive(Path(args.naive_server), args.port)
+        return
+    print(report(bench(args.concurrency, args.requests, args.rounds), args.markdown))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,282 @@
+"""The parity check: an exported file must give the logits of the PyTorch model it came from.
+
+Reference: ``bundle.model`` (``Sequential(InputAdapter, net)``, float32, eager, CPU) through
+:func:`zoo.train.engine.predict_logits`. Inputs: batches of :data:`BATCH_SIZES` (1, a prime, 64)
+taken from the bundle's own test split when its data are found, else deterministic random uint8
+images (seed :data:`RANDOM_SEED`); with data, the whole test split is also run.
+
+Numbers, per batch size, for the whole split and over everything:
+
+* ``max_abs_diff`` = max |exported − reference| over all logits;
+* ``max_rel_diff`` = ``max_abs_diff`` / max(max |reference|, 1e-12): the error relative to the
+  scale of the logits (an elementwise ratio explodes on logits near zero);
+* ``argmax_agreement``: fraction of images with the same predicted class (argmax; ``logit > 0``
+  for a single-logit head);
+* ``near_ties``: disagreements on images whose reference top-2 margin is within the fp32
+  tolerance band 2·max(ABS_TOL, REL_TOL·max|reference|): both answers are right to within the
+  tolerance we accept, so they are listed but not counted against fp32 parity.
+
+Pass criteria. fp32 (``onnx``, ``torchscript``): finite logits of the right shape, metadata equal
+to the card, ``max_abs_diff ≤ ABS_TOL`` **or** ``max_rel_diff ≤ REL_TOL`` over all inputs, and
+100 % argmax agreement (near ties excepted) on every input set. fp16 (``onnx_fp16``): finite
+logits, metadata, argmax agreement ≥ FP16_MIN_AGREEMENT on the real test split (on the parity
+batches when no data were found) and, as a sanity bound against a wrong graph or weight,
+``max_rel_diff ≤ FP16_REL_TOL``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+ABS_TOL = 1e-4
+REL_TOL = 1e-3
+FP16_MIN_AGREEMENT = 0.995
+FP16_REL_TOL = 0.05  # sanity bound: float16 rounding gives ~1e-3, a wrong weight gives ~1
+BATCH_SIZES: tuple[int, ...] = (1, 7, 64)
+RANDOM_SEED = 0
+CHUNK = 256  # images per call when a whole split is run
+_EPS = 1e-12
+# metadata entries that must equal the card's (labels, preprocessing, identity)
+_META_KEYS = ("id", "arch", "labels", "task", "num_outputs", "preprocessing", "weights_sha256", "dataset")
+
+
+class ParityError(RuntimeError):
+    """An exported file whose outputs (or metadata) differ from the PyTorch model's."""
+
+
+@dataclass
+class ParityInputs:
+    """uint8 batches (one per batch size) and, with data, the whole real test split."""
+
+    batch_sizes: list[int]
+    batches: list[np.ndarray]
+    split: np.ndarray | None
+    source: str
+
+
+@dataclass
+class Reference:
+    """PyTorch eager logits for the parity inputs."""
+
+    batches: list[np.ndarray]
+    split: np.ndarray | None
+
+    @classmethod
+    def of(cls, model: nn.Module, inputs: ParityInputs) -> "Reference":
+        from zoo.train.engine import predict_logits
+
+        def run(x: np.ndarray) -> np.ndarray:
+            return predict_logits(model, torch.from_numpy(x), CHUNK, "cpu").numpy()
+
+        return cls([run(x) for x in inputs.batches], None if inputs.split is None else run(inputs.split))
+
+
+def _test_images(bundle: Any, data_root: str | Path | None) -> tuple[np.ndarray, str] | None:
+    """The bundle's real test split (uint8), or ``None`` when its data are not found.
+
+    With an explicit ``data_root`` a failure is an error (the user asked for real images).
+    """
+    from zoo.data import DataUnavailableError
+    from zoo.evaluate import bundle_splits
+
+    try:
+        splits = bundle_splits(bundle, data_root, download=False)
+    except DataUnavailableError:
+        if data_root is not None:
+            raise
+        log.info("no data for %s: parity on random images", bundle.id)
+        return None
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        if data_root is not None:
+            raise ValueError(f"cannot use the test split of {bundle.id} from {data_root}: {e}") from None
+        log.info("data of %s unusable (%s): parity on random images", bundle.id, e)
+        return None
+    images = splits.test.images.numpy()
+    prep = bundle.preprocessing
+    if images.dtype != np.uint8 or images.shape[1:] != (prep.in_channels, prep.image_size, prep.image_size):
+        raise ValueError(f"the test split of {bundle.id} has images {tuple(images.shape[1:])} {images.dtype}, "
+                         f"the model takes uint8 {(prep.in_channels, prep.image_size, prep.image_size)}")
+    if len(images) == 0:
+        return None
+    return np.ascontiguousarray(images), f"test split of {splits.name} ({len(images)} images)"
+
+
+def parity_inputs(bundle: Any, data_root: str | Path | None = None,
+                  batch_sizes: Sequence[int] = BATCH_SIZES) -> ParityInputs:
+    """Real test images when available (consecutive, wrapping around), else random uint8."""
+    sizes = [int(b) for b in batch_sizes]
+    if not sizes or min(sizes) < 1:
+        raise ValueError("parity batch sizes must be positive")
+    prep = bundle.preprocessing
+    real = _test_images(bundle, data_root)
+    if real is not None:
+        images, source = real
+        batches, start = [], 0
+        for b in sizes:
+            batches.append(images[(start + np.arange(b)) % len(images)])
+            start += b
+        return ParityInputs(sizes, batches, images, source)
+    rng = np.random.default_rng(RANDOM_SEED)
+    shape = (prep.in_channels, prep.image_size, prep.image_size)
+    batches = [rng.integers(0, 256, size=(b, *shape), dtype=np.uint8) for b in sizes]
+    return ParityInputs(sizes, batches, None, f"random uint8 images (seed {RANDOM_SEED})")
+
+
+def predicted_class(logits: np.ndarray) -> np.ndarray:
+    """argmax, or ``logit > 0`` for a single-logit (BCE / hinge) head."""
+    if logits.shape[1] == 1:
+        return (logits[:, 0] > 0).astype(np.int64)
+    return logits.argmax(1)
+
+
+def _margin(logits: np.ndarray) -> np.ndarray:
+    """How far each row is from changing its predicted class."""
+    if logits.shape[1] == 1:
+        return 2 * np.abs(logits[:, 0])
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
+
+
+def compare(out: np.ndarray, ref: np.ndarray) -> dict[str, Any]:
+    """Differences between exported and reference logits (see the module docstring)."""
+    if out.shape != ref.shape:
+        return {"n": int(ref.shape[0]), "shape": list(out.shape), "expected_shape": list(ref.shape), "finite": False}
+    finite = bool(np.isfinite(out).all())
+    diff = np.abs(out.astype(np.float64) - ref.astype(np.float64))
+    max_abs = float(diff.max()) if diff.size else 0.0
+    scale = float(np.abs(ref).max()) if ref.size else 0.0
+    agree = predicted_class(out) == predicted_class(ref)
+    band = 2 * max(ABS_TOL, REL_TOL * scale)
+    ties = ~agree & (_margin(ref.astype(np.float64)) <= band)
+    n = int(ref.shape[0])
+    return {
+        "n": n,
+        "finite": finite,
+        "max_abs_diff": max_abs if finite else None,
+        "max_rel_diff": max_abs / max(scale, _EPS) if finite else None,
+        "max_abs_logit": scale,
+        "argmax_agreement": float(agree.mean()) if n else 1.0,
+        "near_ties": int(ties.sum()),
+        "disagreements": int((~agree & ~ties).sum()),
+    }
+
+
+Predict = Callable[[np.ndarray], np.ndarray]
+
+
+def _open(fmt: str, path: Path, providers: Sequence[str] | None) -> tuple[Predict, str, dict[str, Any], list[str]]:
+    """predict function, provider, metadata and interface problems of an exported file."""
+    if fmt == "torchscript":
+        from .torchscript_export import load_torchscript
+
+        ts = load_torchscript(path)
+        return ts.predict, ts.provider, ts.meta, []
+    from zoo.runtime import OnnxModel
+
+    model = OnnxModel.open(path, providers=providers)
+    problems = []
+    inp, out = model.session.get_inputs(), model.session.get_outputs()
+    if len(inp) != 1 or inp[0].type != "tensor(uint8)":
+        problems.append(f"input is {[i.type for i in inp]}, not one tensor(uint8)")
+    elif isinstance(inp[0].shape[0], int):
+        problems.append(f"batch axis is fixed at {inp[0].shape[0]}, not dynamic")
+    if len(out) != 1 or out[0].type != "tensor(float)":
+        problems.append(f"output is {[o.type for o in out]}, not one tensor(float)")
+    return model.predict, model.provider, model.meta, problems
+
+
+def _run_all(run: Predict, images: np.ndarray) -> np.ndarray:
+    return np.concatenate([run(images[i : i + CHUNK]) for i in range(0, len(images), CHUNK)])
+
+
+def _overall(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Aggregate of several compare() results (all logits together)."""
+    n = sum(p["n"] for p in parts)
+    finite = all(p.get("finite") for p in parts)
+    max_abs = max(p["max_abs_diff"] for p in parts) if finite else None
+    scale = max(p["max_abs_logit"] for p in parts) if finite else 0.0
+    return {
+        "n": n,
+        "finite": finite,
+        "max_abs_diff": max_abs,
+        "max_rel_diff": max_abs / max(scale, _EPS) if max_abs is not None else None,
+        "max_abs_logit": scale,
+        "argmax_agreement": sum(p["argmax_agreement"] * p["n"] for p in parts) / max(n, 1) if finite else 0.0,
+        "near_ties": sum(p.get("near_ties", 0) for p in parts),
+        "disagreements": sum(p.get("disagreements", 0) for p in parts),
+    }
+
+
+def check_file(fmt: str, path: Path, card: dict[str, Any], inputs: ParityInputs, reference: Reference,
+               providers: Sequence[str] | None = None) -> dict[str, Any]:
+    """Open one exported file (with all of its load-time checks) and measure it against eager."""
+    from . import card_metadata
+
+    run, provider, meta, problems = _open(fmt, Path(path), providers)
+    expected = card_metadata(card, fmt)
+    problems += [f"metadata {k} differs from the card" for k in _META_KEYS if meta.get(k) != expected.get(k)]
+    batches = {str(b): compare(run(x), ref)
+               for b, x, ref in zip(inputs.batch_sizes, inputs.batches, reference.batches, strict=True)}
+    split = None
+    if inputs.split is not None and reference.split is not None:
+        split = compare(_run_all(run, inputs.split), reference.split)
+    sets = list(batches.values()) + ([split] if split is not None else [])
+    overall = _overall(sets)
+    fp16 = fmt == "onnx_fp16"
+    for name, s in [*batches.items(), ("split", split)]:
+        if s is not None and "shape" in s:
+            problems.append(f"logits of shape {s['shape']} at {name}, expected {s['expected_shape']}")
+    if not overall["finite"] and not any("shape" in s for s in sets):
+        problems.append("non-finite logits")
+    if overall["finite"]:
+        if fp16:
+            judged = split if split is not None else overall
+            if judged["argmax_agreement"] < FP16_MIN_AGREEMENT:
+                problems.append(f"argmax agreement {judged['argmax_agreement']:.2%} < {FP16_MIN_AGREEMENT:.1%}")
+            if overall["max_rel_diff"] > FP16_REL_TOL:
+                problems.append(f"max rel diff {overall['max_rel_diff']:.3g} > {FP16_REL_TOL:g}")
+        else:
+            if overall["max_abs_diff"] > ABS_TOL and overall["max_rel_diff"] > REL_TOL:
+                problems.append(f"max abs diff {overall['max_abs_diff']:.3g} > {ABS_TOL:g} and max rel diff "
+                                f"{overall['max_rel_diff']:.3g} > {REL_TOL:g}")
+            if overall["disagreements"]:
+                problems.append(f"{overall['disagreements']} argmax disagreement(s)")
+    criterion: dict[str, Any] = (
+        {"min_argmax_agreement": FP16_MIN_AGREEMENT, "rel_tol": FP16_REL_TOL,
+         "agreement_on": "test split" if split is not None else "parity batches"}
+        if fp16 else
+        {"abs_tol": ABS_TOL, "rel_tol": REL_TOL, "min_argmax_agreement": 1.0,
+         "rule": "max_abs_diff <= abs_tol or max_rel_diff <= rel_tol; near ties excepted from agreement"}
+    )
+    parity = {
+        "reference": "PyTorch eager float32 on cpu",
+        "inputs": inputs.source,
+        "batch_sizes": inputs.batch_sizes,
+        **{k: overall[k] for k in ("max_abs_diff", "max_rel_diff", "max_abs_logit", "argmax_agreement", "near_ties")},
+        "batches": batches,
+        "split": split,
+        "relative": "max|exported - eager| / max|eager| over the logits compared",
+        "criterion": criterion,
+        "problems": problems,
+        "passed": not problems,
+    }
+    return {"provider": provider, "parity": parity}
+
+
+def failure_reason(fmt: str, parity: dict[str, Any]) -> str:
+    """One line: why a format failed."""
+    return f"{fmt}: {', '.join(parity['problems']) or 'failed'}"
+
+
+__all__ = ["ABS_TOL", "BATCH_SIZES", "FP16_MIN_AGREEMENT", "FP16_REL_TOL", "REL_TOL", "ParityError", "ParityInputs",
+           "Reference",
+           "check_file", "compare", "failure_reason", "parity_inputs", "predicted_class"]

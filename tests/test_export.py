@@ -1,0 +1,356 @@
+"""Export stage: ONNX / TorchScript for every architecture, parity, metadata, tamper checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from export import card_metadata, check_bundle, export_bundle
+from export import onnx_export, parity
+from export.parity import ParityError
+from export.torchscript_export import load_torchscript
+from zoo.bundle import load_bundle, read_card, save_bundle, sha256_of, update_card
+from zoo.cli import main
+from zoo.evaluate import bundle_splits, evaluate_bundle
+from zoo.metrics import compute_metrics, to_probs
+from zoo.models import create_model, get_spec, list_models
+from zoo.preprocess import Preprocessing
+from zoo.runtime import (
+    METADATA_KEY, ONNX_FILE, ONNX_FP16_FILE, REQUIRED_METADATA, TORCHSCRIPT_FILE, ModelFileError, OnnxModel,
+)
+
+# minutes of CPU each on 2 cores: export + trace + parity at batch 1, 7, 64
+HEAVY = {"resnet50", "resnet50_tl", "resnet152", "xception"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread() -> Any:
+    """One intra-op thread for this module: on a small CPU shared with other jobs, two OpenMP
+    threads wait on each other whenever one is descheduled (eager resnet152 is ~10x slower).
+    Parity compares against eager in the same process, so the thread count does not matter."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_bundle(root: Path, arch: str, image_size: int, input_size: int | None = None, in_channels: int = 1,
+                num_classes: int = 3, seed: int = 0, **model_kwargs: Any) -> Path:
+    """An untrained bundle of ``arch`` with a minimal valid card (the keys the engine writes)."""
+    input_size = input_size or image_size
+    torch.manual_seed(seed)
+    net = create_model(arch, num_classes=num_classes, in_channels=in_channels, input_size=input_size,
+                       pretrained=False, **model_kwargs)
+    prep = Preprocessing(image_size, input_size, in_channels, (0.45,) * in_channels, (0.22,) * in_channels)
+    labels = [f"class {i}" for i in range(max(num_classes, 2))]
+    card: dict[str, Any] = {
+        "id": f"untrained-{arch}-{input_size}-{seed}",
+        "arch": arch,
+        "model_kwargs": model_kwargs,
+        "num_outputs": num_classes,
+        "task": "multi-class" if len(labels) > 2 else "binary-class",
+        "labels": labels,
+        "preprocessing": prep.to_dict(),
+        "dataset": {"name": "untrained", "checksum": "none", "task": "multi-class", "labels": labels,
+                    "image_size": image_size, "in_channels": in_channels},
+        "recipe": {},
+        "metrics": {},
+        "created": "2026-01-01T00:00:00+00:00",
+    }
+    return save_bundle(root / card["id"], net, card, "{}\n")
+
+
+def _listing(path: Path) -> dict[str, str]:
+    return {p.name: sha256_of(p) for p in sorted(path.iterdir()) if p.is_file()} | {
+        p.name: "dir" for p in path.iterdir() if p.is_dir()}
+
+
+def _one_line_error(err: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("zoo: error: "), err
+    assert "Traceback" not in err
+
+
+# --- every architecture ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "arch", [pytest.param(a, marks=pytest.mark.slow) if a in HEAVY else a for a in list_models()])
+def test_every_architecture_exports_with_parity(arch: str, tmp_path: Path) -> None:
+    size = get_spec(arch).sizes()[0]
+    path = make_bundle(tmp_path, arch, size)
+    records = export_bundle(path)
+    assert set(records) == {"onnx", "torchscript"}
+    for fmt, rec in records.items():
+        par = rec["parity"]
+        assert par["passed"], f"{arch} {fmt}: {par['problems']}"
+        assert par["batch_sizes"] == [1, 7, 64] and par["inputs"].startswith("random uint8")
+        assert par["max_abs_diff"] <= parity.ABS_TOL or par["max_rel_diff"] <= parity.REL_TOL, (arch, fmt, par)
+        assert all(b["disagreements"] == 0 and b["n"] == int(k) for k, b in par["batches"].items())
+        assert sha256_of(path / rec["file"]) == rec["sha256"] and rec["size"] == (path / rec["file"]).stat().st_size
+    assert records["onnx"]["opset"] >= 18 and records["onnx"]["provider"] in ort.get_available_providers()
+    assert read_card(path)["exports"] == records
+    assert not [p for p in path.iterdir() if p.name.startswith(".")], "temporary files left behind"
+    sess = OnnxModel.open(path).session
+    assert sess.get_inputs()[0].type == "tensor(uint8)" and isinstance(sess.get_inputs()[0].shape[0], str)
+    print(f"\n{arch} @{size}px: " + "  ".join(
+        f"{fmt} abs {r['parity']['max_abs_diff']:.2e} rel {r['parity']['max_rel_diff']:.2e} "
+        f"(|logit| ≤ {r['parity']['max_abs_logit']:.3g})" for fmt, r in records.items()))
+
+
+def test_resize_rgb_single_logit_and_fp16(tmp_path: Path) -> None:
+    """Adapter with a resize (28 → 64 px), 3 channels, a single-logit head, and the fp16 file."""
+    path = make_bundle(tmp_path, "simplecnn", 28, input_size=64, in_channels=3, num_classes=1)
+    records = export_bundle(path, formats=["onnx"], fp16=True)
+    assert set(records) == {"onnx", "onnx_fp16"} and all(r["parity"]["passed"] for r in records.values())
+    model = OnnxModel.open(path / ONNX_FP16_FILE)
+    x = np.random.default_rng(1).integers(0, 256, (5, 3, 28, 28), dtype=np.uint8)
+    out = model.predict(x)
+    assert out.shape == (5, 1) and model.session.get_outputs()[0].type == "tensor(float)"
+    # the adapter stays float32: a single cast to float16 between the normalisation and the net
+    proto = onnx.load(str(path / ONNX_FP16_FILE))
+    first_conv = next(i for i, n in enumerate(proto.graph.node) if n.op_type == "Conv")
+    resize = next(n for n in proto.graph.node[:first_conv] if n.op_type == "Resize")
+    casts = [n for n in proto.graph.node[:first_conv] if n.op_type == "Cast"]
+    to = [next(a.i for a in n.attribute if a.name == "to") for n in casts]
+    assert to == [onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16], to
+    assert resize.input[0] not in {c.output[0] for c in casts[1:]}
+
+
+def test_export_onnx_for_scoring(tmp_path: Path) -> None:
+    """``export_onnx`` (used by ``zoo score``) writes and records ``model.onnx`` only."""
+    path = make_bundle(tmp_path, "lenet", 28)
+    assert onnx_export.export_onnx(path) == path / ONNX_FILE
+    assert set(read_card(path)["exports"]) == {"onnx"} and not (path / TORCHSCRIPT_FILE).exists()
+
+
+# --- the model trained on the real BreastMNIST -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exported_breast(breast_bundle: Path, breast_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the BreastMNIST bundle exported to all three files, parity on its test split."""
+    dst = tmp_path_factory.mktemp("exported") / breast_bundle.name
+    shutil.copytree(breast_bundle, dst)
+    export_bundle(dst, fp16=True, data_root=breast_root)
+    return dst
+
+
+@pytest.fixture()
+def exported_copy(exported_breast: Path, tmp_path: Path) -> Path:
+    """A private copy of the exported bundle that a test may alter."""
+    dst = tmp_path / exported_breast.name
+    shutil.copytree(exported_breast, dst)
+    return dst
+
+
+def test_breast_parity_on_real_test_images(exported_breast: Path, breast_root: Path) -> None:
+    exports = read_card(exported_breast)["exports"]
+    n_test = len(bundle_splits(load_bundle(exported_breast), breast_root).test)
+    assert set(exports) == {"onnx", "torchscript", "onnx_fp16"}
+    for rec in exports.values():
+        par = rec["parity"]
+        assert par["passed"] and par["inputs"] == f"test split of breastmnist ({n_test} images)", par
+        assert par["split"]["n"] == n_test
+    for fmt in ("onnx", "torchscript"):
+        split = exports[fmt]["parity"]["split"]
+        assert split["argmax_agreement"] == 1.0 and split["max_abs_diff"] <= parity.ABS_TOL
+    fp16 = exports["onnx_fp16"]["parity"]
+    assert fp16["split"]["argmax_agreement"] >= 0.995 and fp16["criterion"]["agreement_on"] == "test split"
+    proto = onnx.load(str(exported_breast / ONNX_FP16_FILE))
+    weights = [t for t in proto.graph.initializer if len(t.dims) >= 2 and not t.name.startswith("0.")]  # 0. = adapter
+    assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
+    print("\nBreastMNIST test split: " + "  ".join(
+        f"{fmt} agreement {r['parity']['split']['argmax_agreement']:.4f} abs {r['parity']['split']['max_abs_diff']:.2e}"
+        for fmt, r in exports.items()))
+
+
+def test_onnx_gives_the_metrics_of_zoo_eval(exported_breast: Path, breast_root: Path) -> None:
+    expected = evaluate_bundle(exported_breast, "test", breast_root, device="cpu")["metrics"]
+    model = OnnxModel.open(exported_breast)
+    test = bundle_splits(load_bundle(exported_breast), breast_root).test
+    got = compute_metrics(test.labels.numpy(), to_probs(model.predict(test.images.numpy())), model.labels)
+    assert got["n"] == expected["n"] and got["confusion"] == expected["confusion"]
+    assert got["acc"] == expected["acc"] and got["macro_f1"] == expected["macro_f1"]
+    assert got["per_class_recall"] == expected["per_class_recall"]
+    assert got["auc"] == pytest.approx(expected["auc"], abs=1e-6)
+
+
+def test_lone_files_carry_everything_needed(exported_breast: Path, tmp_path: Path) -> None:
+    card = read_card(exported_breast)
+    x = np.random.default_rng(3).integers(0, 256, (4, 1, 28, 28), dtype=np.uint8)
+    lone = tmp_path / "breast.onnx"
+    shutil.copy(exported_breast / ONNX_FILE, lone)
+    model = OnnxModel.open(lone)
+    assert set(REQUIRED_METADATA) | {"dataset"} <= set(model.meta)
+    assert model.meta == card_metadata(card, "onnx") and model.meta["dataset"] == "breastmnist"
+    assert model.labels == card["labels"] and model.preprocessing.to_dict() == card["preprocessing"]
+    np.testing.assert_array_equal(model.predict(x), OnnxModel.open(exported_breast).predict(x))
+    lone_ts = tmp_path / "breast.pt"
+    shutil.copy(exported_breast / TORCHSCRIPT_FILE, lone_ts)
+    ts = load_torchscript(lone_ts)
+    assert ts.meta == card_metadata(card, "torchscript")
+    reference = load_bundle(exported_breast).model(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(ts.predict(x), reference, atol=parity.ABS_TOL)
+
+
+def test_provider_is_chosen_and_reported(exported_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    available = ort.get_available_providers()
+    model = OnnxModel.open(exported_copy, providers=["TensorrtExecutionProvider", "CUDAExecutionProvider"])
+    gpu = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
+    assert model.provider == [*gpu, "CPUExecutionProvider"][0]
+    assert read_card(exported_copy)["exports"]["onnx"]["provider"] in available
+    assert main(["export", str(exported_copy), "--check", "--format", "onnx"]) == 0
+    out = capsys.readouterr().out
+    assert f"ONNX Runtime provider: {OnnxModel.open(exported_copy).provider}" in out
+
+
+# --- truncated and tampered files ----------------------------------------------------------------
+
+
+def _flip_middle(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_truncated_onnx_is_a_clear_error(exported_breast: Path, tmp_path: Path) -> None:
+    data = (exported_breast / ONNX_FILE).read_bytes()
+    for name, content in (("half.onnx", data[: len(data) // 2]), ("empty.onnx", b""), ("junk.onnx", b"not onnx")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ModelFileError, match=name):
+            OnnxModel.open(tmp_path / name)
+
+
+def test_tampered_onnx_in_bundle_fails_its_sha256(exported_copy: Path) -> None:
+    _flip_middle(exported_copy / ONNX_FILE)
+    with pytest.raises(ModelFileError, match="does not match the sha256"):
+        OnnxModel.open(exported_copy)
+    (exported_copy / ONNX_FP16_FILE).write_bytes((exported_copy / ONNX_FP16_FILE).read_bytes()[:1000])
+    with pytest.raises(ModelFileError, match=r"model\.fp16\.onnx"):
+        OnnxModel.open(exported_copy / ONNX_FP16_FILE)
+
+
+def test_onnx_metadata_and_checker_failures(exported_breast: Path, tmp_path: Path) -> None:
+    base = onnx.load(str(exported_breast / ONNX_FILE))
+    cases = {}
+    bad_json = onnx.ModelProto()
+    bad_json.CopyFrom(base)
+    next(p for p in bad_json.metadata_props if p.key == METADATA_KEY).value = '{"id": "x", '
+    cases["corrupt medzoo metadata"] = bad_json
+    no_meta = onnx.ModelProto()
+    no_meta.CopyFrom(base)
+    del no_meta.metadata_props[:]
+    cases["carries no medzoo metadata"] = no_meta
+    broken = onnx.ModelProto()
+    broken.CopyFrom(base)
+    conv = next(n for n in broken.graph.node if n.op_type == "Conv")
+    conv.input[0] = "no_such_tensor"
+    cases["fails the ONNX checker"] = broken
+    for i, (message, proto) in enumerate(cases.items()):
+        path = tmp_path / f"case{i}.onnx"
+        path.write_bytes(proto.SerializeToString())
+        with pytest.raises(ModelFileError, match=message):
+            OnnxModel.open(path)
+
+
+def test_export_from_other_weights_or_unrecorded_is_refused(exported_copy: Path) -> None:
+    card = read_card(exported_copy)
+    update_card(exported_copy, weights_sha256="0" * 64)
+    with pytest.raises(ModelFileError, match="was exported from"):
+        OnnxModel.open(exported_copy)
+    with pytest.raises(ModelFileError, match="was exported from"):
+        load_torchscript(exported_copy)
+    update_card(exported_copy, weights_sha256=card["weights_sha256"], exports={})
+    with pytest.raises(ModelFileError, match="not recorded"):
+        OnnxModel.open(exported_copy)
+
+
+def test_truncated_or_tampered_torchscript_is_a_clear_error(exported_copy: Path, tmp_path: Path) -> None:
+    data = (exported_copy / TORCHSCRIPT_FILE).read_bytes()
+    for name, content in (("half.pt", data[: len(data) // 2]), ("empty.pt", b""), ("junk.pt", b"PK\x03\x04junk")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ModelFileError, match="not a readable TorchScript file"):
+            load_torchscript(tmp_path / name)
+    plain = tmp_path / "plain.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated (still supported)
+        torch.jit.save(torch.jit.trace(torch.nn.Identity(), torch.zeros(1)), str(plain))
+    with pytest.raises(ModelFileError, match="carries no medzoo metadata"):
+        load_torchscript(plain)
+    _flip_middle(exported_copy / TORCHSCRIPT_FILE)
+    with pytest.raises(ModelFileError, match="does not match the sha256"):
+        load_torchscript(exported_copy)
+
+
+def test_cli_reports_damaged_files_in_one_line(exported_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (exported_copy / ONNX_FILE).write_bytes((exported_copy / ONNX_FILE).read_bytes()[:5000])
+    assert main(["export", str(exported_copy), "--check"]) == 2
+    _one_line_error(capsys.readouterr().err)
+    _flip_middle(exported_copy / TORCHSCRIPT_FILE)
+    proc = subprocess.run([sys.executable, "-m", "zoo.cli", "export", str(exported_copy), "--check",
+                           "--format", "torchscript"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stderr
+    _one_line_error(proc.stderr)
+    assert "model.torchscript.pt does not match the sha256" in proc.stderr
+
+
+# --- failed parity checks ------------------------------------------------------------------------
+
+
+def test_failed_parity_exits_non_zero_and_writes_nothing(bundle_copy: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    before, card = _listing(bundle_copy), (bundle_copy / "card.json").read_bytes()
+    monkeypatch.setattr(parity, "ABS_TOL", 0.0)
+    monkeypatch.setattr(parity, "REL_TOL", 0.0)
+    assert main(["export", str(bundle_copy), "--format", "onnx"]) == 1
+    err = capsys.readouterr().err
+    _one_line_error(err)
+    assert "parity check failed for onnx" in err and "nothing was written" in err
+    assert _listing(bundle_copy) == before and (bundle_copy / "card.json").read_bytes() == card
+
+
+def test_corrupt_export_is_caught_and_the_previous_one_kept(exported_copy: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    before, card = _listing(exported_copy), (exported_copy / "card.json").read_bytes()
+    real = onnx_export.to_onnx
+
+    def corrupted(*args: Any, **kwargs: Any) -> onnx.ModelProto:
+        proto = real(*args, **kwargs)
+        weight = next(t for t in proto.graph.initializer if len(t.dims) == 4)
+        arr = onnx.numpy_helper.to_array(weight) * 1.5
+        weight.CopyFrom(onnx.numpy_helper.from_array(arr, weight.name))
+        return proto
+
+    monkeypatch.setattr(onnx_export, "to_onnx", corrupted)
+    with pytest.raises(ParityError, match="parity check failed for onnx, onnx_fp16"):
+        export_bundle(exported_copy, formats=["onnx"], fp16=True)
+    assert _listing(exported_copy) == before and (exported_copy / "card.json").read_bytes() == card
+    OnnxModel.open(exported_copy)  # the previous export is intact and still verifies
+
+
+def test_check_alone_records_or_refuses(exported_copy: Path, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    checked = check_bundle(exported_copy, ["torchscript"])
+    assert checked["torchscript"]["parity"]["passed"]
+    assert "checked" in read_card(exported_copy)["exports"]["torchscript"]
+    before, card = _listing(exported_copy), (exported_copy / "card.json").read_bytes()
+    monkeypatch.setattr(parity, "ABS_TOL", 0.0)
+    monkeypatch.setattr(parity, "REL_TOL", 0.0)
+    assert main(["export", str(exported_copy), "--check", "--format", "onnx"]) == 1
+    _one_line_error(capsys.readouterr().err)
+    assert _listing(exported_copy) == before and (exported_copy / "card.json").read_bytes() == card
+    assert json.loads(card)["exports"]["onnx"]["parity"]["passed"]

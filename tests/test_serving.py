@@ -1,0 +1,604 @@
+"""The BentoML service, started for real (``bentoml serve`` in a subprocess) and called over HTTP.
+
+One server for the module, on a free loopback port, serving copies of the session's bundles
+(synthetic skin / organ / pathology, the real BreastMNIST one as the extra task ``breast``, a
+second synthetic pathology bundle so the ensemble has two members, and a task ``chest`` with no
+bundle). Answers are compared with ``zoo.evaluate.evaluate_bundle`` and with ONNX Runtime on the
+same decoded arrays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_FILE_MB = 1  # the server's per-file limit in these tests
+MAX_REQUEST_MB = 4
+MAX_IMAGES = 16
+FLAGS = {"skin": "dermamnist", "organ": "organamnist", "pathology": "pathmnist", "breast": "breastmnist"}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def encode(img: Image.Image, fmt: str = "PNG", **kw: Any) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def array_to_image(arr: np.ndarray) -> Image.Image:
+    """uint8 (C, H, W) → L or RGB image."""
+    return Image.fromarray(arr[0]) if arr.shape[0] == 1 else Image.fromarray(arr.transpose(1, 2, 0))
+
+
+def write_pngs(images: np.ndarray, folder: Path, prefix: str) -> list[Path]:
+    """Real PNG files of uint8 (N, C, H, W) images."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, arr in enumerate(images):
+        p = folder / f"{prefix}-{i:03d}.png"
+        array_to_image(arr).save(p)
+        paths.append(p)
+    return paths
+
+
+def files(*items: tuple[str, bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("images", (name, data, "application/octet-stream")) for name, data in items]
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def noise_image(mode: str = "RGB", size: tuple[int, int] = (28, 28), seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    arr = (rng.random((size[1], size[0], 3)) * 255).astype(np.uint8)
+    return Image.fromarray(arr).convert(mode)
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@dataclass
+class Served:
+    root: Path  # the store the server reads
+    bundles: dict[str, Path]  # task → bundle directory
+    members: list[Path]  # ensemble members
+    data_roots: dict[str, Path]  # task → data root of its MedMNIST file
+
+
+def _copy_and_export(src: Path, store_root: Path, data_root: Path) -> Path:
+    from serving.bootstrap import export_onnx
+
+    dst = store_root / "bundles" / src.name
+    if not dst.exists():
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.onnx", "model.fp16.onnx", "model.torchscript.pt"))
+        export_onnx(dst, data_root)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest,
+           synthetic_bundles: dict[str, Path], synthetic_root: Path) -> Served:
+    """Copies of the session bundles, exported to ONNX, in a store of their own."""
+    from zoo.recipe import apply_overrides, find_recipe
+    from zoo.train import train
+
+    root = tmp_path_factory.mktemp("serve_store")
+    bundles = {t: _copy_and_export(b, root, synthetic_root) for t, b in synthetic_bundles.items()}
+    data_roots = {t: synthetic_root for t in bundles}
+    try:
+        breast = request.getfixturevalue("breast_bundle")
+        breast_root = request.getfixturevalue("breast_root")
+    except pytest.skip.Exception:
+        breast = None
+    if breast is not None:
+        bundles["breast"] = _copy_and_export(breast, root, breast_root)
+        data_roots["breast"] = breast_root
+    # A second pathology bundle (another seed) so that the ensemble has two members.
+    recipe = apply_overrides(find_recipe("path", "simplecnn"), {"epochs": 1, "batch_size": 32, "seed": 1})
+    second = train(recipe, data_root=synthetic_root, store=root, progress=False, download=False).bundle
+    from serving.bootstrap import export_onnx
+
+    export_onnx(second, synthetic_root)
+    return Served(root=root, bundles=bundles, members=sorted([bundles["pathology"], second]), data_roots=data_roots)
+
+
+@dataclass
+class Server:
+    url: str
+    log: Path
+    proc: subprocess.Popen  # type: ignore[type-arg]
+
+    def client(self, **kw: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60, **kw)
+
+
+def server_env(served: Served, config: Path, bentoml_home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "MEDZOO_HOME": str(served.root),
+        "MEDZOO_SERVE_CONFIG": str(config),
+        "MEDZOO_ENSEMBLE_ARCH": "simplecnn",
+        "MEDZOO_MAX_FILE_MB": str(MAX_FILE_MB),
+        "MEDZOO_MAX_REQUEST_MB": str(MAX_REQUEST_MB),
+        "MEDZOO_MAX_IMAGES": str(MAX_IMAGES),
+        "MEDZOO_MAX_BATCH_SIZE": "32",
+        "MEDZOO_MAX_LATENCY_MS": "30000",
+        "BENTOML_HOME": str(bentoml_home),
+        "BENTOML_DO_NOT_TRACK": "true",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    })
+    env.pop("MEDZOO_ENSEMBLE_MEMBERS", None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def server(served: Served, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """``bentoml serve serving.service:MedZoo`` on a free loopback port, until the module ends."""
+    work = tmp_path_factory.mktemp("server")
+    config = work / "serve.yaml"
+    cfg: dict[str, Any] = {t: b.name for t, b in served.bundles.items()}
+    cfg["chest"] = None  # a task without a bundle: answers 503, the others still work
+    config.write_text(yaml.safe_dump(cfg))
+    port = free_port()
+    log = work / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", "serving.service:MedZoo", "--host", "127.0.0.1",
+             "--port", str(port), "--working-dir", str(REPO)],
+            env=server_env(served, config, work / "bentoml_home"), cwd=REPO, stdout=out,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"the server was not ready within 240 s:\n{log.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        yield Server(url=url, log=log, proc=proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the group of the server this fixture started
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    assert "Traceback" not in log.read_text(), log.read_text()[-4000:]
+
+
+def _test_images(served: Served, task: str, split: str = "test") -> np.ndarray:
+    from zoo.data import load_dataset
+
+    return getattr(load_dataset(FLAGS[task], size=28, root=served.data_roots[task], download=False), split).images.numpy()
+
+
+def _onnx(bundle: Path):  # type: ignore[no-untyped-def]
+    from zoo.runtime import OnnxModel
+
+    return OnnxModel.open(bundle)
+
+
+def _good_png(seed: int = 0) -> bytes:
+    return encode(noise_image(seed=seed))
+
+
+# --------------------------------------------------------------------------- the service over HTTP
+
+
+def test_models_lists_the_served_cards(server: Server, served: Served) -> None:
+    from zoo.bundle import read_card
+
+    body = server.client().get("/models").json()
+    by_task = {m["task"]: m for m in body["models"]}
+    for task, bundle in served.bundles.items():
+        card = read_card(bundle)
+        m = by_task[task]
+        assert m["status"] == "ok"
+        assert (m["id"], m["arch"], m["dataset"], m["labels"]) == (card["id"], card["arch"], FLAGS[task], card["labels"])
+        assert m["weights_sha256"] == card["weights_sha256"]
+        assert m["provider"] == "CPUExecutionProvider"
+        assert set(m["metrics"]) >= {"val", "test"}
+    assert by_task["chest"]["status"] == "missing"
+    assert "zoo train chest" in by_task["chest"]["message"]
+    ens = body["ensemble"]
+    assert ens["status"] == "ok" and sorted(x["path"] for x in ens["members"]) == [str(p) for p in served.members]
+
+
+@pytest.mark.parametrize("task", ["skin", "organ", "pathology", "breast"])
+def test_answers_equal_zoo_eval(server: Server, served: Served, task: str, tmp_path: Path) -> None:
+    """Real PNG files of the test split, uploaded in one request: top classes and probabilities
+    are those of ``evaluate_bundle`` (the PyTorch model) for the same images."""
+    from zoo.bundle import read_card
+    from zoo.evaluate import evaluate_bundle
+
+    if task not in served.bundles:
+        pytest.skip("no BreastMNIST bundle (the real file is not available)")
+    bundle = served.bundles[task]
+    ref = evaluate_bundle(bundle, "test", served.data_roots[task], device="cpu", download=False)
+    n = min(MAX_IMAGES, len(ref["pred"]))
+    paths = write_pngs(_test_images(served, task)[:n], tmp_path, task)
+    k = len(read_card(bundle)["labels"])
+    upload = [("images", (p.name, p.read_bytes(), "image/png")) for p in paths]
+    r = server.client().post(f"/{task}", files=upload, data={"top_k": str(k)})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"]["id"] == read_card(bundle)["id"]
+    for i, res in enumerate(body["results"]):
+        assert res["filename"] == paths[i].name
+        assert res["model"] == {"id": read_card(bundle)["id"], "weights_sha256": read_card(bundle)["weights_sha256"]}
+        assert res["top"][0]["class"] == int(ref["pred"][i])
+        probs = np.zeros(k)
+        for t in res["top"]:
+            probs[t["class"]] = t["prob"]
+            assert t["label"] == read_card(bundle)["labels"][t["class"]]
+        np.testing.assert_allclose(probs, ref["probs"][i], atol=1e-4)
+    # the default top-k is 3, and one image alone answers the same
+    one = server.client().post(f"/{task}", files=upload[:1]).json()["results"][0]
+    assert [t["class"] for t in one["top"]] == [t["class"] for t in body["results"][0]["top"][:min(3, k)]]
+
+
+def test_missing_task_answers_503_and_the_others_still_work(server: Server) -> None:
+    c = server.client()
+    r = c.post("/chest", files=files(("a.png", _good_png())))
+    assert r.status_code == 503
+    assert "zoo train chest" in r.json()["error"]
+    assert c.post("/skin", files=files(("a.png", _good_png()))).status_code == 200
+
+
+def test_concurrent_requests_are_batched(server: Server, served: Served) -> None:
+    """200 concurrent single-image requests: all answered, each with its own image's classes,
+    and the pathology model saw batches of more than one image."""
+    from zoo.preprocess import load_image
+
+    model = _onnx(served.bundles["pathology"])
+    images = np.concatenate([_test_images(served, "pathology", s) for s in ("test", "val", "train")])[:200]
+    pngs = [encode(array_to_image(a)) for a in images]
+    expected = softmax(model.predict(np.stack([load_image(p, model.preprocessing) for p in pngs])))
+    before = server.client().get("/stats").json()["batches"].get("pathology", {}).get("sizes", {})
+
+    async def run() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
+        async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as client:
+            return await asyncio.gather(*[
+                client.post("/pathology", files=files((f"{i}.png", p)), data={"top_k": "9"})
+                for i, p in enumerate(pngs)
+            ])
+
+    responses = asyncio.run(run())
+    assert [r.status_code for r in responses] == [200] * len(pngs)
+    for i, r in enumerate(responses):
+        res = r.json()["results"][0]
+        assert res["filename"] == f"{i}.png"
+        got = np.zeros(expected.shape[1])
+        for t in res["top"]:
+            got[t["class"]] = t["prob"]
+        np.testing.assert_allclose(got, expected[i], atol=1e-5)
+    after = server.client().get("/stats").json()["batches"]["pathology"]["sizes"]
+    seen = Counter({int(k): v for k, v in after.items()}) - Counter({int(k): v for k, v in before.items()})
+    assert sum(k * v for k, v in seen.items()) == len(pngs)
+    assert max(seen) > 1, f"no batching: batch sizes {dict(seen)}"
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+
+def _bomb_png() -> bytes:
+    """A PNG of 8001 x 8001 black pixels (64 M pixels, a few kB): above MAX_PIXELS."""
+    return encode(Image.new("L", (8001, 8001)), "PNG", optimize=False)
+
+
+def _header_bomb_png() -> bytes:
+    """A PNG header claiming 100000 x 100000 pixels."""
+    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IEND", b"")
+
+
+def _corrupt_png() -> bytes:
+    png = bytearray(_good_png())
+    i = png.index(b"IDAT") + 4
+    png[i + 10 : i + 60] = bytes(50)
+    return bytes(png)
+
+
+def _oversized_png() -> bytes:
+    rng = np.random.default_rng(1)
+    return _good_png()[:16] + rng.bytes(int(1.5 * 2**20))
+
+
+BAD_FILES: dict[str, tuple[Callable[[], bytes], set[int]]] = {
+    "empty": (lambda: b"", {400}),
+    "text": (lambda: b"just some text, not an image\n", {415}),
+    "pdf": (lambda: b"%PDF-1.4\n1 0 obj << >> endobj\n%%EOF\n", {415}),
+    "gif": (lambda: encode(noise_image("P"), "GIF"), {415}),
+    "png signature then garbage": (lambda: b"\x89PNG\r\n\x1a\n" + b"garbage" * 20, {415, 422}),
+    "corrupt png": (_corrupt_png, {422}),
+    "truncated png": (lambda: _good_png()[: len(_good_png()) // 2], {422}),
+    "truncated jpeg": (lambda: encode(noise_image(size=(64, 64)), "JPEG")[:400], {422}),
+    "decompression bomb": (_bomb_png, {413}),
+    "header bomb": (_header_bomb_png, {413}),
+    "oversized file": (_oversized_png, {413}),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_file_is_refused_with_4xx(server: Server, case: str) -> None:
+    make, statuses = BAD_FILES[case]
+    c = server.client()
+    r = c.post("/skin", files=files((f"{case}.bin", make())))
+    assert r.status_code in statuses, (r.status_code, r.text)
+    body = r.json()
+    assert body["error"] and body["results"][0]["status"] == r.status_code
+    assert c.post("/skin", files=files(("ok.png", _good_png()))).status_code == 200
+
+
+def _request_cases() -> dict[str, tuple[dict[str, Any], set[int]]]:
+    good = _good_png()
+    return {
+        "no file": ({"files": [("top_k", (None, b"2"))]}, {400}),
+        "json body": ({"json": {"images": ["http://127.0.0.1:1/x.png"]}}, {415}),
+        "urlencoded url instead of a file": ({"data": {"images": "http://127.0.0.1:1/x.png"}}, {415}),
+        "text field instead of a file": ({"files": [("images", (None, b"http://127.0.0.1:1/x.png"))]}, {400}),
+        "unknown field": ({"files": files(("a.png", good)) + [("colour", (None, b"red"))]}, {400}),
+        "bad top_k": ({"files": files(("a.png", good)), "data": {"top_k": "many"}}, {400}),
+        "zero top_k": ({"files": files(("a.png", good)), "params": {"top_k": "0"}}, {400}),
+        "no boundary": ({"content": b"--x\r\n", "headers": {"content-type": "multipart/form-data"}}, {400}),
+        "malformed multipart": ({"content": b"garbage", "headers": {"content-type": "multipart/form-data; boundary=abc"}}, {400}),
+        "too many images": ({"files": files(*[(f"{i}.png", good) for i in range(MAX_IMAGES + 1)])}, {413}),
+        "request too large": ({"files": files(("big.png", good[:16] + bytes((MAX_REQUEST_MB + 1) * 2**20)))}, {413}),
+        "raw body too large": ({"content": good[:16] + bytes((MAX_REQUEST_MB + 1) * 2**20),
+                                "headers": {"content-type": "image/png"}}, {413}),
+    }
+
+
+@pytest.mark.parametrize("case", list(_request_cases()))
+def test_bad_request_is_refused_with_4xx(server: Server, case: str) -> None:
+    kwargs, statuses = _request_cases()[case]
+    c = server.client()
+    r = c.post("/organ", **kwargs)
+    assert r.status_code in statuses, (r.status_code, r.text)
+    assert r.json()["error"]
+    assert c.post("/organ", files=files(("ok.png", _good_png()))).status_code == 200
+
+
+def test_mixed_request_answers_per_item(server: Server, served: Served) -> None:
+    from zoo.preprocess import load_image
+
+    good0, good2 = _good_png(0), _good_png(2)
+    r = server.client().post("/skin", files=files(("a.png", good0), ("b.png", _corrupt_png()), ("c.png", good2), ("d.txt", b"")))
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    assert [x["index"] for x in res] == [0, 1, 2, 3]
+    assert res[1]["status"] == 422 and "corrupt" in res[1]["error"] and "top" not in res[1]
+    assert res[3]["status"] == 400 and res[3]["error"] == "empty file"
+    model = _onnx(served.bundles["skin"])
+    expected = model.predict(np.stack([load_image(g, model.preprocessing) for g in (good0, good2)])).argmax(1)
+    assert [res[0]["top"][0]["class"], res[2]["top"][0]["class"]] == expected.tolist()
+    # every image bad: the request fails with their status
+    r = server.client().post("/skin", files=files(("b.png", _corrupt_png()), ("c.png", _corrupt_png())))
+    assert r.status_code == 422 and len(r.json()["results"]) == 2
+
+
+def _mode_cases() -> dict[str, bytes]:
+    rgb = noise_image(size=(40, 30))
+    rng = np.random.default_rng(3)
+    wide = (rng.random((30, 40)) * 4000).astype(np.uint16)
+    frames = [noise_image(size=(28, 28), seed=s) for s in (4, 5)]
+    multi = io.BytesIO()
+    frames[0].save(multi, "TIFF", save_all=True, append_images=frames[1:])
+    return {
+        "palette png": encode(rgb.convert("P"), "PNG"),
+        "palette png with transparency": encode(rgb.convert("P"), "PNG", transparency=0),
+        "rgba png": encode(rgb.convert("RGBA"), "PNG"),
+        "la png": encode(rgb.convert("LA"), "PNG"),
+        "cmyk jpeg": encode(rgb.convert("CMYK"), "JPEG"),
+        "cmyk tiff": encode(rgb.convert("CMYK"), "TIFF"),
+        "16-bit grey png": encode(Image.fromarray(wide), "PNG"),
+        "16-bit grey tiff": encode(Image.fromarray(wide), "TIFF"),
+        "32-bit int tiff": encode(Image.fromarray(wide.astype(np.int32) * 1000), "TIFF"),
+        "float tiff": encode(Image.fromarray(wide.astype(np.float32) / 4000), "TIFF"),
+        "bilevel png": encode(rgb.convert("1"), "PNG"),
+        "grey png": encode(rgb.convert("L"), "PNG"),
+        "rgb bmp": encode(rgb, "BMP"),
+        "rgb jpeg": encode(rgb, "JPEG"),
+        "lab tiff": encode(rgb.convert("LAB"), "TIFF"),
+        "multi-frame tiff": multi.getvalue(),
+        "large rgb png": encode(noise_image(size=(640, 480)), "PNG"),
+    }
+
+
+@pytest.mark.parametrize("task", ["skin", "organ"])  # an RGB model and a grey one
+@pytest.mark.parametrize("case", list(_mode_cases()))
+def test_every_image_mode_is_converted_by_the_documented_rule(server: Server, served: Served, task: str, case: str) -> None:
+    """Each mode answers 200 with the classes of ``load_image`` (zoo.preprocess) + the model."""
+    from zoo.preprocess import load_image
+
+    data = _mode_cases()[case]
+    model = _onnx(served.bundles[task])
+    expected = softmax(model.predict(load_image(data, model.preprocessing)[None]))[0]
+    r = server.client().post(f"/{task}", files=files((case, data)), params={"top_k": "2"})
+    assert r.status_code == 200, r.text
+    top = r.json()["results"][0]["top"]
+    assert [t["class"] for t in top] == np.argsort(-expected, kind="stable")[:2].tolist()
+    np.testing.assert_allclose([t["prob"] for t in top], np.sort(expected)[::-1][:2], atol=1e-5)
+
+
+def test_raw_image_body(server: Server) -> None:
+    r = server.client().post("/organ", content=_good_png(), headers={"content-type": "image/png"})
+    assert r.status_code == 200 and r.json()["results"][0]["filename"] == "body"
+
+
+# --------------------------------------------------------------------------- ensemble
+
+
+def test_ensemble_averages_member_logits(server: Server, served: Served) -> None:
+    from zoo.preprocess import load_image
+
+    members = [_onnx(p) for p in served.members]
+    images = _test_images(served, "pathology")[:8]
+    pngs = [encode(array_to_image(a)) for a in images]
+    r = server.client().post("/pathology_ensemble", files=files(*[(f"{i}.png", p) for i, p in enumerate(pngs)]))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert sorted(m["id"] for m in body["model"]["ensemble"]) == sorted(m.model_id for m in members)
+    order = [m["id"] for m in body["model"]["ensemble"]]
+    by_id = {m.model_id: m for m in members}
+    x = np.stack([load_image(p, members[0].preprocessing) for p in pngs])
+    member_logits = np.stack([by_id[i].predict(x) for i in order], axis=1)  # (N, M, K)
+    mean = member_logits.mean(axis=1)
+    for n, res in enumerate(body["results"]):
+        np.testing.assert_allclose(res["logits"], mean[n], atol=1e-5)
+        np.testing.assert_allclose(res["probs"], softmax(mean[n]), atol=1e-5)
+        top = int(mean[n].argmax())
+        assert res["top"][0]["class"] == top
+        assert [m["class"] for m in res["members"]] == member_logits[n].argmax(1).tolist()
+        assert res["agreement"] == pytest.approx(float((member_logits[n].argmax(1) == top).mean()))
+
+
+def _local_app(cfg: Any):  # type: ignore[no-untyped-def]
+    from serving.frontend import Frontend, build_app
+    from serving.models import LocalBackend, ModelTable
+
+    fe = Frontend(LocalBackend(ModelTable(cfg)), cfg.limits, cfg.top_k)
+    return build_app(lambda: fe, cfg.task_names)
+
+
+async def _post(app: Any, path: str, **kw: Any) -> httpx.Response:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://local") as c:
+        return await c.post(path, **kw)
+
+
+@pytest.mark.parametrize("members", ["default arch", "one member"])
+def test_ensemble_with_fewer_than_two_members_answers_503(served: Served, members: str) -> None:
+    """In-process (same handlers, no second server): resnet152 by default, of which there is none."""
+    from serving.config import load_config
+
+    env = {"MEDZOO_HOME": str(served.root), "MEDZOO_SERVE_SOURCE": "store"}
+    if members == "one member":
+        env["MEDZOO_ENSEMBLE_MEMBERS"] = served.members[0].name
+    cfg = dataclasses.replace(load_config(env=env), store=served.root)
+    app = _local_app(cfg)
+    r = asyncio.run(_post(app, "/pathology_ensemble", files=files(("a.png", _good_png()))))
+    assert r.status_code == 503
+    msg = r.json()["error"]
+    assert "zoo train path resnet152 --seed 1" in msg and "zoo train path resnet152 --seed 2" in msg
+    # the tasks themselves still answer
+    assert asyncio.run(_post(app, "/pathology", files=files(("a.png", _good_png())))).status_code == 200
+
+
+# --------------------------------------------------------------------------- config, runtime, CLI, build
+
+
+def test_config_precedence_and_validation(tmp_path: Path) -> None:
+    from serving.config import ConfigError, load_config
+
+    f = tmp_path / "serve.yaml"
+    f.write_text("skin: a\nbreast: b\ntop_k: 5\nensemble: {members: [m1, m2], arch: resnet18}\nmax_file_mb: 2\n")
+    cfg = load_config(f, env={"MEDZOO_SERVE_SKIN": "from-env", "MEDZOO_TOP_K": "4", "MEDZOO_SERVE_SOURCE": "store"})
+    assert cfg.tasks == {"skin": "from-env", "organ": None, "pathology": None, "breast": "b"}
+    assert (cfg.top_k, cfg.ensemble_members, cfg.ensemble_arch) == (4, ("m1", "m2"), "resnet18")
+    assert cfg.limits.max_file_bytes == 2 * 2**20
+    for bad in ("models: x\n", "top_k: 0\n", "skin: [1, 2]\n", "Bad-Name: x\n", "max_batch_size: 1\n", "- a\n"):
+        f.write_text(bad)
+        with pytest.raises(ConfigError):
+            load_config(f, env={"MEDZOO_SERVE_SOURCE": "store"})
+
+
+def test_predict_bound_equals_predict(served: Served) -> None:
+    """The io_binding path (used on GPU providers) gives the same logits, here on the CPU."""
+    model = _onnx(served.bundles["skin"])
+    x = _test_images(served, "skin")[:5]
+    np.testing.assert_allclose(model.predict_bound(x), model.predict(x), atol=1e-6)
+
+
+def test_zoo_serve_offline_without_data_stops_with_the_data_error(tmp_path: Path) -> None:
+    env = {**os.environ, "MEDZOO_DATA": str(tmp_path / "data"), "BENTOML_DO_NOT_TRACK": "true"}
+    env.pop("MEDZOO_SERVE_CONFIG", None)
+    r = subprocess.run([sys.executable, "-m", "zoo.cli", "--store", str(tmp_path / "store"), "serve", "--offline"],
+                       env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("zoo: error: dermamnist.npz is not in") and "downloads disabled" in last
+
+
+def test_default_model_build(tmp_path: Path, synthetic_root: Path) -> None:
+    """What `zoo serve` does for a task without a bundle, on the synthetic DermaMNIST file."""
+    from serving.bootstrap import build_default_models, tasks_to_build
+    from serving.config import load_config
+
+    cfg = dataclasses.replace(load_config(env={"MEDZOO_SERVE_SOURCE": "store"}), store=tmp_path)
+    assert tasks_to_build(cfg) == ["skin", "organ", "pathology"]
+    lines: list[str] = []
+    built = build_default_models(["skin"], store=tmp_path, data_root=synthetic_root, download=False,
+                                 epochs=1, progress=False, say=lines.append)
+    assert (built["skin"] / "model.onnx").is_file()
+    assert tasks_to_build(cfg) == ["organ", "pathology"]
+    assert any("training the default skin model" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_bentoml_build_packs_models_and_service(served: Served, tmp_path: Path) -> None:
+    """`zoo serve --package` then `bentoml build`, offline, into a private BentoML home."""
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({t: b.name for t, b in served.bundles.items()}))
+    env = server_env(served, config, tmp_path / "bentoml_home")
+    pkg = subprocess.run([sys.executable, "-m", "zoo.cli", "serve", "--package", "--no-build"],
+                         env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert pkg.returncode == 0, pkg.stderr
+    tag = pkg.stdout.split()[1].rstrip(";")
+    build = subprocess.run([sys.executable, "-m", "bentoml", "build", "--output", "tag"],
+                           env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stdout + build.stderr
+    bentos = tmp_path / "bentoml_home" / "bentos" / "medzoo"
+    info = yaml.safe_load(next(p for p in bentos.glob("*/bento.yaml")).read_text())
+    assert [m["tag"] for m in info["models"]] == [tag]
+    assert info["service"] == "serving.service:MedZoo"
+    assert {s["name"] for s in info["services"]} == {"MedZoo", "MedZooInference"}
+    model_dir = tmp_path / "bentoml_home" / "models" / tag.split(":")[0] / tag.split(":")[1]
+    manifest = json.loads((model_dir / "serving.json").read_text())
+    for task, bundle in served.bundles.items():
+        assert manifest["tasks"][task] == f"bundles/{bundle.name}"
+        assert (model_dir / "bundles" / bundle.name / "model.onnx").is_file()
+    assert sorted(manifest["ensemble"]) == sorted(f"bundles/{p.name}" for p in served.members)
