@@ -131,7 +131,7 @@ def naive_app(bundle: Path) -> Any:
         with torch.inference_mode():
             probs = torch.softmax(model(x), dim=1)[0]
         top = torch.topk(probs, 3)
-        return [{"class": int(i), "label": labels[int(i)], "prob": float(p)} for p, i in zip(top.values, top.indices)]
+        return [{"class": int(i), "label": labels[int(i)], "prob": float(p)} for p, i in zip(top.values, top.indices, strict=True)]
 
     async def endpoint(request: Request) -> JSONResponse:
         form = await request.form()
@@ -246,9 +246,13 @@ def median_level(runs: list[Level]) -> Level:
 def bench(levels: list[int], n_requests: int, rounds: int) -> dict[str, Any]:
     """Both servers up at once; per level and round: raw ORT, then BentoML, then naive (interleaved,
     so that the three see the same background load on a shared machine)."""
+    with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
+        return _bench(Path(tmp), levels, n_requests, rounds)
+
+
+def _bench(work: Path, levels: list[int], n_requests: int, rounds: int) -> dict[str, Any]:
     import httpx
 
-    work = Path(tempfile.mkdtemp(prefix="bench_serve_"))
     bundle = make_bundle(work / "store")
     pngs = sample_pngs(64)
     env = {**os.environ, "MEDZOO_HOME": str(work / "store"), "MEDZOO_SERVE_PATHOLOGY": bundle.name,
@@ -280,8 +284,8 @@ def bench(levels: list[int], n_requests: int, rounds: int) -> dict[str, Any]:
     finally:
         for proc in procs:
             stop(proc)
-    ratios = {c: float(np.median([s.rps / o for s, o in zip(runs["bentoml"][c], ort[c])])) for c in levels}
-    vs_naive = {c: float(np.median([s.rps / n.rps for s, n in zip(runs["bentoml"][c], runs["naive"][c])]))
+    ratios = {c: float(np.median([s.rps / o for s, o in zip(runs["bentoml"][c], ort[c], strict=True)])) for c in levels}
+    vs_naive = {c: float(np.median([s.rps / n.rps for s, n in zip(runs["bentoml"][c], runs["naive"][c], strict=True)]))
                 for c in levels}
     return {"ort": {c: float(np.median(v)) for c, v in ort.items()}, "ort_1": ort_1, "ratios": ratios,
             "vs_naive": vs_naive, "rounds": rounds,
@@ -303,7 +307,7 @@ def report(out: dict[str, Any], markdown: bool) -> str:
             f"jobs (load average {out['load'][0]:.1f} at the end), no GPU; bentoml {bentoml.__version__}, "
             f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}.")
     rows = []
-    for s, n in zip(served, naive):
+    for s, n in zip(served, naive, strict=True):
         c = s.concurrency
         rows.append((c, s.requests, s.rps, s.p50_ms, s.p99_ms, out["ort"][c], out["ratios"][c],
                      n.rps, n.p50_ms, n.p99_ms, out["vs_naive"][c], s.errors + n.errors))

@@ -6,7 +6,7 @@ colour jitter, each with p 0.1) — and both run a validation pass per epoch. Th
 the reports did: ``medmnist.DermaMNIST(transform=...)`` → ``DataLoader`` → a PIL image and
 per-sample torchvision transforms for every sample of every epoch.
 
-    python bench/bench_train.py [--models lenet simplecnn mlp] [--epochs 2]
+    python bench/bench_train.py [--models lenet simplecnn mlp] [--epochs 2] [--threads 1]
 """
 
 from __future__ import annotations
@@ -81,7 +81,10 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["mlp", "lenet", "simplecnn"])
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads for both paths")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         root, store = Path(tmp) / "data", Path(tmp) / "store"
         # DermaMNIST's real split sizes: medmnist's Dataset.__len__ asserts them

@@ -14,17 +14,19 @@ YAML layout (every key optional)::
       arch: resnet152
     top_k: 3
     max_batch_size: 64
-    max_latency_ms: 10000
+    max_latency_ms: 60000                 # a request queued longer is shed with 503
     max_file_mb: 20
     max_request_mb: 100
     max_images: 64
     api_workers: 1                        # processes decoding requests (the API layer)
     access_log: true                      # BentoML's per-request access log lines
+    ort_threads: null                     # ONNX Runtime intra-op threads (null: its default)
 
 Environment: ``MEDZOO_SERVE_<TASK>`` (e.g. ``MEDZOO_SERVE_SKIN``) sets a task's bundle,
 ``MEDZOO_ENSEMBLE_MEMBERS`` (comma-separated) and ``MEDZOO_ENSEMBLE_ARCH`` the ensemble,
 ``MEDZOO_TOP_K``, ``MEDZOO_MAX_BATCH_SIZE``, ``MEDZOO_MAX_LATENCY_MS``, ``MEDZOO_MAX_FILE_MB``,
-``MEDZOO_MAX_REQUEST_MB``, ``MEDZOO_MAX_IMAGES``, ``MEDZOO_API_WORKERS``, ``MEDZOO_ACCESS_LOG`` the settings, ``MEDZOO_HOME`` the store and
+``MEDZOO_MAX_REQUEST_MB``, ``MEDZOO_MAX_IMAGES``, ``MEDZOO_API_WORKERS``, ``MEDZOO_ACCESS_LOG``, ``MEDZOO_ORT_THREADS`` the
+settings, ``MEDZOO_HOME`` the store and
 ``MEDZOO_SERVE_SOURCE`` (``auto``, ``store`` or ``bento``) where the bundles are read from.
 """
 
@@ -58,7 +60,7 @@ RESERVED_ROUTES = frozenset(
      "to_async", "to_sync", "bento_service", "table"}
 )
 SETTINGS = ("top_k", "max_batch_size", "max_latency_ms", "max_file_mb", "max_request_mb", "max_images",
-            "api_workers", "access_log")
+            "api_workers", "access_log", "ort_threads")
 TASK_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 
 
@@ -84,10 +86,11 @@ class ServeConfig:
     ensemble_arch: str = DEFAULT_ENSEMBLE_ARCH
     top_k: int = 3
     max_batch_size: int = 64
-    max_latency_ms: int = 10_000
+    max_latency_ms: int = 60_000  # BentoML sheds (503) requests whose estimated wait exceeds it
     limits: Limits = field(default_factory=Limits)
     api_workers: int = 1
     access_log: bool = True
+    ort_threads: int | None = None  # None: ONNX Runtime's default (one per physical core)
     store: Path | None = None  # None: $MEDZOO_HOME
     source: str = "store"  # "store" (the medzoo store) or "bento" (the BentoML model store)
     bento_dir: Path | None = None  # the BentoML model directory when source == "bento"
@@ -110,6 +113,7 @@ class ServeConfig:
             "max_images": self.limits.max_images,
             "api_workers": self.api_workers,
             "access_log": self.access_log,
+            "ort_threads": self.ort_threads,
             "store": str(self.store or home()),
             "source": self.source,
         }
@@ -271,10 +275,12 @@ def load_config(
         ensemble_arch=str(ensemble.get("arch") or DEFAULT_ENSEMBLE_ARCH),
         top_k=_positive_int("top_k", settings.get("top_k", 3)),
         max_batch_size=max_batch,
-        max_latency_ms=_positive_int("max_latency_ms", settings.get("max_latency_ms", 10_000)),
+        max_latency_ms=_positive_int("max_latency_ms", settings.get("max_latency_ms", 60_000)),
         limits=limits,
         api_workers=_positive_int("api_workers", settings.get("api_workers", 1)),
         access_log=_flag("access_log", settings.get("access_log", True)),
+        ort_threads=(_positive_int("ort_threads", settings["ort_threads"])
+                     if settings.get("ort_threads") not in (None, "") else None),
         store=store,
         source=source,
         bento_dir=bento_dir,

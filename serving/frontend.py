@@ -27,7 +27,7 @@ from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.types import Message, Receive
@@ -209,6 +209,8 @@ async def read_uploads(request: Request, limits: Limits) -> tuple[list[Upload], 
             raise Problem(400, f"malformed multipart body: {detail}") from None
         except (KeyError, ValueError, UnicodeDecodeError) as e:
             raise Problem(400, f"malformed multipart body: {type(e).__name__} {e}") from None
+        except ClientDisconnect:
+            raise Problem(400, "the client disconnected before the upload was complete") from None
         try:
             for name, value in form.multi_items():
                 if isinstance(value, UploadFile):
@@ -234,6 +236,8 @@ async def read_uploads(request: Request, limits: Limits) -> tuple[list[Upload], 
             data = await req.body()
         except _BodyTooLarge:
             raise _too_large(limits) from None
+        except ClientDisconnect:
+            raise Problem(400, "the client disconnected before the upload was complete") from None
         if len(data) > limits.max_file_bytes:
             uploads.append(Upload(0, "body", status=413, error=(
                 f"file of {len(data) / 2**20:.1f} MB is larger than the {limits.max_file_bytes / 2**20:g} MB limit")))
@@ -263,6 +267,11 @@ def parse_top_k(request: Request, options: dict[str, str], default: int) -> int:
 def top_classes(probs: np.ndarray, labels: list[str], k: int) -> list[dict[str, Any]]:
     order = np.argsort(-probs, kind="stable")[: min(k, len(labels))]
     return [{"class": int(i), "label": labels[int(i)], "prob": float(probs[int(i)])} for i in order]
+
+
+def _stack(items: list[Item]) -> np.ndarray:
+    """The decoded images of ``items`` as one uint8 batch (N, C, H, W)."""
+    return np.stack([it.array for it in items if it.array is not None])
 
 
 def _error_item(it: Item) -> dict[str, Any]:
@@ -330,9 +339,9 @@ class Frontend:
         results: dict[int, dict[str, Any]] = {it.index: _error_item(it) for it in items if it.array is None}
         model = {"id": info["id"], "weights_sha256": info["weights_sha256"]}
         if good:
-            logits = await self._infer(self.backend.predict(task, np.stack([it.array for it in good])))
+            logits = await self._infer(self.backend.predict(task, _stack(good)))
             probs = to_probs(logits)
-            for it, p in zip(good, probs):
+            for it, p in zip(good, probs, strict=True):
                 results[it.index] = {"index": it.index, "filename": it.filename,
                                      "top": top_classes(p, info["labels"], k), "model": model}
         body: dict[str, Any] = {"task": task, "model": {**model, "arch": info["arch"], "provider": info["provider"]},
@@ -353,7 +362,7 @@ class Frontend:
         members = info["members"]
         labels: list[str] = info["labels"]
         if good:
-            member_logits = await self._infer(self.backend.predict_members(np.stack([it.array for it in good])))
+            member_logits = await self._infer(self.backend.predict_members(_stack(good)))
             mean = member_logits.mean(axis=1)
             probs = to_probs(mean)
             member_top = member_logits.argmax(axis=2)  # (N, M)

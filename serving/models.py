@@ -78,6 +78,13 @@ class ServedModel:
             "path": str(self.path),
         }
 
+    def warm_up(self) -> None:
+        """Run once at batch 1 and 2: ONNX Runtime's first runs (allocations, kernel choice) are
+        slow, and BentoML's batching estimates its per-image cost from the first calls it sees."""
+        prep = self.model.preprocessing
+        for n in (1, 2):
+            self.run(np.zeros((n, prep.in_channels, prep.image_size, prep.image_size), dtype=np.uint8))
+
     def run(self, images: np.ndarray) -> np.ndarray:
         """Logits (N, K) of a uint8 batch; device-bound inputs on a GPU provider."""
         if self.model.provider in GPU_PROVIDERS:
@@ -85,14 +92,16 @@ class ServedModel:
         return self.model.predict(images)
 
 
-def open_bundle(task: str, path: Path) -> ServedModel:
+def open_bundle(task: str, path: Path, threads: int | None = None) -> ServedModel:
     """Open a bundle's ``model.onnx`` on the best provider."""
     card = read_card(path)
-    model = OnnxModel.open(path)  # checks the file against the sha256 and weights the card recorded
+    model = OnnxModel.open(path, threads=threads)  # checks the file against the sha256 the card recorded
     log.info("%s: %s (%s) on %s", task, card["id"], card.get("arch"), model.provider)
     if model.provider not in GPU_PROVIDERS:
         log.info("%s: no GPU provider in this ONNX Runtime; running on the CPU", task)
-    return ServedModel(task=task, path=path, card=card, model=model)
+    served = ServedModel(task=task, path=path, card=card, model=model)
+    served.warm_up()
+    return served
 
 
 @dataclass
@@ -142,7 +151,7 @@ class ModelTable:
             log.warning("%s: not served: %s", r.task, r.message)
             return
         try:
-            self.models[r.task] = open_bundle(r.task, r.path)
+            self.models[r.task] = open_bundle(r.task, r.path, self.cfg.ort_threads)
         except (BundleError, ModelFileError) as e:
             self.missing[r.task] = f"{e}"
             log.warning("%s: not served: %s", r.task, e)
@@ -153,7 +162,7 @@ class ModelTable:
         for r in found:
             assert r.path is not None
             try:
-                m = open_bundle(ENSEMBLE_ROUTE, r.path)
+                m = open_bundle(ENSEMBLE_ROUTE, r.path, self.cfg.ort_threads)
             except (BundleError, ModelFileError) as e:
                 notes.append(str(e))
                 continue

@@ -24,7 +24,7 @@ from serving.config import (
     resolve_ensemble,
     resolve_task,
 )
-from zoo.bundle import CARD, RECIPE, read_card
+from zoo.bundle import CARD, RECIPE, read_card, sha256_of
 from zoo.runtime import ONNX_FILE
 
 log = logging.getLogger("serving")
@@ -71,6 +71,7 @@ def plan(cfg: ServeConfig) -> tuple[dict[str, Any], dict[str, Path]]:
             "max_images": cfg.limits.max_images,
         },
         "weights": {bid: read_card(p).get("weights_sha256") for bid, p in sorted(bundles.items())},
+        "onnx": {bid: sha256_of(p / ONNX_FILE) for bid, p in sorted(bundles.items())},
     }
     return manifest, bundles
 

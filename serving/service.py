@@ -92,8 +92,10 @@ def _inference_namespace() -> dict[str, Any]:
 # One worker and one thread: one ONNX Runtime session per model that uses every core itself.
 # runner_connection: the API worker's client session to this service is never renewed; BentoML's
 # default renews it every 100 requests and closes the old one under requests still in flight.
+# Timeouts: a request may wait up to max_latency_ms in the batching queue, then run.
+INFERENCE_TIMEOUT_S = CONFIG.max_latency_ms / 1000 + 60
 MedZooInference = bentoml.service(
-    name="MedZooInference", workers=1, threads=1,
+    name="MedZooInference", workers=1, threads=1, traffic={"timeout": INFERENCE_TIMEOUT_S},
     runner_connection={"max_requests": 10**9, "max_age": 1e9},
     logging={"access": {"enabled": CONFIG.access_log}},
 )(
@@ -142,7 +144,7 @@ def _current_frontend() -> Frontend:
     return bentoml.get_current_service().frontend
 
 
-@bentoml.service(name="MedZoo", workers=CONFIG.api_workers, traffic={"timeout": 120},
+@bentoml.service(name="MedZoo", workers=CONFIG.api_workers, traffic={"timeout": INFERENCE_TIMEOUT_S + 30},
                  logging={"access": {"enabled": CONFIG.access_log}})
 @bentoml.asgi_app(build_app(_current_frontend, TASK_NAMES), path="/")
 class MedZoo:

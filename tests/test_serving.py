@@ -158,7 +158,6 @@ def server_env(served: Served, config: Path, bentoml_home: Path) -> dict[str, st
         "MEDZOO_MAX_REQUEST_MB": str(MAX_REQUEST_MB),
         "MEDZOO_MAX_IMAGES": str(MAX_IMAGES),
         "MEDZOO_MAX_BATCH_SIZE": "32",
-        "MEDZOO_MAX_LATENCY_MS": "30000",
         "BENTOML_HOME": str(bentoml_home),
         "BENTOML_DO_NOT_TRACK": "true",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
@@ -308,7 +307,8 @@ def test_concurrent_requests_are_batched(server: Server, served: Served) -> None
             ])
 
     responses = asyncio.run(run())
-    assert [r.status_code for r in responses] == [200] * len(pngs)
+    failed = [(i, r.status_code, r.text[:300]) for i, r in enumerate(responses) if r.status_code != 200]
+    assert not failed, failed
     for i, r in enumerate(responses):
         res = r.json()["results"][0]
         assert res["filename"] == f"{i}.png"
@@ -360,6 +360,7 @@ BAD_FILES: dict[str, tuple[Callable[[], bytes], set[int]]] = {
     "decompression bomb": (_bomb_png, {413}),
     "header bomb": (_header_bomb_png, {413}),
     "oversized file": (_oversized_png, {413}),
+    "float tiff without a finite pixel": (lambda: encode(Image.fromarray(np.full((8, 8), np.nan, np.float32)), "TIFF"), {422}),
 }
 
 
@@ -439,6 +440,8 @@ def _mode_cases() -> dict[str, bytes]:
         "16-bit grey tiff": encode(Image.fromarray(wide), "TIFF"),
         "32-bit int tiff": encode(Image.fromarray(wide.astype(np.int32) * 1000), "TIFF"),
         "float tiff": encode(Image.fromarray(wide.astype(np.float32) / 4000), "TIFF"),
+        "float tiff with nan and inf": encode(Image.fromarray(np.where(wide > 3900, np.nan, np.where(
+            wide < 100, np.inf, wide / 4000)).astype(np.float32)), "TIFF"),
         "bilevel png": encode(rgb.convert("1"), "PNG"),
         "grey png": encode(rgb.convert("L"), "PNG"),
         "rgb bmp": encode(rgb, "BMP"),

@@ -17,6 +17,8 @@ Mode rules of :func:`load_image` (documented in the README, tested one by one):
 * ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``: converted to RGB by Pillow;
 * 16-bit and 32-bit grey (``I;16*``, ``I``, ``F``): scaled linearly from the image's own
   min..max to 0..255 (medical exports are often 12/16-bit and rarely use the full range);
+  in float images non-finite pixels are left out of min..max and become 0 (NaN, -inf) or 255
+  (+inf); an image with no finite pixel is refused;
 * ``1`` (bilevel): 0/255;
 * RGB image for a grey model: ITU-R 601-2 luma (Pillow's ``L``); grey image for an RGB model:
   the grey channel repeated three times;
@@ -117,10 +119,15 @@ class InputAdapter(nn.Module):
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
-    """Wide grey modes (I;16, I, F) → L by min..max scaling."""
+    """Wide grey modes (I;16, I, F) → L by min..max scaling of the finite pixels."""
     arr = np.asarray(img, dtype=np.float64)
-    lo, hi = float(arr.min()), float(arr.max())
+    finite = np.isfinite(arr)
+    if not finite.any():
+        raise ImageError("float image without a single finite pixel value")
+    lo, hi = float(arr[finite].min()), float(arr[finite].max())
     scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) * (255.0 / (hi - lo))
+    # NaN → 0, +inf → 255, -inf → 0 (one NaN used to turn the whole image black)
+    scaled = np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0)
     return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
 
 

@@ -52,8 +52,7 @@ from zoo.bundle import BundleError, atomic_write_bytes, read_card, sha256_of
 from zoo.metrics import to_probs
 from zoo.preprocess import ImageError, Preprocessing, load_image
 from zoo.runtime import ONNX_FILE, ModelFileError, OnnxModel, bundle_card
-from zoo.store import _score as validation_score
-from zoo.store import best_bundle, bundles_dir, list_bundles, resolve_bundle
+from zoo.store import best_bundle, bundles_dir, rank_bundles, resolve_bundle
 
 log = logging.getLogger(__name__)
 
@@ -360,9 +359,7 @@ def ensemble_members(task: str, n: int, store: Path | None = None) -> list[Path]
         raise BundleError(f"no bundle found for {task!r}")
     card = read_card(best)
     flag, arch = card["dataset"]["name"], card["arch"]
-    same = [(p, c) for p, c in list_bundles(store)
-            if c.get("dataset", {}).get("name") == flag and c.get("arch") == arch]
-    ranked = sorted(same, key=lambda pc: (-validation_score(pc[1]), str(pc[1].get("id"))))
+    ranked = rank_bundles(flag, store, arch)
     if len(ranked) < 2:
         raise BundleError(f"an ensemble for {task!r} needs at least two {arch} bundles of {flag}; "
                           f"the store has {len(ranked)}")

@@ -38,15 +38,17 @@ def list_bundles(root: Path | None = None) -> list[tuple[Path, dict[str, Any]]]:
     return out
 
 
-def _score(card: dict[str, Any]) -> float:
+def validation_score(card: dict[str, Any]) -> float:
     """Model selection uses validation only: best validation AUC, then ACC."""
     val = card.get("metrics", {}).get("val", {})
     auc, acc = val.get("auc", float("nan")), val.get("acc", float("nan"))
     return (0 if math.isnan(auc) else auc) * 10 + (0 if math.isnan(acc) else acc)
 
 
-def best_bundle(dataset: str, root: Path | None = None, arch: str | None = None) -> Path | None:
-    """The best bundle for a dataset (task name, alias or flag), by validation metrics."""
+def rank_bundles(
+    dataset: str, root: Path | None = None, arch: str | None = None
+) -> list[tuple[Path, dict[str, Any]]]:
+    """Bundles of a dataset (task name, alias or flag), best validation score first."""
     from zoo.data import resolve_name
 
     flag = resolve_name(TASKS.get(dataset, dataset))
@@ -55,9 +57,13 @@ def best_bundle(dataset: str, root: Path | None = None, arch: str | None = None)
         for p, c in list_bundles(root)
         if c.get("dataset", {}).get("name") == flag and (arch is None or c.get("arch") == arch)
     ]
-    if not found:
-        return None
-    return max(found, key=lambda pc: _score(pc[1]))[0]
+    return sorted(found, key=lambda pc: (-validation_score(pc[1]), str(pc[1].get("id"))))
+
+
+def best_bundle(dataset: str, root: Path | None = None, arch: str | None = None) -> Path | None:
+    """The best bundle for a dataset by validation metrics, or None."""
+    ranked = rank_bundles(dataset, root, arch)
+    return ranked[0][0] if ranked else None
 
 
 def resolve_bundle(ref: str, root: Path | None = None) -> Path:

@@ -39,26 +39,27 @@ def augment(x: torch.Tensor, cfg: AugmentCfg, g: torch.Generator) -> torch.Tenso
         m = _pick(n, cfg.vflip_p, g, dev).view(n, 1, 1, 1)
         x = torch.where(m, x.flip(-2), x)
     if cfg.rotation_p > 0 and cfg.rotation_deg > 0:
-        m = _pick(n, cfg.rotation_p, g, dev)
+        idx = torch.nonzero(_pick(n, cfg.rotation_p, g, dev)).flatten()
         angle = (torch.rand(n, generator=g) * 2 - 1).to(dev) * math.radians(cfg.rotation_deg)
-        angle = torch.where(m, angle, torch.zeros_like(angle))
-        cos, sin = torch.cos(angle), torch.sin(angle)
-        zero = torch.zeros_like(cos)
-        theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
-        grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if len(idx):  # only the chosen images are resampled
+            a = angle[idx]
+            cos, sin, zero = torch.cos(a), torch.sin(a), torch.zeros_like(a)
+            theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+            sub = x[idx]
+            grid = F.affine_grid(theta.to(x.dtype), list(sub.shape), align_corners=False)
+            rotated = F.grid_sample(sub, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            x = x.index_copy(0, idx, rotated)
     if cfg.jitter_p > 0:
-        m = _pick(n, cfg.jitter_p, g, dev).view(n, 1, 1, 1)
-
-        def factor(strength: float) -> torch.Tensor:
-            f = 1 + (torch.rand(n, generator=g) * 2 - 1) * strength
-            return f.to(dev, x.dtype).view(n, 1, 1, 1)
-
-        y = x * factor(cfg.brightness)
-        mean = _grey(y).mean(dim=(1, 2, 3), keepdim=True)
-        y = (y - mean) * factor(cfg.contrast) + mean
-        if x.shape[1] == 3:
-            grey = _grey(y)
-            y = (y - grey) * factor(cfg.saturation) + grey
-        x = torch.where(m, y.clamp(0, 1), x)
+        idx = torch.nonzero(_pick(n, cfg.jitter_p, g, dev)).flatten()
+        factors = [(1 + (torch.rand(n, generator=g) * 2 - 1) * s).to(dev, x.dtype).view(n, 1, 1, 1)
+                   for s in (cfg.brightness, cfg.contrast, cfg.saturation)]
+        if len(idx):
+            b, c, s = (f[idx] for f in factors)
+            y = x[idx] * b
+            mean = _grey(y).mean(dim=(1, 2, 3), keepdim=True)
+            y = (y - mean) * c + mean
+            if x.shape[1] == 3:
+                grey = _grey(y)
+                y = (y - grey) * s + grey
+            x = x.index_copy(0, idx, y.clamp(0, 1))
     return x
