@@ -53,10 +53,6 @@ class ServedModel:
     def weights_sha256(self) -> str:
         return str(self.card.get("weights_sha256", ""))
 
-    def ref(self) -> dict[str, str]:
-        """Which model answered: enough to find it again."""
-        return {"id": self.id, "weights_sha256": self.weights_sha256}
-
     def info(self) -> dict[str, Any]:
         """The card as ``/models`` shows it (metrics without the per-epoch history)."""
         metrics = {k: v for k, v in self.card.get("metrics", {}).items() if k != "history"}
