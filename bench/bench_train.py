@@ -56,7 +56,7 @@ def naive(arch: str, root: Path, epochs: int, batch: int) -> float:
         T.ToTensor(), T.Normalize(mean, std),
     ])
     plain = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
-    label = lambda y: int(y[0])  # noqa: E731 - the labels are (1,) arrays
+    label = lambda y: int(y[0])
     tr = medmnist.DermaMNIST(split="train", root=str(root), transform=aug, target_transform=label)
     va = medmnist.DermaMNIST(split="val", root=str(root), transform=plain, target_transform=label)
     model = create_model(arch, 7, 3, 28)

@@ -19,9 +19,10 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from zoo.runtime import EXPORT_FILES, ModelFileError
 

@@ -27,9 +27,10 @@ batches when no data were found) and, as a sanity bound against a wrong graph or
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,7 +72,7 @@ class Reference:
     split: np.ndarray | None
 
     @classmethod
-    def of(cls, model: nn.Module, inputs: ParityInputs) -> "Reference":
+    def of(cls, model: nn.Module, inputs: ParityInputs) -> Reference:
         from zoo.train.engine import predict_logits
 
         def run(x: np.ndarray) -> np.ndarray:

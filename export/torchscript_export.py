@@ -13,9 +13,10 @@ import contextlib
 import io
 import json
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +25,14 @@ from torch import nn
 from zoo.bundle import atomic_write_bytes
 from zoo.preprocess import Preprocessing
 from zoo.runtime import (
-    METADATA_KEY, TORCHSCRIPT_FILE, ModelFileError, bundle_card, check_origin, parse_metadata, verify_export,
+    METADATA_KEY,
+    TORCHSCRIPT_FILE,
+    ExportedModel,
+    ModelFileError,
+    bundle_card,
+    check_origin,
+    parse_metadata,
+    verify_export,
 )
 
 from . import ExportError
@@ -59,7 +67,7 @@ def save_torchscript(module: torch.jit.ScriptModule, meta: dict[str, Any], dest:
 
 
 @dataclass
-class TorchScriptModel:
+class TorchScriptModel(ExportedModel):
     """A loaded TorchScript export: uint8 NCHW images at ``image_size`` in, logits out (CPU)."""
 
     path: Path
@@ -69,14 +77,6 @@ class TorchScriptModel:
     @property
     def provider(self) -> str:
         return "TorchScript (cpu)"
-
-    @property
-    def preprocessing(self) -> Preprocessing:
-        return Preprocessing.from_dict(self.meta["preprocessing"])
-
-    @property
-    def labels(self) -> list[str]:
-        return list(self.meta["labels"])
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Logits (N, K) float32 for a uint8 batch (N, C, H, W)."""

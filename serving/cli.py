@@ -16,7 +16,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from serving.config import CONFIG_ENV, ServeConfig, load_config, resolve_ensemble, resolve_task
+from serving.config import (
+    CONFIG_ENV,
+    ServeConfig,
+    load_config,
+    resolve_ensemble,
+    resolve_task,
+)
 from zoo.runtime import ONNX_FILE
 
 log = logging.getLogger("serving")

@@ -36,13 +36,21 @@ import json
 import logging
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
-from zoo.store import TASKS, best_bundle, bundles_dir, home, list_bundles, resolve_bundle
+from zoo.store import (
+    TASKS,
+    best_bundle,
+    bundles_dir,
+    home,
+    list_bundles,
+    resolve_bundle,
+)
 
 log = logging.getLogger("serving")
 

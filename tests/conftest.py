@@ -57,14 +57,14 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def breast_bundle(breast_root: Path, store: Path) -> Path:
     """A small CNN trained on the real BreastMNIST (≈ 20 s on 2 CPU cores)."""
-    return _train("breast", "simplecnn", breast_root, store, **{"epochs": 8, "lr": 1e-3, "batch_size": 32})
+    return _train("breast", "simplecnn", breast_root, store, epochs=8, lr=1e-3, batch_size=32)
 
 
 @pytest.fixture(scope="session")
 def synthetic_bundles(synthetic_root: Path, store: Path) -> dict[str, Path]:
     """One small bundle per service task (skin, organ, pathology) on synthetic data."""
     return {
-        task: _train(flag, "simplecnn", synthetic_root, store, **{"epochs": 2, "batch_size": 32})
+        task: _train(flag, "simplecnn", synthetic_root, store, epochs=2, batch_size=32)
         for task, flag in (("skin", "derma"), ("organ", "organa"), ("pathology", "path"))
     }
 

@@ -46,7 +46,7 @@ def test_unknown_dataset_is_clear() -> None:
 @pytest.mark.parametrize("size", [28, 64])
 def test_synthetic_file_sizes_and_label_shapes(tmp_path: Path, size: int) -> None:
     write_synthetic_medmnist(tmp_path, "dermamnist", size, (30, 10, 10))
-    raw = np.load(tmp_path / (f"dermamnist.npz" if size == 28 else f"dermamnist_{size}.npz"))
+    raw = np.load(tmp_path / ("dermamnist.npz" if size == 28 else f"dermamnist_{size}.npz"))
     assert raw["train_images"].shape == (30, size, size, 3) and raw["train_labels"].shape == (30, 1)
     d = load_dataset("skin", size=size, root=tmp_path, download=False)
     assert d.train.images.shape == (30, 3, size, size) and d.train.labels.shape == (30,)

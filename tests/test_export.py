@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import warnings
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +17,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export import card_metadata, check_bundle, export_bundle
-from export import onnx_export, parity
+from export import card_metadata, check_bundle, export_bundle, onnx_export, parity
 from export.parity import ParityError
 from export.torchscript_export import load_torchscript
 from zoo.bundle import load_bundle, read_card, save_bundle, sha256_of, update_card
@@ -28,7 +27,13 @@ from zoo.metrics import compute_metrics, to_probs
 from zoo.models import create_model, get_spec, list_models
 from zoo.preprocess import Preprocessing
 from zoo.runtime import (
-    METADATA_KEY, ONNX_FILE, ONNX_FP16_FILE, REQUIRED_METADATA, TORCHSCRIPT_FILE, ModelFileError, OnnxModel,
+    METADATA_KEY,
+    ONNX_FILE,
+    ONNX_FP16_FILE,
+    REQUIRED_METADATA,
+    TORCHSCRIPT_FILE,
+    ModelFileError,
+    OnnxModel,
 )
 
 # minutes of CPU each on 2 cores: export + trace + parity at batch 1, 7, 64

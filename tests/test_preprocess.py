@@ -9,7 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from zoo.preprocess import MAX_PIXELS, ImageError, InputAdapter, Preprocessing, load_image
+from zoo.preprocess import (
+    MAX_PIXELS,
+    ImageError,
+    InputAdapter,
+    Preprocessing,
+    load_image,
+)
 
 GREY = Preprocessing(28, 28, 1, (0.5,), (0.25,))
 RGB = Preprocessing(28, 28, 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
@@ -79,3 +85,21 @@ def test_adapter_normalises_and_resizes() -> None:
     y = InputAdapter(prep)(x)
     assert y.shape == (2, 1, 56, 56) and torch.allclose(y, torch.full_like(y, 2.0))
     assert torch.allclose(InputAdapter(prep)(x.float() / 255), y)  # float input is taken as [0, 1]
+
+
+def test_float_image_nan_pixels_do_not_blacken_it() -> None:
+    """Min..max scaling uses finite pixels only; an image with none is refused."""
+    arr = np.linspace(0, 1, 28 * 28, dtype=np.float32).reshape(28, 28)
+    arr[0, 0] = np.nan
+    out = load_image(_png(Image.fromarray(arr, "F"), "TIFF"), GREY)[0]
+    assert out.max() == 255 and out[0, 0] == 0 and out[27, 27] == 255
+    with pytest.raises(ImageError, match="finite") as e:
+        load_image(_png(Image.fromarray(np.full((28, 28), np.nan, np.float32), "F"), "TIFF"), GREY)
+    assert e.value.kind == "unsupported"
+
+
+@pytest.mark.parametrize("data,kind", [(b"", "empty"), (b"text", "unsupported")])
+def test_refusal_kinds(data: bytes, kind: str) -> None:
+    with pytest.raises(ImageError) as e:
+        load_image(data, GREY)
+    assert e.value.kind == kind

@@ -7,8 +7,9 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from zoo.bundle import BundleError
 from zoo.data import DataUnavailableError

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-
 from zoo.bundle import Bundle, load_bundle
 from zoo.metrics import compute_metrics, to_probs
 from zoo.recipe import Recipe

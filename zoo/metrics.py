@@ -36,7 +36,7 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, labels: list[str]) ->
         auc = float("nan")
     recall = recall_score(y_true, y_pred, labels=list(range(k)), average=None, zero_division=0)
     return {
-        "n": int(len(y_true)),
+        "n": len(y_true),
         "acc": float((y_pred == y_true).mean()) if len(y_true) else float("nan"),
         "macro_f1": float(
             f1_score(y_true, y_pred, labels=list(range(k)), average="macro", zero_division=0)

@@ -33,9 +33,10 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Sequence
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -51,7 +52,16 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ImageError(ValueError):
-    """An image that cannot be used; the message says why, for the user."""
+    """An image that cannot be used; the message says why, for the user.
+
+    ``kind`` classifies the refusal for callers that map it (the service's HTTP status):
+    ``"empty"``, ``"unsupported"`` (not an image, or a mode that cannot be converted),
+    ``"too_large"`` (decompression bombs, over ``MAX_PIXELS``) or ``"corrupt"``.
+    """
+
+    def __init__(self, message: str, kind: str = "corrupt") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -76,7 +86,7 @@ class Preprocessing:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
         return cls(
             image_size=int(d["image_size"]),
             input_size=int(d["input_size"]),
@@ -123,7 +133,7 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     arr = np.asarray(img, dtype=np.float64)
     finite = np.isfinite(arr)
     if not finite.any():
-        raise ImageError("float image without a single finite pixel value")
+        raise ImageError("float image without a single finite pixel value", "unsupported")
     lo, hi = float(arr[finite].min()), float(arr[finite].max())
     scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) * (255.0 / (hi - lo))
     # NaN → 0, +inf → 255, -inf → 0 (one NaN used to turn the whole image black)
@@ -150,7 +160,7 @@ def convert_mode(img: Image.Image, in_channels: int) -> Image.Image:
         try:
             img = img.convert("RGB")
         except (ValueError, OSError) as e:
-            raise ImageError(f"unsupported image mode {mode!r}: {e}") from e
+            raise ImageError(f"unsupported image mode {mode!r}: {e}", "unsupported") from e
     target = "L" if in_channels == 1 else "RGB"
     return img if img.mode == target else img.convert(target)
 
@@ -161,11 +171,11 @@ def load_image(
     """Decode an image file into ``uint8 (C, image_size, image_size)`` following the mode rules."""
     if isinstance(src, (bytes, bytearray, memoryview)):
         if len(src) == 0:
-            raise ImageError("empty file")
+            raise ImageError("empty file", "empty")
         fp: Any = io.BytesIO(bytes(src))
     elif isinstance(src, (str, os.PathLike)):
         if Path(src).stat().st_size == 0:
-            raise ImageError("empty file")
+            raise ImageError("empty file", "empty")
         fp = src
     else:
         fp = src
@@ -176,18 +186,18 @@ def load_image(
                 w, h = img.size
                 if w * h > MAX_PIXELS:
                     raise ImageError(
-                        f"image of {w}x{h} pixels is larger than the {MAX_PIXELS} pixel limit"
+                        f"image of {w}x{h} pixels is larger than the {MAX_PIXELS} pixel limit", "too_large"
                     )
                 if w == 0 or h == 0:
-                    raise ImageError("image has no pixels")
+                    raise ImageError("image has no pixels", "empty")
                 img.load()  # decode now so truncation shows here, not later
                 img = convert_mode(img, prep.in_channels)
     except ImageError:
         raise
     except UnidentifiedImageError as e:
-        raise ImageError("not an image file Pillow can read") from e
+        raise ImageError("not an image file Pillow can read", "unsupported") from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"image refused as a decompression bomb: {e}") from e
+        raise ImageError(f"image refused as a decompression bomb: {e}", "too_large") from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"corrupt or truncated image: {e}") from e
     if img.size != (prep.image_size, prep.image_size):

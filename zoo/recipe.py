@@ -114,7 +114,7 @@ class Recipe(_Strict):
     reported: ReportedCfg = ReportedCfg()
 
     @model_validator(mode="after")
-    def _check(self) -> "Recipe":
+    def _check(self) -> Recipe:
         from zoo.models import list_models
 
         if self.arch != ANY and self.arch not in list_models():

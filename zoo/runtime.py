@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -181,8 +182,26 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:200]
 
 
+class ExportedModel:
+    """What an exported file's metadata says, shared by the ONNX and TorchScript wrappers."""
+
+    meta: dict[str, Any]
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing.from_dict(self.meta["preprocessing"])
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.meta["labels"])
+
+    @property
+    def model_id(self) -> str:
+        return str(self.meta["id"])
+
+
 @dataclass
-class OnnxModel:
+class OnnxModel(ExportedModel):
     """An exported classifier: uint8 NCHW images at ``image_size`` in, logits out."""
 
     path: Path
@@ -191,7 +210,7 @@ class OnnxModel:
     meta: dict[str, Any]
 
     @classmethod
-    def open(cls, path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None) -> "OnnxModel":
+    def open(cls, path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None) -> OnnxModel:
         p = Path(path)
         if p.is_dir():
             p = p / ONNX_FILE
@@ -206,18 +225,6 @@ class OnnxModel:
         del proto
         sess, got = create_session(p, providers, threads)
         return cls(path=p, session=sess, provider=got, meta=meta)
-
-    @property
-    def preprocessing(self) -> Preprocessing:
-        return Preprocessing.from_dict(self.meta["preprocessing"])
-
-    @property
-    def labels(self) -> list[str]:
-        return list(self.meta["labels"])
-
-    @property
-    def model_id(self) -> str:
-        return str(self.meta["id"])
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Logits (N, K) for a uint8 batch (N, C, H, W)."""

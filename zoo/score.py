@@ -35,11 +35,10 @@ import shutil
 import signal
 import stat
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -48,7 +47,13 @@ from typing import IO, Any
 
 import numpy as np
 
-from zoo.bundle import BundleError, atomic_write_bytes, read_card, sha256_of
+from zoo.bundle import (
+    BundleError,
+    atomic_write,
+    atomic_write_bytes,
+    read_card,
+    sha256_of,
+)
 from zoo.metrics import to_probs
 from zoo.preprocess import ImageError, Preprocessing, load_image
 from zoo.runtime import ONNX_FILE, ModelFileError, OnnxModel, bundle_card
@@ -509,21 +514,6 @@ def output_columns(labels: Sequence[str], ensemble: bool) -> list[str]:
     return ["path", "model_id", "top_class", *probs] + (["agreement"] if ensemble else [])
 
 
-def _atomic_stream(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write a file through ``write`` into a temporary sibling, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_output(out: Path, fmt: str, columns: list[str], rows: Iterator[list[Any]]) -> int:
     """Write the rows (``path, model_id, top_class, probs..., [agreement]``); returns their count."""
     count = 0
@@ -538,7 +528,7 @@ def _write_output(out: Path, fmt: str, columns: list[str], rows: Iterator[list[A
             count += 1
         types = [pa.string()] * 3 + [pa.float32()] * (len(columns) - 3)
         table = pa.table({name: pa.array(c, type=t) for name, c, t in zip(columns, cols, types, strict=True)})
-        _atomic_stream(out, lambda f: pq.write_table(table, f))
+        atomic_write(out, lambda f: pq.write_table(table, f))
         return count
 
     def write(f: IO[bytes]) -> None:
@@ -557,7 +547,7 @@ def _write_output(out: Path, fmt: str, columns: list[str], rows: Iterator[list[A
         text.flush()
         text.detach()
 
-    _atomic_stream(out, write)
+    atomic_write(out, write)
     return count
 
 
@@ -729,7 +719,7 @@ def _assemble(run: _Run, ensemble: bool) -> tuple[int, int]:
             for rel, top, probs, agreement in run.done[i]["rows"]:
                 yield [display_path(rel), model_id, labels[top], *probs] + ([agreement] if ensemble else [])
 
-    _atomic_stream(run.errors_out, write_errors)
+    atomic_write(run.errors_out, write_errors)
     n = _write_output(run.out, run.fmt, output_columns(labels, ensemble), rows())
     return n, len(errors)
 

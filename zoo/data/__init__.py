@@ -21,10 +21,10 @@ from zoo.data.medmnist_data import ALIASES, load_medmnist, medmnist_flag
 
 __all__ = [
     "ALIASES",
+    "FOLDER_DATASETS",
     "ArrayDataset",
     "DataSplits",
     "DataUnavailableError",
-    "FOLDER_DATASETS",
     "convert_channels",
     "default_data_root",
     "load_dataset",

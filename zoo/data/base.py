@@ -32,7 +32,7 @@ class ArrayDataset:
         return len(self.labels)
 
     @classmethod
-    def from_numpy(cls, images: np.ndarray, labels: np.ndarray) -> "ArrayDataset":
+    def from_numpy(cls, images: np.ndarray, labels: np.ndarray) -> ArrayDataset:
         """MedMNIST layout in: (N, H, W) grey or (N, H, W, 3) RGB; labels (N,) or (N, 1)."""
         if images.ndim == 3:
             images = images[:, None]
@@ -45,7 +45,7 @@ class ArrayDataset:
             torch.from_numpy(np.asarray(labels).reshape(-1).astype(np.int64)),
         )
 
-    def subset(self, index: torch.Tensor) -> "ArrayDataset":
+    def subset(self, index: torch.Tensor) -> ArrayDataset:
         return ArrayDataset(self.images[index], self.labels[index])
 
 

@@ -19,7 +19,12 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models import AlexNet, AlexNet_Weights
 
-from .registry import Pretrained, load_backbone_state, register_model, resolve_pretrained
+from .registry import (
+    Pretrained,
+    load_backbone_state,
+    register_model,
+    resolve_pretrained,
+)
 
 
 def _alexnet(

@@ -22,9 +22,14 @@ from torch import nn
 from torchvision.models import ResNet18_Weights, ResNet50_Weights, ResNet152_Weights
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from .registry import Pretrained, load_backbone_state, register_model, resolve_pretrained
+from .registry import (
+    Pretrained,
+    load_backbone_state,
+    register_model,
+    resolve_pretrained,
+)
 
-_LAYOUTS: dict[int, tuple[type[BasicBlock] | type[Bottleneck], list[int], str]] = {
+_LAYOUTS: dict[int, tuple[type[BasicBlock | Bottleneck], list[int], str]] = {
     18: (BasicBlock, [2, 2, 2, 2], ResNet18_Weights.IMAGENET1K_V1.url),
     50: (Bottleneck, [3, 4, 6, 3], ResNet50_Weights.IMAGENET1K_V1.url),
     152: (Bottleneck, [3, 8, 36, 3], ResNet152_Weights.IMAGENET1K_V1.url),

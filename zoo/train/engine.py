@@ -31,11 +31,23 @@ from zoo.bundle import atomic_write_bytes, read_card, save_bundle, write_json
 from zoo.data import DataSplits, load_dataset, resplit
 from zoo.metrics import compute_metrics, to_probs
 from zoo.models import create_model
-from zoo.preprocess import IMAGENET_MEAN, IMAGENET_STD, InputAdapter, Preprocessing, normalisation_stats
+from zoo.preprocess import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    InputAdapter,
+    Preprocessing,
+    normalisation_stats,
+)
 from zoo.recipe import Recipe
 from zoo.store import bundles_dir, runs_dir
 from zoo.train.augment import augment
-from zoo.train.optim import build_optimizer, build_scheduler, compute_loss, num_outputs, penalty
+from zoo.train.optim import (
+    build_optimizer,
+    build_scheduler,
+    compute_loss,
+    num_outputs,
+    penalty,
+)
 
 log = logging.getLogger(__name__)
 STATE = "state.pt"
