@@ -315,16 +315,16 @@ def report(out: dict[str, Any], markdown: bool) -> str:
     batches = (f"Batch sizes the served model saw over the whole run (images per call: calls): "
                f"{', '.join(f'{k}: {v}' for k, v in hist.items())}; mean {out['stats'].get('mean', 0):.1f}.")
     if markdown:
-        lines = [head, "", "| concurrency | requests | served req/s | p50 ms | p99 ms | raw ORT img/s | served / ORT | "
-                 "naive req/s | naive p50 ms | naive p99 ms | served / naive | errors |",
+        lines = [head, "", ("| concurrency | requests | served req/s | p50 ms | p99 ms | raw ORT img/s | served / ORT | "
+                 "naive req/s | naive p50 ms | naive p99 ms | served / naive | errors |"),
                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         lines += ["| " + " | ".join([f"{r[0]}", f"{r[1]}", f"{r[2]:.1f}", f"{r[3]:.0f}", f"{r[4]:.0f}", f"{r[5]:.0f}",
                                      f"{r[6]:.2f}", f"{r[7]:.1f}", f"{r[8]:.0f}", f"{r[9]:.0f}", f"{r[10]:.2f}",
                                      f"{r[11]}"]) + " |"
                   for r in rows]
         return "\n".join(lines + ["", batches])
-    lines = [head, f"{'conc':>4} {'n':>5} {'req/s':>7} {'p50':>6} {'p99':>6} {'ORT':>5} {'/ORT':>5} | {'naive':>7} "
-                   f"{'p50':>6} {'p99':>6} {'/naive':>6} {'err':>4}"]
+    lines = [head, (f"{'conc':>4} {'n':>5} {'req/s':>7} {'p50':>6} {'p99':>6} {'ORT':>5} {'/ORT':>5} | {'naive':>7} "
+                   f"{'p50':>6} {'p99':>6} {'/naive':>6} {'err':>4}")]
     lines += [f"{r[0]:>4} {r[1]:>5} {r[2]:>7.1f} {r[3]:>6.0f} {r[4]:>6.0f} {r[5]:>5.0f} {r[6]:>5.2f} | {r[7]:>7.1f} "
               f"{r[8]:>6.0f} {r[9]:>6.0f} {r[10]:>6.2f} {r[11]:>4}" for r in rows]
     return "\n".join(lines + [batches])

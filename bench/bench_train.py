@@ -6,12 +6,18 @@ colour jitter, each with p 0.1) — and both run a validation pass per epoch. Th
 the reports did: ``medmnist.DermaMNIST(transform=...)`` → ``DataLoader`` → a PIL image and
 per-sample torchvision transforms for every sample of every epoch.
 
-    python bench/bench_train.py [--models lenet simplecnn mlp] [--epochs 2] [--threads 1]
+Each model runs ``--rounds`` rounds of (engine, baseline, engine with ``precision: bf16`` where the
+CPU has native bf16) back to back; the figures are medians, the ratios medians of the per-round
+ratios. The engine's default precision on a CPU is fp32, the baseline's arithmetic.
+
+    python bench/bench_train.py [--models lenet simplecnn mlp] [--epochs 2] [--rounds 3] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -26,20 +32,22 @@ from zoo.data.synthetic import write_synthetic_medmnist
 from zoo.models import create_model
 from zoo.recipe import Recipe
 from zoo.train import train
+from zoo.train.engine import native_bf16
 
 
-def recipe_for(arch: str, epochs: int, batch: int) -> Recipe:
+def recipe_for(arch: str, epochs: int, batch: int, precision: str = "auto") -> Recipe:
     return Recipe.model_validate({
         "name": f"bench-{arch}", "dataset": "derma", "arch": arch, "report": "bench", "citation": "bench",
-        "train": {"epochs": epochs, "batch_size": batch, "early_stopping": {"patience": None}},
+        "train": {"epochs": epochs, "batch_size": batch, "precision": precision, "early_stopping": {"patience": None}},
         "optimizer": {"name": "adamw", "lr": 1e-3},
         "augment": {"hflip_p": 0.1, "vflip_p": 0.1, "rotation_deg": 30, "rotation_p": 0.1, "jitter_p": 0.1},
     })
 
 
-def ours(arch: str, root: Path, store: Path, epochs: int, batch: int) -> float:
+def ours(arch: str, root: Path, store: Path, epochs: int, batch: int, precision: str) -> float:
     """samples/s of the engine (train epochs + validation passes, as timed by the engine)."""
-    result = train(recipe_for(arch, epochs, batch), data_root=root, store=store, progress=False, download=False)
+    result = train(recipe_for(arch, epochs, batch, precision), data_root=root, store=store, progress=False,
+                   download=False)
     n = result.card["dataset"]["sizes"]["train"]
     return n * epochs / result.card["training"]["time_s"]
 
@@ -81,6 +89,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["mlp", "lenet", "simplecnn"])
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per model; medians are printed")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads for both paths")
     args = ap.parse_args()
     if args.threads:
@@ -92,13 +101,19 @@ def main() -> None:
         write_synthetic_medmnist(root, "dermamnist", 28, sizes)
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {sizes[0]} images 28 px RGB, "
               f"batch {args.batch}, {args.epochs} epochs, report-001 augmentation")
-        print(f"{'model':12s} {'zoo train':>14s} {'DataLoader+PIL':>16s} {'ratio':>7s}")
+        bf16 = native_bf16(torch.device("cpu"))
+        print(f"{'model':12s} {'zoo train':>12s} {'DataLoader+PIL':>15s} {'ratio':>6s}"
+              + (f" {'zoo train bf16':>15s} {'ratio':>6s}" if bf16 else "  (no native bf16 on this CPU)"))
         for arch in args.models:
             naive(arch, root, 1, args.batch)  # warm-up (allocator, kernels) for both paths
-            a = ours(arch, root, store, args.epochs, args.batch)
-            b = naive(arch, root, args.epochs, args.batch)
-            print(f"{arch:12s} {a:11.0f} /s {b:13.0f} /s {a / b:6.1f}x")
-
+            rows = []  # per round, back to back, so that each ratio compares runs under the same load
+            for _ in range(args.rounds):
+                a = ours(arch, root, store, args.epochs, args.batch, "auto")
+                b = naive(arch, root, args.epochs, args.batch)
+                h = ours(arch, root, store, args.epochs, args.batch, "bf16") if bf16 else math.nan
+                rows.append((a, b, a / b, h, h / b))
+            a, b, r, h, rh = (statistics.median(col) for col in zip(*rows, strict=True))
+            print(f"{arch:12s} {a:9.0f} /s {b:12.0f} /s {r:5.1f}x" + (f" {h:12.0f} /s {rh:5.1f}x" if bf16 else ""))
 
 if __name__ == "__main__":
     main()

@@ -133,13 +133,7 @@ def export_bundle(
                          "precision": "fp16" if fmt == "onnx_fp16" else "fp32"}
             reports[fmt] = parity.check_file(fmt, dest, bundle.card, inputs, reference, providers)
             records[fmt] = _record(dest, fmt, reports[fmt], extra)
-        failed = [f for f in fmts if not reports[f]["parity"]["passed"]]
-        if failed:
-            raise parity.ParityError(
-                f"parity check failed for {', '.join(failed)} of {bundle.id}: "
-                + "; ".join(parity.failure_reason(fmt, reports[fmt]["parity"]) for fmt in failed)
-                + "; nothing was written"
-            )
+        parity.raise_on_failure(bundle.id, reports, "nothing was written")
         for fmt in fmts:
             os.replace(tmp / EXPORT_FILES[fmt], bundle.path / EXPORT_FILES[fmt])
         exports = {**(read_card(bundle.path).get("exports") or {}), **records}
@@ -182,13 +176,7 @@ def check_bundle(
         fmt: parity.check_file(fmt, bundle.path / EXPORT_FILES[fmt], bundle.card, inputs, reference, providers)
         for fmt in fmts
     }
-    failed = [f for f in fmts if not reports[f]["parity"]["passed"]]
-    if failed:
-        raise parity.ParityError(
-            f"parity check failed for {', '.join(failed)} of {bundle.id}: "
-            + "; ".join(parity.failure_reason(fmt, reports[fmt]["parity"]) for fmt in failed)
-            + "; the card was not changed"
-        )
+    parity.raise_on_failure(bundle.id, reports, "the card was not changed")
     exports = dict(read_card(bundle.path).get("exports") or {})
     checked = datetime.now(timezone.utc).isoformat(timespec="seconds")
     for fmt in fmts:

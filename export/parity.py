@@ -273,11 +273,14 @@ def check_file(fmt: str, path: Path, card: dict[str, Any], inputs: ParityInputs,
     return {"provider": provider, "parity": parity}
 
 
-def failure_reason(fmt: str, parity: dict[str, Any]) -> str:
-    """One line: why a format failed."""
-    return f"{fmt}: {', '.join(parity['problems']) or 'failed'}"
+def raise_on_failure(bundle_id: str, reports: dict[str, dict[str, Any]], consequence: str) -> None:
+    """Raise :class:`ParityError` naming every format whose check failed and why."""
+    failed = {fmt: r["parity"] for fmt, r in reports.items() if not r["parity"]["passed"]}
+    if failed:
+        reasons = "; ".join(f"{fmt}: {', '.join(p['problems']) or 'failed'}" for fmt, p in failed.items())
+        raise ParityError(f"parity check failed for {', '.join(failed)} of {bundle_id}: {reasons}; {consequence}")
 
 
 __all__ = ["ABS_TOL", "BATCH_SIZES", "FP16_MIN_AGREEMENT", "FP16_REL_TOL", "REL_TOL", "ParityError", "ParityInputs",
            "Reference",
-           "check_file", "compare", "failure_reason", "parity_inputs", "predicted_class"]
+           "check_file", "compare", "parity_inputs", "predicted_class", "raise_on_failure"]

@@ -31,6 +31,7 @@ from zoo.runtime import (
     ModelFileError,
     bundle_card,
     check_origin,
+    export_file,
     parse_metadata,
     verify_export,
 )
@@ -93,11 +94,7 @@ def load_torchscript(path: str | Path) -> TorchScriptModel:
     Inside a bundle the file's sha256 is checked against the card before it is deserialised, and
     its metadata must name the bundle's weights. Any failure is a :class:`ModelFileError`.
     """
-    p = Path(path)
-    if p.is_dir():
-        p = p / TORCHSCRIPT_FILE
-    if not p.is_file():
-        raise ModelFileError(f"{p} does not exist; run `zoo export` on the bundle first")
+    p = export_file(path, TORCHSCRIPT_FILE)
     card = bundle_card(p)
     if card is not None:
         verify_export(p, card)

@@ -36,6 +36,9 @@ def _servable(path: Path) -> bool:
     return (path / CARD).is_file() and (path / ONNX_FILE).is_file()
 
 
+PACKAGED_SETTINGS = ("top_k", "max_batch_size", "max_latency_ms", "max_file_mb", "max_request_mb", "max_images")
+
+
 def plan(cfg: ServeConfig) -> tuple[dict[str, Any], dict[str, Path]]:
     """The manifest and the bundle directories it names (by bundle id)."""
     tasks: dict[str, str | None] = {}
@@ -62,14 +65,9 @@ def plan(cfg: ServeConfig) -> tuple[dict[str, Any], dict[str, Path]]:
         "tasks": tasks,
         "ensemble": ensemble,
         "ensemble_arch": cfg.ensemble_arch,
-        "settings": {
-            "top_k": cfg.top_k,
-            "max_batch_size": cfg.max_batch_size,
-            "max_latency_ms": cfg.max_latency_ms,
-            "max_file_mb": cfg.limits.max_file_bytes / 2**20,
-            "max_request_mb": cfg.limits.max_request_bytes / 2**20,
-            "max_images": cfg.limits.max_images,
-        },
+        # What a Bento carries of the configuration: the serving behaviour, not this host's
+        # worker counts, threads or store path.
+        "settings": {k: v for k, v in cfg.to_dict().items() if k in PACKAGED_SETTINGS},
         "weights": {bid: read_card(p).get("weights_sha256") for bid, p in sorted(bundles.items())},
         "onnx": {bid: sha256_of(p / ONNX_FILE) for bid, p in sorted(bundles.items())},
     }

@@ -14,9 +14,11 @@ import pytest
 import torch
 
 from zoo.bundle import BundleError, load_bundle, read_card
+from zoo.cli import main
 from zoo.evaluate import evaluate_bundle
 from zoo.recipe import apply_overrides, find_recipe
 from zoo.train import train
+from zoo.train.engine import native_bf16
 
 
 def test_small_model_learns_breastmnist(breast_bundle: Path) -> None:
@@ -116,3 +118,27 @@ def test_recipe_overrides_reach_the_card(breast_root: Path, tmp_path: Path) -> N
     assert card["recipe"]["optimizer"]["lr"] == 3e-3 and card["model_kwargs"]["hidden"] == [32]
     assert card["training"]["epochs_run"] == 1
     assert (result.bundle / "recipe.yaml").read_text().count("lr: 0.003") == 1
+
+
+def test_zoo_train_breast_resnet18_cli(breast_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The issue's command, epochs cut to one: the MedMNIST v2 protocol on the real BreastMNIST."""
+    argv = ["--store", str(tmp_path), "train", "breast", "resnet18", "--data-root", str(breast_root),
+            "--epochs", "1", "--offline"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    bundle = Path(out.split("bundle: ", 1)[1].splitlines()[0])
+    card = read_card(bundle)
+    assert card["arch"] == "resnet18" and card["dataset"]["name"] == "breastmnist"
+    assert card["recipe"]["name"] == "medmnist-v2:resnet18" and card["training"]["epochs_run"] == 1
+    assert card["training"]["precision"] == "fp32"  # "auto" is fp32 on a CPU
+    assert "test ACC" in out and 0 <= card["metrics"]["test"]["auc"] <= 1
+
+
+def test_precision_bf16_is_opt_in_and_refused_without_native_bf16(breast_root: Path, tmp_path: Path) -> None:
+    recipe = apply_overrides(find_recipe("breast", "lenet"), {"epochs": 1, "precision": "bf16"})
+    if native_bf16(torch.device("cpu")):
+        card = train(recipe, data_root=breast_root, store=tmp_path, progress=False, download=False).card
+        assert card["training"]["precision"] == "bf16 autocast"
+    else:
+        with pytest.raises(ValueError, match="no native bf16"):
+            train(recipe, data_root=breast_root, store=tmp_path, progress=False, download=False)

@@ -31,7 +31,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     recipe = load_recipe_file(args.recipe) if args.recipe else find_recipe(args.dataset, args.arch)
     overrides: dict[str, Any] = {}
-    for key in ("epochs", "batch_size", "lr", "seed", "optimizer", "size", "input_size", "patience", "pretrained"):
+    for flag, _ in TRAIN_FLAGS:
+        key = flag.replace("-", "_")
         value = getattr(args, key)
         if value is not None:
             overrides[key] = value
@@ -107,6 +108,12 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+# Shortcut flags of `zoo train` (zoo.recipe.SHORTCUTS maps each to its recipe field); the rest
+# goes through --set. Strings are parsed as YAML scalars (`--pretrained w.pth`, `--precision bf16`).
+TRAIN_FLAGS = (("epochs", int), ("batch-size", int), ("lr", float), ("seed", int), ("optimizer", str),
+               ("size", int), ("input-size", int), ("patience", int), ("pretrained", str), ("precision", str))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zoo", description="medzoo: medical image classification model zoo")
     p.add_argument("--store", help="bundle store (default $MEDZOO_HOME or ~/.medzoo)")
@@ -121,8 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
     t.add_argument("--resume", action="store_true", help="continue the killed run of the same recipe")
     t.add_argument("--offline", action="store_true", help="never download")
-    for flag, typ in (("epochs", int), ("batch-size", int), ("lr", float), ("seed", int), ("optimizer", str),
-                      ("size", int), ("input-size", int), ("patience", int), ("pretrained", str)):
+    for flag, typ in TRAIN_FLAGS:
         t.add_argument(f"--{flag}", type=typ)
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any recipe field, e.g. train.grad_clip=0.1")
     t.set_defaults(func=cmd_train)

@@ -34,7 +34,7 @@ def evaluate_bundle(
     dev = pick_device(device)
     bundle = load_bundle(path, dev)
     ds = getattr(bundle_splits(bundle, data_root, download), split)
-    logits = predict_logits(bundle.model, ds.images, 512, dev)
+    logits = predict_logits(bundle.model, ds.images, device=dev)
     probs = to_probs(logits)
     metrics = compute_metrics(ds.labels.numpy(), probs, bundle.labels)
     return {"bundle": bundle.id, "split": split, "metrics": metrics,

@@ -56,7 +56,8 @@ class ImageError(ValueError):
 
     ``kind`` classifies the refusal for callers that map it (the service's HTTP status):
     ``"empty"``, ``"unsupported"`` (not an image, or a mode that cannot be converted),
-    ``"too_large"`` (decompression bombs, over ``MAX_PIXELS``) or ``"corrupt"``.
+    ``"too_large"`` (decompression bombs, over ``MAX_PIXELS``) or ``"corrupt"`` (truncated or
+    damaged data, or a decodable image with nothing usable in it).
     """
 
     def __init__(self, message: str, kind: str = "corrupt") -> None:
@@ -133,7 +134,7 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     arr = np.asarray(img, dtype=np.float64)
     finite = np.isfinite(arr)
     if not finite.any():
-        raise ImageError("float image without a single finite pixel value", "unsupported")
+        raise ImageError("float image without a single finite pixel value")  # decodable, but nothing usable in it: 422
     lo, hi = float(arr[finite].min()), float(arr[finite].max())
     scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) * (255.0 / (hi - lo))
     # NaN → 0, +inf → 255, -inf → 0 (one NaN used to turn the whole image black)

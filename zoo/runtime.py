@@ -153,6 +153,16 @@ def check_origin(path: str | Path, card: dict[str, Any], meta: dict[str, Any]) -
         )
 
 
+def export_file(path: str | Path, name: str) -> Path:
+    """``path`` itself, or the file ``name`` inside it when it is a bundle directory; it must exist."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / name
+    if not p.is_file():
+        raise ModelFileError(f"{p} does not exist; run `zoo export` on the bundle first")
+    return p
+
+
 def verify_export(path: str | Path, card: dict[str, Any], meta: dict[str, Any] | None = None) -> None:
     """Check an export file against its bundle's card: the sha256 recorded at export time and,
     when ``meta`` is given, that the file was exported from this bundle's weights."""
@@ -211,11 +221,7 @@ class OnnxModel(ExportedModel):
 
     @classmethod
     def open(cls, path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None) -> OnnxModel:
-        p = Path(path)
-        if p.is_dir():
-            p = p / ONNX_FILE
-        if not p.is_file():
-            raise ModelFileError(f"{p} does not exist; run `zoo export` on the bundle first")
+        p = export_file(path, ONNX_FILE)
         proto = load_onnx(p)
         meta = onnx_metadata(proto, p)
         card = bundle_card(p)

@@ -102,8 +102,8 @@ class ScoreSummary:
         if self.already_done:
             return (f"{self.out} is already complete ({self.scored} rows, {self.errors} unreadable files in "
                     f"{self.errors_out}); nothing to do (pass --overwrite to score again)")
-        lines = [f"scored {self.scored} of {self.files} files with {' + '.join(self.models)} "
-                 f"on {self.provider or 'no provider'} -> {self.out}"]
+        lines = [(f"scored {self.scored} of {self.files} files with {' + '.join(self.models)} "
+                 f"on {self.provider or 'no provider'} -> {self.out}")]
         if self.resumed:
             lines.append(f"resumed: {self.resumed} files were already done")
         if self.processed and self.seconds > 0:

@@ -16,50 +16,74 @@ import torch.nn.functional as F
 from zoo.recipe import AugmentCfg
 
 
-def _pick(n: int, p: float, g: torch.Generator, device: torch.device) -> torch.Tensor:
-    return (torch.rand(n, generator=g) < p).to(device)
+def _chosen(n: int, p: float, g: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Indices of the images an op with probability ``p`` applies to (drawn on the CPU generator)."""
+    return torch.nonzero(torch.rand(n, generator=g) < p).flatten().to(device)
+
+
+def _uniform(n: int, half_width: float, g: torch.Generator, device: torch.device) -> torch.Tensor:
+    """``n`` draws from U(-half_width, half_width), one per image whether chosen or not, so that the
+    generator's stream does not depend on which images were chosen."""
+    return ((torch.rand(n, generator=g) * 2 - 1) * half_width).to(device)
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
+    """Luma with torchvision's weights (``rgb_to_grayscale``), so jitter matches ColorJitter."""
     if x.shape[1] == 1:
         return x
-    w = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    w = torch.tensor([0.2989, 0.587, 0.114], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     return (x * w).sum(1, keepdim=True)
 
 
+def _blend(a: torch.Tensor, b: torch.Tensor | float, factor: torch.Tensor) -> torch.Tensor:
+    """``factor * a + (1 - factor) * b``, clamped to [0, 1]: torchvision's ``_blend``."""
+    return (factor * a + (1 - factor) * b).clamp_(0, 1)
+
+
+def _rotate(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """Rotate each image by its angle (radians) about the centre, bilinear, zero fill."""
+    cos, sin, zero = torch.cos(angle), torch.sin(angle), torch.zeros_like(angle)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _jitter(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor, saturation: torch.Tensor) -> torch.Tensor:
+    """Brightness, contrast, then saturation, each as torchvision's ColorJitter does it."""
+    b, c, s = (f.to(x.dtype).view(-1, 1, 1, 1) for f in (brightness, contrast, saturation))
+    x = _blend(x, 0.0, b)
+    x = _blend(x, _grey(x).mean(dim=(1, 2, 3), keepdim=True), c)
+    if x.shape[1] == 3:
+        x = _blend(x, _grey(x), s)
+    return x
+
+
 def augment(x: torch.Tensor, cfg: AugmentCfg, g: torch.Generator) -> torch.Tensor:
-    """Apply the recipe's augmentations; ``g`` (a CPU generator) makes it reproducible."""
+    """Apply the recipe's augmentations, each to the images it draws (probability per image).
+
+    Returns a new tensor (``x`` is left as it was); ``g`` (a CPU generator) makes it reproducible.
+    Only the chosen images are touched, so the cost follows p · batch, not the batch.
+    """
     if not cfg.enabled:
         return x
     n, dev = x.shape[0], x.device
+    x = x.clone()
     if cfg.hflip_p > 0:
-        m = _pick(n, cfg.hflip_p, g, dev).view(n, 1, 1, 1)
-        x = torch.where(m, x.flip(-1), x)
-    if cfg.vflip_p > 0:
-        m = _pick(n, cfg.vflip_p, g, dev).view(n, 1, 1, 1)
-        x = torch.where(m, x.flip(-2), x)
-    if cfg.rotation_p > 0 and cfg.rotation_deg > 0:
-        idx = torch.nonzero(_pick(n, cfg.rotation_p, g, dev)).flatten()
-        angle = (torch.rand(n, generator=g) * 2 - 1).to(dev) * math.radians(cfg.rotation_deg)
-        if len(idx):  # only the chosen images are resampled
-            a = angle[idx]
-            cos, sin, zero = torch.cos(a), torch.sin(a), torch.zeros_like(a)
-            theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
-            sub = x[idx]
-            grid = F.affine_grid(theta.to(x.dtype), list(sub.shape), align_corners=False)
-            rotated = F.grid_sample(sub, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-            x = x.index_copy(0, idx, rotated)
-    if cfg.jitter_p > 0:
-        idx = torch.nonzero(_pick(n, cfg.jitter_p, g, dev)).flatten()
-        factors = [(1 + (torch.rand(n, generator=g) * 2 - 1) * s).to(dev, x.dtype).view(n, 1, 1, 1)
-                   for s in (cfg.brightness, cfg.contrast, cfg.saturation)]
+        idx = _chosen(n, cfg.hflip_p, g, dev)
         if len(idx):
-            b, c, s = (f[idx] for f in factors)
-            y = x[idx] * b
-            mean = _grey(y).mean(dim=(1, 2, 3), keepdim=True)
-            y = (y - mean) * c + mean
-            if x.shape[1] == 3:
-                grey = _grey(y)
-                y = (y - grey) * s + grey
-            x = x.index_copy(0, idx, y.clamp(0, 1))
+            x[idx] = x[idx].flip(-1)
+    if cfg.vflip_p > 0:
+        idx = _chosen(n, cfg.vflip_p, g, dev)
+        if len(idx):
+            x[idx] = x[idx].flip(-2)
+    if cfg.rotation_p > 0 and cfg.rotation_deg > 0:
+        idx = _chosen(n, cfg.rotation_p, g, dev)
+        angle = _uniform(n, math.radians(cfg.rotation_deg), g, dev)
+        if len(idx):
+            x[idx] = _rotate(x[idx], angle[idx])
+    if cfg.jitter_p > 0:
+        idx = _chosen(n, cfg.jitter_p, g, dev)
+        factors = [1 + _uniform(n, s, g, dev) for s in (cfg.brightness, cfg.contrast, cfg.saturation)]
+        if len(idx):
+            x[idx] = _jitter(x[idx], *(f[idx] for f in factors))
     return x
