@@ -43,14 +43,8 @@ from zoo.data.synthetic import synthetic_arrays, write_synthetic_medmnist
 from zoo.preprocess import Preprocessing, load_image
 from zoo.recipe import Recipe
 from zoo.runtime import OnnxModel
-from zoo.score import (
-    _decode_task,
-    _init_worker,
-    default_workers,
-    ensure_onnx,
-    list_folder,
-    score_folder,
-)
+from zoo.score import ensure_onnx, list_folder, score_folder
+from zoo.score.decode import _decode_task, _init_worker, default_workers
 from zoo.store import list_bundles
 from zoo.train import train
 

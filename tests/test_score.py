@@ -25,7 +25,6 @@ import pytest
 import torch
 from PIL import Image
 
-from zoo import score as score_mod
 from zoo.bundle import load_bundle, read_card, save_bundle
 from zoo.cli import main
 from zoo.evaluate import bundle_splits, evaluate_bundle
@@ -33,6 +32,8 @@ from zoo.metrics import to_probs
 from zoo.preprocess import load_image
 from zoo.runtime import ONNX_FILE, OnnxModel
 from zoo.score import CRASH_REASON, ensure_onnx, score_folder
+from zoo.score import decode as score_decode
+from zoo.score import run as score_run
 
 REPO = Path(__file__).resolve().parents[1]
 BAD = {  # relative path -> a word the reason must contain
@@ -215,7 +216,7 @@ def test_listing_rules(tmp_path: Path) -> None:
 
 def _crash_after(chunks: int) -> Any:
     """An ``infer`` that dies (like a kill) once ``chunks`` chunks have been scored."""
-    real, calls = score_mod.infer, {"n": 0}
+    real, calls = score_run.infer, {"n": 0}
 
     def infer(*args: Any, **kwargs: Any) -> Any:
         if calls["n"] == chunks:
@@ -234,7 +235,7 @@ def test_resume_checks_the_journal(bundle: Path, image_folder: dict[str, Any], t
     out = folder / "scores.csv"  # inside the folder: never scored itself, nor its journal
     kw: dict[str, Any] = {"workers": 0, "chunk_size": 10, "batch_size": 10, "progress": False}
     with monkeypatch.context() as m:
-        m.setattr(score_mod, "infer", _crash_after(2))
+        m.setattr(score_run, "infer", _crash_after(2))
         with pytest.raises(KeyboardInterrupt):
             score_folder(folder, [bundle], out, **kw)
     journal = folder / "scores.csv.partial"
@@ -367,14 +368,14 @@ def test_a_file_that_crashes_the_decoder_costs_only_itself(bundle: Path, scored:
     folder = tmp_path / "crash"
     shutil.copytree(image_folder["root"] / "png" / "2", folder)
     (folder / "0" / "poison.png").write_bytes(b"POISON")
-    real = score_mod.load_image
+    real = score_decode.load_image
 
     def load(src: Any, prep: Any) -> np.ndarray:
         if src == b"POISON":
             os._exit(11)  # what a segfaulting decoder does to its worker
         return real(src, prep)
 
-    monkeypatch.setattr(score_mod, "load_image", load)
+    monkeypatch.setattr(score_decode, "load_image", load)
     s = score_folder(folder, [bundle], tmp_path / "crash.csv", workers=1, chunk_size=16, progress=False)
     assert _read_csv(s.errors_out) == [{"path": "0/poison.png", "reason": CRASH_REASON}]
     assert s.scored == s.files - 1

@@ -197,6 +197,7 @@ def train(
 ) -> TrainResult:
     """Train a recipe end to end and write its bundle into the store."""
     dev = pick_device(device)
+    use_amp = use_bf16_autocast(recipe.train.precision, dev)  # before any work: bf16 may be refused
     seed_everything(recipe.train.seed)
     splits = load_splits(recipe, data_root, download)
     prep = make_preprocessing(recipe, splits)
@@ -241,7 +242,6 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False).encode())
 
-    use_amp = use_bf16_autocast(cfg.precision, dev)
     patience = cfg.early_stopping.patience
     metric = cfg.early_stopping.metric
     t0 = time.perf_counter()

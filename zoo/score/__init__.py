@@ -1,0 +1,32 @@
+"""``zoo score``: offline batch scoring of image folders with the exported ONNX models.
+
+Pipeline::
+
+    FOLDER ─ listing (recursive, sorted relative paths) ─ fixed chunks of ``chunk_size`` files
+      ─ worker processes read + decode a chunk (zoo.preprocess.load_image on the raw bytes)
+      ─ batched ONNX Runtime inference (zoo.runtime.OnnxModel), while the workers already
+        decode the next chunks
+      ─ each finished chunk journalled atomically in ``<out>.partial/chunk-NNNNNN.json``
+      ─ at the end: errors file and output (CSV, JSON Lines or Parquet) written atomically,
+        journal removed.
+
+Nothing is lost and nothing is written twice: a run killed at any point and started again
+finds the journal, checks that it belongs to the same models and the same folder listing,
+skips the chunks already there and scores the rest; the output is assembled from the journal
+in chunk order, so a resumed run writes the same bytes as an uninterrupted one. A finished
+run (output present, no journal) is a no-op unless ``overwrite``.
+
+``ensemble``: the logits of the member models are averaged, then turned into probabilities;
+the ``agreement`` column is the fraction of members whose own top class is the ensemble's.
+"""
+
+from zoo.score.cli import register
+from zoo.score.decode import CRASH_REASON, decode_entries
+from zoo.score.listing import SPECIAL, FileEntry, display_path, list_folder
+from zoo.score.models import ensemble_members, ensure_onnx, infer, open_models, resolve_models
+from zoo.score.output import output_columns, output_format
+from zoo.score.run import ScoreSummary, score_folder
+
+__all__ = ["CRASH_REASON", "SPECIAL", "FileEntry", "ScoreSummary", "decode_entries", "display_path",
+           "ensemble_members", "ensure_onnx", "infer", "list_folder", "open_models", "output_columns",
+           "output_format", "register", "resolve_models", "score_folder"]

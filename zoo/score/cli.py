@@ -1,0 +1,51 @@
+"""``zoo score`` on the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from zoo.runtime import ModelFileError
+from zoo.score.run import DEFAULT_BATCH, DEFAULT_CHUNK, score_folder
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    """``zoo score``: run :func:`score_folder` and print its summary; model file problems exit 2."""
+    try:
+        summary = score_folder(
+            args.folder, args.model, args.out, ensemble=args.ensemble, ensemble_size=args.ensemble_size,
+            errors_out=args.errors, batch_size=args.batch_size, chunk_size=args.chunk_size, workers=args.workers,
+            threads=args.threads, overwrite=args.overwrite, progress=not args.no_progress,
+            store=Path(args.store) if getattr(args, "store", None) else None,
+        )
+    except ModelFileError as e:
+        print(f"zoo: error: {e}", file=sys.stderr)
+        return 2
+    print(summary.describe())
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add ``zoo score`` to the ``zoo`` command's sub-parsers."""
+    s = sub.add_parser("score", help="score a folder of images offline into CSV, JSON Lines or Parquet",
+                       description="Score every image under FOLDER (recursively). Killed and run again, "
+                                   "it resumes where it stopped.")
+    s.add_argument("folder", help="folder of images (searched recursively; hidden files skipped)")
+    s.add_argument("--model", "-m", action="append", required=True,
+                   help="bundle path, bundle id, task/dataset name (its best bundle) or .onnx file; "
+                        "repeat with --ensemble")
+    s.add_argument("--ensemble", action="store_true",
+                   help="average the logits of several --model, or of a task's best bundles of one architecture")
+    s.add_argument("--ensemble-size", type=int, default=2, help="members taken for a task name (default 2)")
+    s.add_argument("--out", "-o", required=True, help="output file: .csv, .jsonl or .parquet")
+    s.add_argument("--errors", help="errors file (default <out>.errors.csv)")
+    s.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help=f"inference batch (default {DEFAULT_BATCH})")
+    s.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK,
+                   help=f"files per journalled chunk (default {DEFAULT_CHUNK})")
+    s.add_argument("--workers", type=int, help="decode processes (default: one per core, at most 8; 0: in-process)")
+    s.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: its own)")
+    s.add_argument("--overwrite", action="store_true", help="score again even if the output exists")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_score)

@@ -1,0 +1,74 @@
+"""The folder listing of a scoring run: every file to score, in a fixed order."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+UNLISTABLE = -2  # FileEntry.size of a folder that cannot be listed
+SPECIAL = -3  # FileEntry.size of a FIFO, socket or device (never opened)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file to score: its path relative to the folder (POSIX separators), size and mtime."""
+
+    rel: str
+    # -1: cannot be stat'ed (broken link); UNLISTABLE: a folder that cannot be listed; SPECIAL: not a regular file
+    size: int
+    mtime_ns: int
+
+
+def list_folder(folder: Path, exclude: Sequence[Path] = ()) -> list[FileEntry]:
+    """Every non-hidden regular file under ``folder``, recursively, sorted by relative path.
+
+    Hidden files and folders (name starting with ``.``) and the paths in ``exclude`` (the
+    run's own output, errors file and journal when they sit inside the folder) are skipped.
+    Files that cannot be stat'ed (``size == -1``), folders that cannot be listed
+    (``UNLISTABLE``) and FIFOs, sockets or devices (``SPECIAL``) are kept so that they reach the
+    errors file.
+    """
+    root = str(folder.resolve())
+    excluded = {str(p.resolve()) for p in exclude}
+    entries: list[FileEntry] = []
+
+    def rel_of(path: str) -> str:
+        rel = path[len(root) + 1 :]
+        return rel if os.sep == "/" else rel.replace(os.sep, "/")
+
+    def unreadable(err: OSError) -> None:
+        if err.filename and os.path.abspath(err.filename) != root:
+            entries.append(FileEntry(rel_of(os.path.abspath(err.filename)), UNLISTABLE, 0))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and os.path.join(dirpath, d) not in excluded]
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if name.startswith(".") or path in excluded:
+                continue
+            try:
+                st = os.stat(path)
+            except OSError:
+                entries.append(FileEntry(rel_of(path), -1, 0))
+                continue
+            regular = stat.S_ISREG(st.st_mode)  # FIFOs, sockets and devices are never opened
+            entries.append(FileEntry(rel_of(path), st.st_size if regular else SPECIAL, st.st_mtime_ns))
+    entries.sort(key=lambda e: e.rel)
+    return entries
+
+
+def display_path(rel: str) -> str:
+    """A relative path as valid UTF-8 text: bytes of a non-UTF-8 file name appear as ``\\xNN``."""
+    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def listing_digest(entries: Sequence[FileEntry]) -> str:
+    """sha256 of the listing (paths, sizes, mtimes): a resume requires the same one."""
+    h = hashlib.sha256()
+    for e in entries:
+        h.update(f"{e.rel}\0{e.size}\0{e.mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()

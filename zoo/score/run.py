@@ -1,0 +1,195 @@
+"""The scoring run: list the folder, decode and infer chunk by chunk, journal, assemble the output."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from zoo.bundle import atomic_write, atomic_write_bytes
+from zoo.score.decode import Decoder, default_workers
+from zoo.score.journal import (
+    MANIFEST,
+    Lock,
+    Run,
+    chunk_name,
+    chunk_record,
+    clear_journal,
+    journal_manifest,
+    open_journal,
+)
+from zoo.score.listing import display_path, list_folder
+from zoo.score.models import infer, open_models, resolve_models
+from zoo.score.output import count_rows, output_columns, output_format, write_output
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH = 64
+DEFAULT_CHUNK = 512
+
+
+@dataclass
+class ScoreSummary:
+    """What a scoring run did (returned by :func:`score_folder`, printed by the CLI)."""
+
+    out: Path
+    errors_out: Path
+    models: list[str]
+    files: int  # files listed under the folder
+    scored: int  # rows in the output
+    errors: int  # rows in the errors file
+    resumed: int = 0  # files found already done in the journal when the run started
+    already_done: bool = False  # the output existed and there was no journal: nothing was run
+    provider: str = ""
+    seconds: float = 0.0  # wall time of the decode + inference loop of this run
+    processed: int = 0  # files decoded (scored or refused) by this run
+
+    @property
+    def images_per_s(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else float("nan")
+
+    def describe(self) -> str:
+        """A few lines for the user."""
+        if self.already_done:
+            return (f"{self.out} is already complete ({self.scored} rows, {self.errors} unreadable files in "
+                    f"{self.errors_out}); nothing to do (pass --overwrite to score again)")
+        lines = [(f"scored {self.scored} of {self.files} files with {' + '.join(self.models)} "
+                 f"on {self.provider or 'no provider'} -> {self.out}")]
+        if self.resumed:
+            lines.append(f"resumed: {self.resumed} files were already done")
+        if self.processed and self.seconds > 0:
+            lines.append(f"{self.processed} files in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s)")
+        lines.append(f"{self.errors} unreadable files listed in {self.errors_out}")
+        return "\n".join(lines)
+
+
+def _score_chunks(run: Run, workers: int, progress: bool) -> tuple[int, float]:
+    """Decode and score every chunk not in the journal; returns (files processed, seconds)."""
+    from tqdm import tqdm
+
+    todo = [i for i in range(run.n_chunks) if i not in run.done]
+    if not todo:
+        return 0, 0.0
+    prep = run.models[0].preprocessing
+    already = sum(len(run.chunk_entries(i)) for i in run.done)
+    decoder = Decoder(run.folder, prep, workers, depth=3)
+    chunks = iter([(e.rel, e.size) for e in run.chunk_entries(i)] for i in todo)
+    bar = tqdm(total=len(run.entries), initial=already, unit="img", desc="zoo score", disable=not progress,
+               mininterval=0.5, smoothing=0.1, file=sys.stderr)
+    processed = 0
+    t0 = time.perf_counter()
+    try:
+        decoder.feed(chunks)
+        for i in todo:
+            decoded = decoder.next()
+            decoder.feed(chunks)  # keep the workers busy while the engine runs
+            entries = run.chunk_entries(i)
+            scores = infer(run.models, decoded.images, run.batch_size) if decoded.ok else None
+            record = chunk_record(i, entries, decoded, scores)
+            atomic_write_bytes(run.journal / chunk_name(i), json.dumps(record).encode())
+            run.done[i] = record
+            processed += len(entries)
+            bar.update(len(entries))
+    except BaseException:
+        decoder.close(wait=False)
+        raise
+    finally:
+        bar.close()
+    decoder.close()
+    return processed, time.perf_counter() - t0
+
+
+def _assemble(run: Run, ensemble: bool) -> tuple[int, int]:
+    """Write the errors file, then the output, from the journal in chunk order (both atomic)."""
+    labels = run.models[0].labels
+    model_id = "+".join(m.model_id for m in run.models)
+
+    errors = [[display_path(rel), reason] for i in range(run.n_chunks) for rel, reason in run.done[i]["errors"]]
+
+    def write_errors(f: IO[bytes]) -> None:
+        text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+        w = csv.writer(text, lineterminator="\n")
+        w.writerow(["path", "reason"])
+        w.writerows(errors)
+        text.flush()
+        text.detach()
+
+    def rows() -> Iterator[list[Any]]:
+        for i in range(run.n_chunks):
+            for rel, top, probs, agreement in run.done[i]["rows"]:
+                yield [display_path(rel), model_id, labels[top], *probs] + ([agreement] if ensemble else [])
+
+    atomic_write(run.errors_out, write_errors)
+    n = write_output(run.out, run.fmt, output_columns(labels, ensemble), rows())
+    return n, len(errors)
+
+
+def score_folder(
+    folder: str | Path,
+    models: Sequence[str | Path],
+    out: str | Path,
+    *,
+    ensemble: bool = False,
+    ensemble_size: int = 2,
+    errors_out: str | Path | None = None,
+    batch_size: int = DEFAULT_BATCH,
+    chunk_size: int = DEFAULT_CHUNK,
+    workers: int | None = None,
+    threads: int | None = None,
+    providers: Sequence[str] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    store: Path | None = None,
+) -> ScoreSummary:
+    """Score every image under ``folder`` with a model (or an ensemble) into ``out``.
+
+    ``models``: bundle paths, bundle ids, task names or ``.onnx`` files; several (or one task
+    name) with ``ensemble``. ``out``: ``.csv``, ``.jsonl`` or ``.parquet``; unreadable files go
+    to ``errors_out`` (default ``<out>.errors.csv``). ``workers=0`` decodes in this process.
+    Killed and started again, it resumes from ``<out>.partial/``.
+    """
+    folder_p = Path(folder).expanduser()
+    if not folder_p.is_dir():
+        raise FileNotFoundError(f"{folder_p} is not a folder")
+    folder_p = folder_p.resolve()
+    out_p = Path(out).expanduser().resolve()
+    fmt = output_format(out_p)
+    errors_p = Path(errors_out).expanduser().resolve() if errors_out else out_p.with_name(out_p.name + ".errors.csv")
+    journal = out_p.with_name(out_p.name + ".partial")
+    if batch_size < 1 or chunk_size < 1:
+        raise ValueError("batch size and chunk size must be at least 1")
+    workers = default_workers() if workers is None else max(0, workers)
+
+    if (not overwrite and out_p.is_file() and not (journal / MANIFEST).is_file()):
+        return ScoreSummary(out_p, errors_p, [], files=0, scored=count_rows(out_p, fmt),
+                            errors=count_rows(errors_p, "csv") if errors_p.is_file() else 0, already_done=True)
+
+    onnx_models = open_models(resolve_models(models, ensemble, ensemble_size, store), threads, providers)
+    ensemble = len(onnx_models) > 1
+    entries = list_folder(folder_p, exclude=[out_p, errors_p, journal])
+    manifest = journal_manifest(folder_p, entries, onnx_models, ensemble, chunk_size, batch_size)
+    journal.mkdir(parents=True, exist_ok=True)
+    lock = Lock(journal)
+    try:
+        if overwrite:
+            (journal / MANIFEST).unlink(missing_ok=True)
+        run = Run(folder_p, out_p, errors_p, journal, fmt, onnx_models, entries, manifest, chunk_size, batch_size)
+        open_journal(run)
+        resumed = sum(len(run.chunk_entries(i)) for i in run.done)
+        if resumed:
+            log.info("resuming %s: %d of %d files already done", journal, resumed, len(entries))
+        processed, seconds = _score_chunks(run, workers, progress)
+        n_rows, n_errors = _assemble(run, ensemble)
+        clear_journal(journal)
+    finally:
+        lock.release()
+    return ScoreSummary(out_p, errors_p, [m.model_id for m in onnx_models], files=len(entries), scored=n_rows,
+                        errors=n_errors, resumed=resumed, provider=onnx_models[0].provider, seconds=seconds,
+                        processed=processed)
