@@ -134,11 +134,16 @@ def test_zoo_train_breast_resnet18_cli(breast_root: Path, tmp_path: Path, capsys
     assert "test ACC" in out and 0 <= card["metrics"]["test"]["auc"] <= 1
 
 
-def test_precision_bf16_is_opt_in_and_refused_without_native_bf16(breast_root: Path, tmp_path: Path) -> None:
-    recipe = apply_overrides(find_recipe("breast", "lenet"), {"epochs": 1, "precision": "bf16"})
+def test_precision_bf16_is_opt_in_and_refused_without_native_bf16(
+    breast_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--store", str(tmp_path), "train", "breast", "lenet", "--data-root", str(breast_root),
+            "--epochs", "1", "--precision", "bf16", "--offline"]
     if native_bf16(torch.device("cpu")):
-        card = train(recipe, data_root=breast_root, store=tmp_path, progress=False, download=False).card
-        assert card["training"]["precision"] == "bf16 autocast"
+        assert main(argv) == 0
+        bundle = Path(capsys.readouterr().out.split("bundle: ", 1)[1].splitlines()[0])
+        assert read_card(bundle)["training"]["precision"] == "bf16 autocast"
     else:
-        with pytest.raises(ValueError, match="no native bf16"):
-            train(recipe, data_root=breast_root, store=tmp_path, progress=False, download=False)
+        assert main(argv) == 2
+        assert "no native bf16" in capsys.readouterr().err
+        assert not (tmp_path / "runs").exists()  # refused before any work
