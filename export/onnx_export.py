@@ -24,11 +24,11 @@ import onnx
 import torch
 from torch import nn
 
-from zoo.bundle import atomic_write_bytes
+from zoo.card import ExportMeta
+from zoo.errors import ExportError, ModelFileError
+from zoo.io import atomic_write_bytes
 from zoo.preprocess import Preprocessing
-from zoo.runtime import METADATA_KEY, ONNX_FILE, ModelFileError, check_onnx
-
-from . import ExportError
+from zoo.runtime import METADATA_KEY, check_onnx
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 18
@@ -203,17 +203,17 @@ def _topological_sort(graph: onnx.GraphProto) -> None:
     graph.node.extend(ordered)
 
 
-def attach_metadata(proto: onnx.ModelProto, meta: dict[str, Any]) -> None:
+def attach_metadata(proto: onnx.ModelProto, meta: ExportMeta) -> None:
     """Store ``meta`` as JSON in ``metadata_props`` under :data:`zoo.runtime.METADATA_KEY`."""
     kept = [p for p in proto.metadata_props if p.key != METADATA_KEY]
     del proto.metadata_props[:]
     proto.metadata_props.extend(kept)
     entry = proto.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, json.dumps(meta, sort_keys=True)
-    proto.doc_string = f"medzoo export of {meta['id']} ({meta['arch']}): uint8 NCHW images in, logits out"
+    entry.key, entry.value = METADATA_KEY, json.dumps(meta.model_dump(mode="json"), sort_keys=True)
+    proto.doc_string = f"medzoo export of {meta.id} ({meta.arch}): uint8 NCHW images in, logits out"
 
 
-def write_onnx(proto: onnx.ModelProto, meta: dict[str, Any], dest: Path) -> None:
+def write_onnx(proto: onnx.ModelProto, meta: ExportMeta, dest: Path) -> None:
     """Attach the metadata, run the ONNX checker, write the file atomically."""
     attach_metadata(proto, meta)
     try:
@@ -227,19 +227,5 @@ def write_onnx(proto: onnx.ModelProto, meta: dict[str, Any], dest: Path) -> None
     atomic_write_bytes(dest, data)
 
 
-def export_onnx(
-    bundle: str | Path,
-    fp16: bool = False,
-    data_root: str | Path | None = None,
-    providers: Sequence[str] | None = None,
-) -> Path:
-    """Export a bundle's ``model.onnx`` (and ``model.fp16.onnx`` with ``fp16``), parity-checked,
-    recorded in the card; returns the path of ``model.onnx``."""
-    from . import export_bundle
-
-    export_bundle(bundle, formats=["onnx"], fp16=fp16, data_root=data_root, providers=providers)
-    return Path(bundle) / ONNX_FILE
-
-
 __all__ = ["DEFAULT_OPSET", "INPUT_NAME", "OUTPUT_NAME", "adapter_nodes", "attach_metadata", "example_input",
-           "export_onnx", "opset_of", "to_fp16", "to_onnx", "write_onnx"]
+           "opset_of", "to_fp16", "to_onnx", "write_onnx"]

@@ -1,7 +1,7 @@
 """The parity check: an exported file must give the logits of the PyTorch model it came from.
 
 Reference: ``bundle.model`` (``Sequential(InputAdapter, net)``, float32, eager, CPU) through
-:func:`zoo.train.engine.predict_logits`. Inputs: batches of :data:`BATCH_SIZES` (1, a prime, 64)
+:func:`zoo.inference.predict_logits`. Inputs: batches of :data:`BATCH_SIZES` (1, a prime, 64)
 taken from the bundle's own test split when its data are found, else deterministic random uint8
 images (seed :data:`RANDOM_SEED`); with data, the whole test split is also run.
 
@@ -10,8 +10,8 @@ Numbers, per batch size, for the whole split and over everything:
 * ``max_abs_diff`` = max |exported − reference| over all logits;
 * ``max_rel_diff`` = ``max_abs_diff`` / max(max |reference|, 1e-12): the error relative to the
   scale of the logits (an elementwise ratio explodes on logits near zero);
-* ``argmax_agreement``: fraction of images with the same predicted class (argmax; ``logit > 0``
-  for a single-logit head);
+* ``argmax_agreement``: fraction of images with the same predicted class
+  (:func:`zoo.postprocess.predicted_class`, the one rule, single-logit heads included);
 * ``near_ties``: disagreements on images whose reference top-2 margin is within the fp32
   tolerance band 2·max(ABS_TOL, REL_TOL·max|reference|): both answers are right to within the
   tolerance we accept, so they are listed but not counted against fp32 parity.
@@ -36,6 +36,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from export.torchscript_export import load_torchscript
+from zoo.card import Card
+from zoo.errors import DataUnavailableError, ParityError
+from zoo.inference import bundle_splits, predict_logits
+from zoo.postprocess import predicted_class
+from zoo.runtime import OnnxModel
+
 log = logging.getLogger(__name__)
 
 ABS_TOL = 1e-4
@@ -48,10 +55,6 @@ CHUNK = 256  # images per call when a whole split is run
 _EPS = 1e-12
 # metadata entries that must equal the card's (labels, preprocessing, identity)
 _META_KEYS = ("id", "arch", "labels", "task", "num_outputs", "preprocessing", "weights_sha256", "dataset")
-
-
-class ParityError(RuntimeError):
-    """An exported file whose outputs (or metadata) differ from the PyTorch model's."""
 
 
 @dataclass
@@ -73,8 +76,6 @@ class Reference:
 
     @classmethod
     def of(cls, model: nn.Module, inputs: ParityInputs) -> Reference:
-        from zoo.train.engine import predict_logits
-
         def run(x: np.ndarray) -> np.ndarray:
             return predict_logits(model, torch.from_numpy(x), CHUNK, "cpu").numpy()
 
@@ -86,11 +87,8 @@ def _test_images(bundle: Any, data_root: str | Path | None) -> tuple[np.ndarray,
 
     With an explicit ``data_root`` a failure is an error (the user asked for real images).
     """
-    from zoo.data import DataUnavailableError
-    from zoo.evaluate import bundle_splits
-
     try:
-        splits = bundle_splits(bundle, data_root, download=False)
+        splits = bundle_splits(bundle.card, data_root, download=False)
     except DataUnavailableError:
         if data_root is not None:
             raise
@@ -132,13 +130,6 @@ def parity_inputs(bundle: Any, data_root: str | Path | None = None,
     return ParityInputs(sizes, batches, None, f"random uint8 images (seed {RANDOM_SEED})")
 
 
-def predicted_class(logits: np.ndarray) -> np.ndarray:
-    """argmax, or ``logit > 0`` for a single-logit (BCE / hinge) head."""
-    if logits.shape[1] == 1:
-        return (logits[:, 0] > 0).astype(np.int64)
-    return logits.argmax(1)
-
-
 def _margin(logits: np.ndarray) -> np.ndarray:
     """How far each row is from changing its predicted class."""
     if logits.shape[1] == 1:
@@ -177,12 +168,8 @@ Predict = Callable[[np.ndarray], np.ndarray]
 def _open(fmt: str, path: Path, providers: Sequence[str] | None) -> tuple[Predict, str, dict[str, Any], list[str]]:
     """predict function, provider, metadata and interface problems of an exported file."""
     if fmt == "torchscript":
-        from .torchscript_export import load_torchscript
-
         ts = load_torchscript(path)
-        return ts.predict, ts.provider, ts.meta, []
-    from zoo.runtime import OnnxModel
-
+        return ts.predict, ts.provider, ts.meta.model_dump(), []
     model = OnnxModel.open(path, providers=providers)
     problems = []
     inp, out = model.session.get_inputs(), model.session.get_outputs()
@@ -192,7 +179,7 @@ def _open(fmt: str, path: Path, providers: Sequence[str] | None) -> tuple[Predic
         problems.append(f"batch axis is fixed at {inp[0].shape[0]}, not dynamic")
     if len(out) != 1 or out[0].type != "tensor(float)":
         problems.append(f"output is {[o.type for o in out]}, not one tensor(float)")
-    return model.predict, model.provider, model.meta, problems
+    return model.predict, model.provider, model.meta.model_dump(), problems
 
 
 def _run_all(run: Predict, images: np.ndarray) -> np.ndarray:
@@ -217,13 +204,11 @@ def _overall(parts: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def check_file(fmt: str, path: Path, card: dict[str, Any], inputs: ParityInputs, reference: Reference,
+def check_file(fmt: str, path: Path, card: Card, inputs: ParityInputs, reference: Reference,
                providers: Sequence[str] | None = None) -> dict[str, Any]:
     """Open one exported file (with all of its load-time checks) and measure it against eager."""
-    from . import card_metadata
-
     run, provider, meta, problems = _open(fmt, Path(path), providers)
-    expected = card_metadata(card, fmt)
+    expected = card.export_meta(fmt).model_dump()
     problems += [f"metadata {k} differs from the card" for k in _META_KEYS if meta.get(k) != expected.get(k)]
     batches = {str(b): compare(run(x), ref)
                for b, x, ref in zip(inputs.batch_sizes, inputs.batches, reference.batches, strict=True)}
@@ -282,5 +267,4 @@ def raise_on_failure(bundle_id: str, reports: dict[str, dict[str, Any]], consequ
 
 
 __all__ = ["ABS_TOL", "BATCH_SIZES", "FP16_MIN_AGREEMENT", "FP16_REL_TOL", "REL_TOL", "ParityError", "ParityInputs",
-           "Reference",
-           "check_file", "compare", "parity_inputs", "predicted_class", "raise_on_failure"]
+           "Reference", "check_file", "compare", "parity_inputs", "raise_on_failure"]

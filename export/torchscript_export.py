@@ -22,22 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from zoo.bundle import atomic_write_bytes
+from export.onnx_export import example_input
+from zoo.card import TORCHSCRIPT_FILE, ExportMeta
+from zoo.errors import ExportError, ModelFileError
+from zoo.io import atomic_write_bytes
 from zoo.preprocess import Preprocessing
-from zoo.runtime import (
-    METADATA_KEY,
-    TORCHSCRIPT_FILE,
-    ExportedModel,
-    ModelFileError,
-    bundle_card,
-    check_origin,
-    export_file,
-    parse_metadata,
-    verify_export,
-)
-
-from . import ExportError
-from .onnx_export import example_input
+from zoo.runtime import METADATA_KEY, ExportedModel, bundle_card, check_origin, export_file, parse_metadata, verify_export
 
 
 @contextlib.contextmanager
@@ -59,11 +49,11 @@ def to_torchscript(model: nn.Module, prep: Preprocessing) -> torch.jit.ScriptMod
         raise ExportError(f"torch.jit.trace failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
 
 
-def save_torchscript(module: torch.jit.ScriptModule, meta: dict[str, Any], dest: Path) -> None:
+def save_torchscript(module: torch.jit.ScriptModule, meta: ExportMeta, dest: Path) -> None:
     """Save with the metadata JSON as an extra file; written atomically."""
     buf = io.BytesIO()
     with _quiet():
-        torch.jit.save(module, buf, _extra_files={METADATA_KEY: json.dumps(meta, sort_keys=True)})
+        torch.jit.save(module, buf, _extra_files={METADATA_KEY: json.dumps(meta.model_dump(mode="json"), sort_keys=True)})
     atomic_write_bytes(dest, buf.getvalue())
 
 
@@ -73,7 +63,7 @@ class TorchScriptModel(ExportedModel):
 
     path: Path
     module: torch.jit.ScriptModule
-    meta: dict[str, Any]
+    meta: ExportMeta
 
     @property
     def provider(self) -> str:

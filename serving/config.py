@@ -36,25 +36,24 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from zoo.store import (
-    TASKS,
-    best_bundle,
-    bundles_dir,
-    home,
-    list_bundles,
-    resolve_bundle,
-)
+from zoo.ensemble import choose_members
+from zoo.errors import BundleError, ConfigError, EnsembleError, UnknownNameError, describe_validation_error
+from zoo.names import TASKS
+from zoo.store import best_bundle, bundles_dir, home, resolve_bundle
 
 log = logging.getLogger("serving")
 
 CONFIG_ENV = "MEDZOO_SERVE_CONFIG"
+SOURCE_ENV = "MEDZOO_SERVE_SOURCE"
+TASK_ENV_PREFIX = "MEDZOO_SERVE_"
 ENSEMBLE_TASK = "pathology"  # the ensemble averages pathology models (report 001)
 ENSEMBLE_ROUTE = "pathology_ensemble"
 DEFAULT_ENSEMBLE_ARCH = "resnet152"
@@ -65,15 +64,11 @@ MANIFEST = "serving.json"  # inside that model: task → bundle directory, ensem
 RESERVED_ROUTES = frozenset(
     {"models", "stats", "readyz", "livez", "healthz", "metrics", "docs", "docs.json", "schema.json",
      "static_content", "assets", ENSEMBLE_ROUTE, "ensemble", "describe", "config", "source",
-     "to_async", "to_sync", "bento_service", "table"}
+     "to_async", "to_sync", "bento_service", "table", "ui", "explain"}
 )
 SETTINGS = ("top_k", "max_batch_size", "max_latency_ms", "max_file_mb", "max_request_mb", "max_images",
             "api_workers", "access_log", "ort_threads")
 TASK_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
-
-
-class ConfigError(ValueError):
-    """A serving configuration that cannot be used; the message says what to change."""
 
 
 @dataclass(frozen=True)
@@ -85,86 +80,118 @@ class Limits:
     max_images: int = 64
 
 
-@dataclass(frozen=True)
-class ServeConfig:
-    """Everything the service reads at start-up."""
+def check_task_name(name: str) -> str:
+    if not TASK_NAME.match(name) or name in RESERVED_ROUTES:
+        raise ValueError(
+            f"{name!r} cannot be a task name: use lower-case letters, digits and '_' "
+            f"and none of {', '.join(sorted(RESERVED_ROUTES))}"
+        )
+    return name
 
-    tasks: dict[str, str | None]  # task → bundle ref (id or path); None: best of the store
-    ensemble_members: tuple[str, ...] | None = None  # None: every pathology bundle of ``ensemble_arch``
-    ensemble_arch: str = DEFAULT_ENSEMBLE_ARCH
-    top_k: int = 3
-    max_batch_size: int = 64
-    max_latency_ms: int = 60_000  # BentoML sheds (503) requests whose estimated wait exceeds it
-    limits: Limits = field(default_factory=Limits)
-    api_workers: int = 1
+
+class EnsembleConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    members: tuple[str, ...] | None = None  # None: every pathology bundle of ``arch``
+    arch: str = DEFAULT_ENSEMBLE_ARCH
+
+
+class _TaskEnvSource(PydanticBaseSettingsSource):
+    """``MEDZOO_SERVE_<TASK>`` (a task's bundle), ``MEDZOO_ENSEMBLE_MEMBERS`` (comma-separated) and
+    ``MEDZOO_ENSEMBLE_ARCH``: environment keys that are not fixed fields."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        tasks = {k[len(TASK_ENV_PREFIX):].lower(): v for k, v in os.environ.items()
+                 if k.startswith(TASK_ENV_PREFIX) and k not in (CONFIG_ENV, SOURCE_ENV) and v}
+        if tasks:
+            out["tasks"] = tasks
+        ensemble: dict[str, Any] = {}
+        if os.environ.get("MEDZOO_ENSEMBLE_MEMBERS"):
+            ensemble["members"] = [m.strip() for m in os.environ["MEDZOO_ENSEMBLE_MEMBERS"].split(",") if m.strip()]
+        if os.environ.get("MEDZOO_ENSEMBLE_ARCH"):
+            ensemble["arch"] = os.environ["MEDZOO_ENSEMBLE_ARCH"].strip()
+        if ensemble:
+            out["ensemble"] = ensemble
+        return out
+
+
+class ServeConfig(BaseSettings):
+    """Everything the service reads at start-up (pydantic-settings: environment over file over defaults)."""
+
+    model_config = SettingsConfigDict(env_prefix="MEDZOO_", extra="forbid", frozen=True)
+
+    tasks: dict[str, str | None] = Field(default_factory=lambda: {t: None for t in TASKS})
+    ensemble: EnsembleConfig = EnsembleConfig()
+    top_k: int = Field(3, ge=1)
+    max_batch_size: int = Field(64, ge=2)  # BentoML's adaptive batching needs room
+    max_latency_ms: int = Field(60_000, ge=1)  # BentoML sheds (503) requests whose estimated wait exceeds it
+    max_file_mb: float = Field(20, gt=0)
+    max_request_mb: float = Field(100, gt=0)
+    max_images: int = Field(64, ge=1)
+    api_workers: int = Field(1, ge=1)
     access_log: bool = True
-    ort_threads: int | None = None  # None: ONNX Runtime's default (one per physical core)
-    store: Path | None = None  # None: $MEDZOO_HOME
-    source: str = "store"  # "store" (the medzoo store) or "bento" (the BentoML model store)
-    bento_dir: Path | None = None  # the BentoML model directory when source == "bento"
+    ort_threads: int | None = Field(None, ge=1)  # None: ONNX Runtime's default (one per physical core)
+    store: Path | None = Field(None, exclude=True)  # YAML only; None: $MEDZOO_HOME
+    source: str = Field("store", exclude=True)  # "store" or "bento" (set by load_config)
+    bento_dir: Path | None = Field(None, exclude=True)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+        # first wins: the environment, then the file layer passed as init values, then defaults
+        return env_settings, _TaskEnvSource(settings_cls), init_settings
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tasks_from_top_level(cls, data: Any) -> Any:
+        """YAML keeps tasks at the top level (``skin: BUNDLE``); every default task is present."""
+        if not isinstance(data, dict):
+            return data
+        known = set(cls.model_fields)
+        tasks = {t: None for t in TASKS}
+        tasks.update({str(k): v for k, v in data.items() if k not in known})
+        tasks.update(data.get("tasks") or {})
+        return {**{k: v for k, v in data.items() if k in known}, "tasks": tasks}
+
+    @field_validator("tasks")
+    @classmethod
+    def _check_tasks(cls, tasks: dict[str, str | None]) -> dict[str, str | None]:
+        for name in tasks:
+            check_task_name(name)
+        return tasks
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _expand(cls, v: Any) -> Any:
+        return Path(str(v)).expanduser() if v else None
 
     @property
     def task_names(self) -> tuple[str, ...]:
         return tuple(self.tasks)
 
+    @property
+    def ensemble_members(self) -> tuple[str, ...] | None:
+        return self.ensemble.members
+
+    @property
+    def ensemble_arch(self) -> str:
+        return self.ensemble.arch
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(int(self.max_file_mb * 2**20), int(self.max_request_mb * 2**20), self.max_images)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly view, shown by ``/models``."""
-        return {
-            "tasks": dict(self.tasks),
-            "ensemble": {"members": list(self.ensemble_members) if self.ensemble_members is not None else None,
-                         "arch": self.ensemble_arch},
-            "top_k": self.top_k,
-            "max_batch_size": self.max_batch_size,
-            "max_latency_ms": self.max_latency_ms,
-            "max_file_mb": self.limits.max_file_bytes / 2**20,
-            "max_request_mb": self.limits.max_request_bytes / 2**20,
-            "max_images": self.limits.max_images,
-            "api_workers": self.api_workers,
-            "access_log": self.access_log,
-            "ort_threads": self.ort_threads,
-            "store": str(self.store or home()),
-            "source": self.source,
-        }
-
-
-def _positive_int(name: str, value: Any) -> int:
-    try:
-        v = int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a positive integer, not {value!r}") from None
-    if v < 1:
-        raise ConfigError(f"{name} must be a positive integer, not {value!r}")
-    return v
-
-
-def _positive_float(name: str, value: Any) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a positive number, not {value!r}") from None
-    if not v > 0:
-        raise ConfigError(f"{name} must be a positive number, not {value!r}")
-    return v
-
-
-def _flag(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{name} must be true or false, not {value!r}")
-
-
-def check_task_name(name: str) -> str:
-    if not TASK_NAME.match(name) or name in RESERVED_ROUTES:
-        raise ConfigError(
-            f"{name!r} cannot be a task name: use lower-case letters, digits and '_' "
-            f"and none of {', '.join(sorted(RESERVED_ROUTES))}"
-        )
-    return name
+        out = self.model_dump(mode="json")
+        out["ensemble"] = {"members": list(self.ensemble.members) if self.ensemble.members is not None else None,
+                           "arch": self.ensemble.arch}
+        return {**out, "store": str(self.store or home()), "source": self.source}
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -178,7 +205,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"serving config {p} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"serving config {p} must be a mapping of task: bundle and settings")
-    return raw
+    return {str(k): v for k, v in raw.items()}
 
 
 def in_bento() -> bool:
@@ -212,87 +239,37 @@ def bento_model_dir() -> Path:
         ) from None
 
 
-def load_config(
-    path: str | Path | None = None, env: Mapping[str, str] | None = None
-) -> ServeConfig:
-    """Defaults, then the YAML file (``path`` or ``$MEDZOO_SERVE_CONFIG``), then the environment."""
-    env = os.environ if env is None else env
-    raw: dict[str, Any] = {}
-    source = env.get("MEDZOO_SERVE_SOURCE", "auto").strip().lower()
+def _bento_layer(bento_dir: Path) -> dict[str, Any]:
+    """What a packaged Bento serves: the manifest's tasks, ensemble and settings."""
+    manifest = json.loads((bento_dir / MANIFEST).read_text())
+    layer: dict[str, Any] = {t: str(bento_dir / rel) if rel else None for t, rel in manifest["tasks"].items()}
+    layer["ensemble"] = {"members": [str(bento_dir / rel) for rel in manifest["ensemble"]],
+                         "arch": manifest.get("ensemble_arch", DEFAULT_ENSEMBLE_ARCH)}
+    layer.update(manifest.get("settings", {}))
+    return layer
+
+
+def load_config(path: str | Path | None = None) -> ServeConfig:
+    """Defaults, then the YAML file (``path`` or ``$MEDZOO_SERVE_CONFIG``), then ``MEDZOO_*``
+    environment variables; a mistake is a :class:`ConfigError`, one line per mistake."""
+    source = os.environ.get(SOURCE_ENV, "auto").strip().lower()
     if source not in ("auto", "store", "bento"):
-        raise ConfigError(f"MEDZOO_SERVE_SOURCE must be auto, store or bento, not {source!r}")
+        raise ConfigError(f"{SOURCE_ENV} must be auto, store or bento, not {source!r}")
     if source == "auto":
         source = "bento" if in_bento() else "store"
+    layer: dict[str, Any] = {}
     bento_dir = None
     if source == "bento":
         bento_dir = bento_model_dir()
-        manifest = json.loads((bento_dir / MANIFEST).read_text())
-        raw.update({t: str(bento_dir / rel) if rel else None for t, rel in manifest["tasks"].items()})
-        raw["ensemble"] = {"members": [str(bento_dir / rel) for rel in manifest["ensemble"]],
-                           "arch": manifest.get("ensemble_arch", DEFAULT_ENSEMBLE_ARCH)}
-        raw.update(manifest.get("settings", {}))
-    cfg_path = path or env.get(CONFIG_ENV)
+        layer.update(_bento_layer(bento_dir))
+    cfg_path = path or os.environ.get(CONFIG_ENV)
     if cfg_path:
-        raw.update(read_yaml(cfg_path))
-
-    tasks: dict[str, str | None] = {t: None for t in TASKS}
-    ensemble: dict[str, Any] = {}
-    settings: dict[str, Any] = {}
-    store: Path | None = None
-    for key, value in raw.items():
-        key = str(key)
-        if key == "ensemble":
-            if value is None:
-                continue
-            if not isinstance(value, dict) or set(value) - {"members", "arch"}:
-                raise ConfigError("ensemble must be a mapping with 'members' (a list) and/or 'arch'")
-            ensemble = dict(value)
-        elif key in SETTINGS:
-            settings[key] = value
-        elif key == "store":
-            store = Path(str(value)).expanduser() if value else None
-        else:
-            if value is not None and not isinstance(value, (str, Path)):
-                raise ConfigError(f"task {key!r} must name one bundle (an id or a directory), not {value!r}")
-            tasks[check_task_name(key)] = str(value) if value is not None else None
-    for task in list(tasks):
-        ref = env.get(f"MEDZOO_SERVE_{task.upper()}")
-        if ref:
-            tasks[task] = ref
-    if env.get("MEDZOO_ENSEMBLE_MEMBERS"):
-        ensemble["members"] = [m.strip() for m in env["MEDZOO_ENSEMBLE_MEMBERS"].split(",") if m.strip()]
-    if env.get("MEDZOO_ENSEMBLE_ARCH"):
-        ensemble["arch"] = env["MEDZOO_ENSEMBLE_ARCH"].strip()
-    for key in SETTINGS:
-        if env.get(f"MEDZOO_{key.upper()}"):
-            settings[key] = env[f"MEDZOO_{key.upper()}"]
-    members = ensemble.get("members")
-    if members is not None and (not isinstance(members, list) or not all(isinstance(m, str) for m in members)):
-        raise ConfigError("ensemble.members must be a list of bundle ids or directories")
-    limits = Limits(
-        max_file_bytes=int(_positive_float("max_file_mb", settings.get("max_file_mb", 20)) * 2**20),
-        max_request_bytes=int(_positive_float("max_request_mb", settings.get("max_request_mb", 100)) * 2**20),
-        max_images=_positive_int("max_images", settings.get("max_images", 64)),
-    )
-    max_batch = _positive_int("max_batch_size", settings.get("max_batch_size", 64))
-    if max_batch < 2:
-        raise ConfigError("max_batch_size must be at least 2 (BentoML's adaptive batching needs room)")
-    return ServeConfig(
-        tasks=tasks,
-        ensemble_members=tuple(members) if members is not None else None,
-        ensemble_arch=str(ensemble.get("arch") or DEFAULT_ENSEMBLE_ARCH),
-        top_k=_positive_int("top_k", settings.get("top_k", 3)),
-        max_batch_size=max_batch,
-        max_latency_ms=_positive_int("max_latency_ms", settings.get("max_latency_ms", 60_000)),
-        limits=limits,
-        api_workers=_positive_int("api_workers", settings.get("api_workers", 1)),
-        access_log=_flag("access_log", settings.get("access_log", True)),
-        ort_threads=(_positive_int("ort_threads", settings["ort_threads"])
-                     if settings.get("ort_threads") not in (None, "") else None),
-        store=store,
-        source=source,
-        bento_dir=bento_dir,
-    )
+        layer.update(read_yaml(cfg_path))
+    try:
+        return ServeConfig(**layer, source=source, bento_dir=bento_dir)
+    except ValidationError as e:
+        where = f"serving config {cfg_path}" if cfg_path else "serving config"
+        raise ConfigError(f"{where}: " + "; ".join(describe_validation_error(e, ServeConfig).splitlines())) from None
 
 
 @dataclass(frozen=True)
@@ -324,14 +301,12 @@ def resolve_task(cfg: ServeConfig, task: str) -> Resolved:
     if ref is None:
         try:
             best = best_bundle(task, cfg.store)
-        except ValueError:  # an extra task whose name is not a dataset
+        except UnknownNameError:  # an extra task whose name is not a dataset
             return Resolved(task, None, f"task {task!r} has no bundle configured: set {task}: BUNDLE in the serving config")
         if best is None:
             where = bundles_dir(cfg.store)
             return Resolved(task, None, f"no {TASKS.get(task, task)} bundle in {where}: {train_hint(task)}")
         return Resolved(task, best)
-    from zoo.bundle import BundleError
-
     try:
         return Resolved(task, resolve_bundle(ref, cfg.store))
     except BundleError as e:
@@ -339,10 +314,8 @@ def resolve_task(cfg: ServeConfig, task: str) -> Resolved:
 
 
 def resolve_ensemble(cfg: ServeConfig) -> tuple[list[Resolved], str]:
-    """Ensemble members (configured, else every pathology bundle of the ensemble arch) and problems."""
-    from zoo.bundle import BundleError
-    from zoo.data import resolve_name
-
+    """Ensemble members (configured, else every pathology bundle of the ensemble arch, chosen by
+    :func:`zoo.ensemble.choose_members`) and the problems met."""
     problems: list[str] = []
     out: list[Resolved] = []
     if cfg.ensemble_members is not None:
@@ -351,11 +324,9 @@ def resolve_ensemble(cfg: ServeConfig) -> tuple[list[Resolved], str]:
                 out.append(Resolved(ENSEMBLE_ROUTE, resolve_bundle(ref, cfg.store)))
             except BundleError as e:
                 problems.append(str(e))
-    else:
-        flag = resolve_name(TASKS[ENSEMBLE_TASK])
-        out = [
-            Resolved(ENSEMBLE_ROUTE, p)
-            for p, card in list_bundles(cfg.store)
-            if card.get("dataset", {}).get("name") == flag and card.get("arch") == cfg.ensemble_arch
-        ]
-    return out, "; ".join(problems)
+        return out, "; ".join(problems)
+    try:
+        paths = choose_members(ENSEMBLE_TASK, cfg.store, arch=cfg.ensemble_arch)
+    except (EnsembleError, BundleError) as e:
+        return [], str(e)
+    return [Resolved(ENSEMBLE_ROUTE, p) for p in paths], ""

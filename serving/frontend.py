@@ -33,7 +33,8 @@ from starlette.routing import Route
 from starlette.types import Message, Receive
 
 from serving.config import ENSEMBLE_ROUTE, Limits
-from zoo.metrics import to_probs
+from zoo.ensemble import COMBINE, combine
+from zoo.postprocess import to_probs, top_classes
 from zoo.preprocess import ImageError, Preprocessing, load_image
 
 log = logging.getLogger("serving")
@@ -258,11 +259,6 @@ def parse_top_k(request: Request, options: dict[str, str], default: int) -> int:
     return k
 
 
-def top_classes(probs: np.ndarray, labels: list[str], k: int) -> list[dict[str, Any]]:
-    order = np.argsort(-probs, kind="stable")[: min(k, len(labels))]
-    return [{"class": int(i), "label": labels[int(i)], "prob": float(probs[int(i)])} for i in order]
-
-
 def _stack(items: list[Item]) -> np.ndarray:
     """The decoded images of ``items`` as one uint8 batch (N, C, H, W)."""
     return np.stack([it.array for it in items if it.array is not None])
@@ -356,30 +352,27 @@ class Frontend:
         members = info["members"]
         labels: list[str] = info["labels"]
         if good:
-            member_logits = await self._infer(self.backend.predict_members(_stack(good)))
-            mean = member_logits.mean(axis=1)
-            probs = to_probs(mean)
-            member_top = member_logits.argmax(axis=2)  # (N, M)
-            member_probs = np.stack([to_probs(member_logits[:, j]) for j in range(len(members))], axis=1)
+            member_logits = await self._infer(self.backend.predict_members(_stack(good)))  # (N, M, K)
+            out = combine(member_logits.transpose(1, 0, 2))
             for n, it in enumerate(good):
-                top = int(probs[n].argmax())
                 results[it.index] = {
                     "index": it.index,
                     "filename": it.filename,
-                    "top": top_classes(probs[n], labels, k),
-                    "probs": [float(v) for v in probs[n]],
-                    "logits": [float(v) for v in mean[n]],
-                    "agreement": float((member_top[n] == top).mean()),
+                    "top": top_classes(out.probs[n], labels, k),
+                    "probs": [float(v) for v in out.probs[n]],
+                    "logits": [float(v) for v in out.logits[n]],
+                    "agreement": float(out.agreement[n]),
                     "members": [
-                        {"id": m["id"], "weights_sha256": m["weights_sha256"], "class": int(member_top[n, j]),
-                         "label": labels[int(member_top[n, j])], "prob": float(member_probs[n, j, member_top[n, j]])}
+                        {"id": m["id"], "weights_sha256": m["weights_sha256"], "class": int(out.member_classes[n, j]),
+                         "label": labels[int(out.member_classes[n, j])],
+                         "prob": float(out.member_probs[n, j, out.member_classes[n, j]])}
                         for j, m in enumerate(members)
                     ],
                 }
         body: dict[str, Any] = {
             "task": ENSEMBLE_ROUTE,
             "model": {"ensemble": [{"id": m["id"], "weights_sha256": m["weights_sha256"]} for m in members],
-                      "arch": info["arch"], "combine": "mean of logits"},
+                      "arch": info["arch"], "combine": COMBINE},
             "results": [results[i] for i in sorted(results)],
         }
         status = _overall_status(items)

@@ -24,12 +24,12 @@ from serving.config import (
     resolve_ensemble,
     resolve_task,
 )
-from zoo.bundle import BundleError, read_card
-from zoo.runtime import ModelFileError, OnnxModel
+from zoo.card import Card, read_card
+from zoo.ensemble import check_compatible
+from zoo.errors import BundleError, EnsembleError, ModelFileError
+from zoo.runtime import GPU_PROVIDERS, OnnxModel
 
 log = logging.getLogger("serving")
-
-GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
 
 class NotServed(RuntimeError):
@@ -42,33 +42,33 @@ class ServedModel:
 
     task: str
     path: Path
-    card: dict[str, Any]
+    card: Card
     model: OnnxModel
 
     @property
     def id(self) -> str:
-        return str(self.card["id"])
+        return self.card.id
 
     @property
     def weights_sha256(self) -> str:
-        return str(self.card.get("weights_sha256", ""))
+        return self.card.weights_sha256
 
     def info(self) -> dict[str, Any]:
         """The card as ``/models`` shows it (metrics without the per-epoch history)."""
-        metrics = {k: v for k, v in self.card.get("metrics", {}).items() if k != "history"}
+        metrics = self.card.metrics.model_dump(mode="json", exclude={"history"})
         return {
             "task": self.task,
             "status": "ok",
             "id": self.id,
-            "arch": self.card.get("arch"),
-            "dataset": self.card.get("dataset", {}).get("name"),
+            "arch": self.card.arch,
+            "dataset": self.card.dataset.name,
             "labels": self.model.labels,
-            "num_outputs": self.card.get("num_outputs"),
-            "preprocessing": self.model.meta["preprocessing"],
+            "num_outputs": self.card.num_outputs,
+            "preprocessing": self.model.meta.preprocessing.to_dict(),
             "metrics": metrics,
-            "reported": self.card.get("reported"),
+            "reported": self.card.reported.model_dump(mode="json"),
             "weights_sha256": self.weights_sha256,
-            "created": self.card.get("created"),
+            "created": self.card.created,
             "provider": self.model.provider,
             "onnx": self.model.path.name,
             "path": str(self.path),
@@ -92,7 +92,7 @@ def open_bundle(task: str, path: Path, threads: int | None = None) -> ServedMode
     """Open a bundle's ``model.onnx`` on the best provider."""
     card = read_card(path)
     model = OnnxModel.open(path, threads=threads)  # checks the file against the sha256 the card recorded
-    log.info("%s: %s (%s) on %s", task, card["id"], card.get("arch"), model.provider)
+    log.info("%s: %s (%s) on %s", task, card.id, card.arch, model.provider)
     if model.provider not in GPU_PROVIDERS:
         log.info("%s: no GPU provider in this ONNX Runtime; running on the CPU", task)
     served = ServedModel(task=task, path=path, card=card, model=model)
@@ -162,9 +162,12 @@ class ModelTable:
             except (BundleError, ModelFileError) as e:
                 notes.append(str(e))
                 continue
-            if self.members and not _compatible(self.members[0], m):
-                notes.append(f"{m.id} left out: its input or labels differ from {self.members[0].id}")
-                continue
+            if self.members:
+                try:
+                    check_compatible([self.members[0].model.meta, m.model.meta])
+                except EnsembleError as e:
+                    notes.append(f"{m.id} left out: {e}")
+                    continue
             self.members.append(m)
         if len(self.members) < 2:
             have = ", ".join(m.id for m in self.members) or "none"
@@ -211,13 +214,8 @@ class ModelTable:
         }
         if self.members:
             ensemble["labels"] = self.members[0].model.labels
-            ensemble["preprocessing"] = self.members[0].model.meta["preprocessing"]
+            ensemble["preprocessing"] = self.members[0].model.meta.preprocessing.to_dict()
         return {"tasks": tasks, "ensemble": ensemble, "config": self.cfg.to_dict()}
-
-
-def _compatible(a: ServedModel, b: ServedModel) -> bool:
-    pa, pb = a.model.preprocessing, b.model.preprocessing
-    return (pa.image_size, pa.in_channels) == (pb.image_size, pb.in_channels) and a.model.labels == b.model.labels
 
 
 class LocalBackend:

@@ -16,16 +16,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from serving.config import (
-    BENTO_MODEL_NAME,
-    MANIFEST,
-    ConfigError,
-    ServeConfig,
-    resolve_ensemble,
-    resolve_task,
-)
-from zoo.bundle import CARD, RECIPE, read_card, sha256_of
-from zoo.runtime import ONNX_FILE
+from serving.config import BENTO_MODEL_NAME, MANIFEST, ServeConfig, resolve_ensemble, resolve_task
+from zoo.card import CARD, ONNX_FILE, RECIPE, read_card
+from zoo.errors import ConfigError
+from zoo.io import atomic_write_bytes, sha256_of
 
 log = logging.getLogger("serving")
 
@@ -49,14 +43,14 @@ def plan(cfg: ServeConfig) -> tuple[dict[str, Any], dict[str, Path]]:
             log.warning("%s: nothing to package (%s)", task, r.message or f"{r.path} has no {ONNX_FILE}")
             tasks[task] = None
             continue
-        bid = read_card(r.path)["id"]
+        bid = read_card(r.path).id
         bundles[bid] = r.path
         tasks[task] = f"bundles/{bid}"
     members, _ = resolve_ensemble(cfg)
     ensemble = []
     for r in members:
         if r.path is not None and _servable(r.path):
-            bid = read_card(r.path)["id"]
+            bid = read_card(r.path).id
             bundles[bid] = r.path
             ensemble.append(f"bundles/{bid}")
     if not bundles:
@@ -68,7 +62,7 @@ def plan(cfg: ServeConfig) -> tuple[dict[str, Any], dict[str, Path]]:
         # What a Bento carries of the configuration: the serving behaviour, not this host's
         # worker counts, threads or store path.
         "settings": {k: v for k, v in cfg.to_dict().items() if k in PACKAGED_SETTINGS},
-        "weights": {bid: read_card(p).get("weights_sha256") for bid, p in sorted(bundles.items())},
+        "weights": {bid: read_card(p).weights_sha256 for bid, p in sorted(bundles.items())},
         "onnx": {bid: sha256_of(p / ONNX_FILE) for bid, p in sorted(bundles.items())},
     }
     return manifest, bundles
@@ -90,13 +84,14 @@ def package_models(cfg: ServeConfig) -> str:
         pass
     labels = {"project": "medzoo"}
     labels.update({t: (rel.split("/", 1)[1] if rel else "none")[:63] for t, rel in manifest["tasks"].items()})
-    with bentoml.models.create(tag, labels=labels, metadata={"manifest": manifest}) as model:
+    # metadata takes basic types only (a task without a bundle is null): the manifest as JSON text
+    with bentoml.models.create(tag, labels=labels, metadata={"manifest": json.dumps(manifest, sort_keys=True)}) as model:
         root = Path(model.path)
         for bid, src in bundles.items():
             dst = root / "bundles" / bid
             dst.mkdir(parents=True)
             for name in PACKED_FILES:
                 shutil.copy2(src / name, dst / name)
-        (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        atomic_write_bytes(root / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
     log.info("packaged %d bundle(s) as %s", len(bundles), tag)
     return tag

@@ -17,24 +17,20 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from export import card_metadata, check_bundle, export_bundle, onnx_export, parity
-from export.parity import ParityError
+from export import check_bundle, ensure_exported, export_bundle, onnx_export, parity
 from export.torchscript_export import load_torchscript
-from zoo.bundle import load_bundle, read_card, save_bundle, sha256_of, update_card
+from zoo.bundle import load_bundle, save_bundle
+from zoo.card import ONNX_FILE, ONNX_FP16_FILE, TORCHSCRIPT_FILE, ExportMeta, read_card, update_card
 from zoo.cli import main
-from zoo.evaluate import bundle_splits, evaluate_bundle
-from zoo.metrics import compute_metrics, to_probs
+from zoo.errors import ModelFileError, ParityError
+from zoo.evaluate import evaluate_bundle
+from zoo.inference import bundle_splits
+from zoo.io import sha256_of
+from zoo.metrics import compute_metrics
 from zoo.models import create_model, get_spec, list_models
+from zoo.postprocess import to_probs
 from zoo.preprocess import Preprocessing
-from zoo.runtime import (
-    METADATA_KEY,
-    ONNX_FILE,
-    ONNX_FP16_FILE,
-    REQUIRED_METADATA,
-    TORCHSCRIPT_FILE,
-    ModelFileError,
-    OnnxModel,
-)
+from zoo.runtime import METADATA_KEY, OnnxModel
 
 # minutes of CPU each on 2 cores: export + trace + parity at batch 1, 7, 64
 HEAVY = {"resnet50", "resnet50_tl", "resnet152", "xception"}
@@ -106,7 +102,7 @@ def test_every_architecture_exports_with_parity(arch: str, tmp_path: Path) -> No
         assert all(b["disagreements"] == 0 and b["n"] == int(k) for k, b in par["batches"].items())
         assert sha256_of(path / rec["file"]) == rec["sha256"] and rec["size"] == (path / rec["file"]).stat().st_size
     assert records["onnx"]["opset"] >= 18 and records["onnx"]["provider"] in ort.get_available_providers()
-    assert read_card(path)["exports"] == records
+    assert {k: v.model_dump() for k, v in read_card(path).exports.items()} == records
     assert not [p for p in path.iterdir() if p.name.startswith(".")], "temporary files left behind"
     sess = OnnxModel.open(path).session
     assert sess.get_inputs()[0].type == "tensor(uint8)" and isinstance(sess.get_inputs()[0].shape[0], str)
@@ -134,11 +130,14 @@ def test_resize_rgb_single_logit_and_fp16(tmp_path: Path) -> None:
     assert resize.input[0] not in {c.output[0] for c in casts[1:]}
 
 
-def test_export_onnx_for_scoring(tmp_path: Path) -> None:
-    """``export_onnx`` (used by ``zoo score``) writes and records ``model.onnx`` only."""
+def test_ensure_exported_exports_only_what_is_missing(tmp_path: Path) -> None:
+    """The one "export if missing" (scoring, serving, the Python API): ``model.onnx`` only, once."""
     path = make_bundle(tmp_path, "lenet", 28)
-    assert onnx_export.export_onnx(path) == path / ONNX_FILE
-    assert set(read_card(path)["exports"]) == {"onnx"} and not (path / TORCHSCRIPT_FILE).exists()
+    assert ensure_exported(path) == {"onnx": path / ONNX_FILE}
+    assert set(read_card(path).exports) == {"onnx"} and not (path / TORCHSCRIPT_FILE).exists()
+    stamp = (path / ONNX_FILE).stat().st_mtime_ns
+    ensure_exported(path)  # present: left alone
+    assert (path / ONNX_FILE).stat().st_mtime_ns == stamp
 
 
 # --- the model trained on the real BreastMNIST -------------------------------------------------
@@ -162,8 +161,8 @@ def exported_copy(exported_breast: Path, tmp_path: Path) -> Path:
 
 
 def test_breast_parity_on_real_test_images(exported_breast: Path, breast_root: Path) -> None:
-    exports = read_card(exported_breast)["exports"]
-    n_test = len(bundle_splits(load_bundle(exported_breast), breast_root).test)
+    exports = {k: v.model_dump() for k, v in read_card(exported_breast).exports.items()}
+    n_test = len(bundle_splits(read_card(exported_breast), breast_root).test)
     assert set(exports) == {"onnx", "torchscript", "onnx_fp16"}
     for rec in exports.values():
         par = rec["parity"]
@@ -185,7 +184,7 @@ def test_breast_parity_on_real_test_images(exported_breast: Path, breast_root: P
 def test_onnx_gives_the_metrics_of_zoo_eval(exported_breast: Path, breast_root: Path) -> None:
     expected = evaluate_bundle(exported_breast, "test", breast_root, device="cpu")["metrics"]
     model = OnnxModel.open(exported_breast)
-    test = bundle_splits(load_bundle(exported_breast), breast_root).test
+    test = bundle_splits(read_card(exported_breast), breast_root).test
     got = compute_metrics(test.labels.numpy(), to_probs(model.predict(test.images.numpy())), model.labels)
     assert got["n"] == expected["n"] and got["confusion"] == expected["confusion"]
     assert got["acc"] == expected["acc"] and got["macro_f1"] == expected["macro_f1"]
@@ -199,14 +198,15 @@ def test_lone_files_carry_everything_needed(exported_breast: Path, tmp_path: Pat
     lone = tmp_path / "breast.onnx"
     shutil.copy(exported_breast / ONNX_FILE, lone)
     model = OnnxModel.open(lone)
-    assert set(REQUIRED_METADATA) | {"dataset"} <= set(model.meta)
-    assert model.meta == card_metadata(card, "onnx") and model.meta["dataset"] == "breastmnist"
-    assert model.labels == card["labels"] and model.preprocessing.to_dict() == card["preprocessing"]
+    assert isinstance(model.meta, ExportMeta)
+    assert model.meta.model_dump(exclude={"medzoo"}) == card.export_meta("onnx").model_dump(exclude={"medzoo"})
+    assert model.meta.dataset == "breastmnist"
+    assert model.labels == card.labels and model.preprocessing == card.preprocessing
     np.testing.assert_array_equal(model.predict(x), OnnxModel.open(exported_breast).predict(x))
     lone_ts = tmp_path / "breast.pt"
     shutil.copy(exported_breast / TORCHSCRIPT_FILE, lone_ts)
     ts = load_torchscript(lone_ts)
-    assert ts.meta == card_metadata(card, "torchscript")
+    assert ts.meta == card.export_meta("torchscript")
     reference = load_bundle(exported_breast).model(torch.from_numpy(x)).detach().numpy()
     np.testing.assert_allclose(ts.predict(x), reference, atol=parity.ABS_TOL)
 
@@ -216,7 +216,7 @@ def test_provider_is_chosen_and_reported(exported_copy: Path, capsys: pytest.Cap
     model = OnnxModel.open(exported_copy, providers=["TensorrtExecutionProvider", "CUDAExecutionProvider"])
     gpu = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
     assert model.provider == [*gpu, "CPUExecutionProvider"][0]
-    assert read_card(exported_copy)["exports"]["onnx"]["provider"] in available
+    assert read_card(exported_copy).exports["onnx"].provider in available
     assert main(["export", str(exported_copy), "--check", "--format", "onnx"]) == 0
     out = capsys.readouterr().out
     assert f"ONNX Runtime provider: {OnnxModel.open(exported_copy).provider}" in out
@@ -278,7 +278,7 @@ def test_export_from_other_weights_or_unrecorded_is_refused(exported_copy: Path)
         OnnxModel.open(exported_copy)
     with pytest.raises(ModelFileError, match="was exported from"):
         load_torchscript(exported_copy)
-    update_card(exported_copy, weights_sha256=card["weights_sha256"], exports={})
+    update_card(exported_copy, weights_sha256=card.weights_sha256, exports={})
     with pytest.raises(ModelFileError, match="not recorded"):
         OnnxModel.open(exported_copy)
 
@@ -351,7 +351,7 @@ def test_check_alone_records_or_refuses(exported_copy: Path, monkeypatch: pytest
                                         capsys: pytest.CaptureFixture[str]) -> None:
     checked = check_bundle(exported_copy, ["torchscript"])
     assert checked["torchscript"]["parity"]["passed"]
-    assert "checked" in read_card(exported_copy)["exports"]["torchscript"]
+    assert read_card(exported_copy).exports["torchscript"].checked
     before, card = _listing(exported_copy), (exported_copy / "card.json").read_bytes()
     monkeypatch.setattr(parity, "ABS_TOL", 0.0)
     monkeypatch.setattr(parity, "REL_TOL", 0.0)

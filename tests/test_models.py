@@ -155,9 +155,9 @@ def test_sizes_of_spec_variants() -> None:
     def build(*args: object) -> nn.Module:
         return nn.Identity()
 
-    fixed = ModelSpec("f", build, 28, None, 224, "003", "s", False)
-    assert fixed.sizes() == [224]
-    bounded = ModelSpec("b", build, 60, 130, None, "000", "s", False)
+    fixed = ModelSpec("f", "tests:build", min_size=28, fixed_size=224, _builder=build)
+    assert fixed.sizes() == [224] and fixed.builder is build
+    bounded = ModelSpec("b", "tests:build", min_size=60, max_size=130, _builder=build)
     assert bounded.sizes() == [64, 128]
 
 

@@ -9,13 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from zoo.preprocess import (
-    MAX_PIXELS,
-    ImageError,
-    InputAdapter,
-    Preprocessing,
-    load_image,
-)
+from zoo.preprocess import MAX_PIXELS, ImageError, Preprocessing, load_image
+from zoo.preprocess.adapter import InputAdapter
 
 GREY = Preprocessing(28, 28, 1, (0.5,), (0.25,))
 RGB = Preprocessing(28, 28, 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))

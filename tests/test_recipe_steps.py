@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from zoo.bundle import load_bundle
-from zoo.data import FOLDER_DATASETS, resolve_name
+from zoo.names import FOLDER_DATASETS, resolve_name
 from zoo.data.synthetic import synthetic_arrays, write_synthetic_medmnist
 from zoo.recipe import apply_overrides, load_recipe_file, recipe_files
 from zoo.train import train
@@ -55,6 +55,6 @@ def test_recipe_trains_a_step(path: Path, tmp_path: Path) -> None:
     recipe = apply_overrides(recipe, {"epochs": 1, "batch_size": 4, "train.eval_batch_size": 8, "pretrained": False})
     result = train(recipe, data_root=root, store=tmp_path / "store", progress=False, download=False)
     card = result.card
-    assert card["training"]["epochs_run"] == 1 and card["reported"]["report"] == recipe.report
-    assert np.isfinite(card["metrics"]["history"][0]["train_loss"])
+    assert card.training.epochs_run == 1 and card.reported.report == recipe.report
+    assert np.isfinite(card.metrics.history[0]["train_loss"])
     load_bundle(result.bundle)  # the bundle it wrote loads and verifies

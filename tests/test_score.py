@@ -25,12 +25,14 @@ import pytest
 import torch
 from PIL import Image
 
-from zoo.bundle import load_bundle, read_card, save_bundle
+from zoo.bundle import save_bundle
+from zoo.card import ONNX_FILE, read_card
 from zoo.cli import main
-from zoo.evaluate import bundle_splits, evaluate_bundle
-from zoo.metrics import to_probs
+from zoo.evaluate import evaluate_bundle
+from zoo.inference import bundle_splits
+from zoo.postprocess import to_probs
 from zoo.preprocess import load_image
-from zoo.runtime import ONNX_FILE, OnnxModel
+from zoo.runtime import OnnxModel
 from zoo.score import CRASH_REASON, ensure_onnx, score_folder
 from zoo.score import decode as score_decode
 from zoo.score import run as score_run
@@ -66,7 +68,7 @@ def bundle(breast_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 @pytest.fixture(scope="module")
 def test_split(bundle: Path, breast_root: Path) -> tuple[np.ndarray, np.ndarray]:
     """The exact test arrays and labels ``zoo eval`` uses."""
-    ds = bundle_splits(load_bundle(bundle), breast_root).test
+    ds = bundle_splits(read_card(bundle), breast_root).test
     return ds.images.numpy(), ds.labels.numpy()
 
 
@@ -116,12 +118,12 @@ def test_png_predictions_equal_zoo_eval(scored: dict[str, Any], image_folder: di
                                         breast_root: Path, store: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert not scored["had_onnx"] and (bundle / ONNX_FILE).is_file(), "scoring exports a bundle without model.onnx"
     rows = _read_csv(scored["out"])
-    labels = read_card(bundle)["labels"]
+    labels = read_card(bundle).labels
     ev = scored["eval"]
     expected = sorted([*image_folder["png"], *image_folder["jpeg"]])
     assert [r["path"] for r in rows] == expected  # one row per image, sorted relative paths
     assert list(rows[0]) == ["path", "model_id", "top_class", *(f"prob_{lab}" for lab in labels)]
-    assert {r["model_id"] for r in rows} == {read_card(bundle)["id"]}
+    assert {r["model_id"] for r in rows} == {read_card(bundle).id}
 
     by_path = {r["path"]: r for r in rows}
     idx = np.array([image_folder["png"][p] for p in sorted(image_folder["png"])])
@@ -325,8 +327,8 @@ def second_bundle(bundle: Path, scored: dict[str, Any], tmp_path_factory: pytest
     torch.manual_seed(7)
     net = build_net(card)
     store = tmp_path_factory.mktemp("ensemble_store")
-    new_id = card["id"] + "-untrained"
-    path = save_bundle(store / "bundles" / new_id, net, {**card, "id": new_id}, (bundle / "recipe.yaml").read_text())
+    new_id = card.id + "-untrained"
+    path = save_bundle(store / "bundles" / new_id, net, card.to_json_dict(), (bundle / "recipe.yaml").read_text())
     shutil.copytree(bundle, store / "bundles" / bundle.name)
     ensure_onnx(path)
     return path

@@ -10,7 +10,6 @@ same decoded arrays.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import io
 import json
 import os
@@ -103,12 +102,12 @@ class Served:
 
 
 def _copy_and_export(src: Path, store_root: Path, data_root: Path) -> Path:
-    from serving.bootstrap import export_onnx
+    from export import ensure_exported
 
     dst = store_root / "bundles" / src.name
     if not dst.exists():
         shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.onnx", "model.fp16.onnx", "model.torchscript.pt"))
-        export_onnx(dst, data_root)
+        ensure_exported(dst, ("onnx",), data_root)
     return dst
 
 
@@ -133,9 +132,9 @@ def served(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequ
     # A second pathology bundle (another seed) so that the ensemble has two members.
     recipe = apply_overrides(find_recipe("path", "simplecnn"), {"epochs": 1, "batch_size": 32, "seed": 1})
     second = train(recipe, data_root=synthetic_root, store=root, progress=False, download=False).bundle
-    from serving.bootstrap import export_onnx
+    from export import ensure_exported
 
-    export_onnx(second, synthetic_root)
+    ensure_exported(second, ("onnx",), synthetic_root)
     return Served(root=root, bundles=bundles, members=sorted([bundles["pathology"], second]), data_roots=data_roots)
 
 
@@ -229,7 +228,7 @@ def _good_png(seed: int = 0) -> bytes:
 
 
 def test_models_lists_the_served_cards(server: Server, served: Served) -> None:
-    from zoo.bundle import read_card
+    from zoo.card import read_card
 
     body = server.client().get("/models").json()
     by_task = {m["task"]: m for m in body["models"]}
@@ -237,8 +236,8 @@ def test_models_lists_the_served_cards(server: Server, served: Served) -> None:
         card = read_card(bundle)
         m = by_task[task]
         assert m["status"] == "ok"
-        assert (m["id"], m["arch"], m["dataset"], m["labels"]) == (card["id"], card["arch"], FLAGS[task], card["labels"])
-        assert m["weights_sha256"] == card["weights_sha256"]
+        assert (m["id"], m["arch"], m["dataset"], m["labels"]) == (card.id, card.arch, FLAGS[task], card.labels)
+        assert m["weights_sha256"] == card.weights_sha256
         assert m["provider"] == "CPUExecutionProvider"
         assert set(m["metrics"]) >= {"val", "test"}
     assert by_task["chest"]["status"] == "missing"
@@ -251,7 +250,7 @@ def test_models_lists_the_served_cards(server: Server, served: Served) -> None:
 def test_answers_equal_zoo_eval(server: Server, served: Served, task: str, tmp_path: Path) -> None:
     """Real PNG files of the test split, uploaded in one request: top classes and probabilities
     are those of ``evaluate_bundle`` (the PyTorch model) for the same images."""
-    from zoo.bundle import read_card
+    from zoo.card import read_card
     from zoo.evaluate import evaluate_bundle
 
     if task not in served.bundles:
@@ -260,20 +259,20 @@ def test_answers_equal_zoo_eval(server: Server, served: Served, task: str, tmp_p
     ref = evaluate_bundle(bundle, "test", served.data_roots[task], device="cpu", download=False)
     n = min(MAX_IMAGES, len(ref["pred"]))
     paths = write_pngs(_test_images(served, task)[:n], tmp_path, task)
-    k = len(read_card(bundle)["labels"])
+    k = len(read_card(bundle).labels)
     upload = [("images", (p.name, p.read_bytes(), "image/png")) for p in paths]
     r = server.client().post(f"/{task}", files=upload, data={"top_k": str(k)})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["model"]["id"] == read_card(bundle)["id"]
+    assert body["model"]["id"] == read_card(bundle).id
     for i, res in enumerate(body["results"]):
         assert res["filename"] == paths[i].name
-        assert res["model"] == {"id": read_card(bundle)["id"], "weights_sha256": read_card(bundle)["weights_sha256"]}
+        assert res["model"] == {"id": read_card(bundle).id, "weights_sha256": read_card(bundle).weights_sha256}
         assert res["top"][0]["class"] == int(ref["pred"][i])
         probs = np.zeros(k)
         for t in res["top"]:
             probs[t["class"]] = t["prob"]
-            assert t["label"] == read_card(bundle)["labels"][t["class"]]
+            assert t["label"] == read_card(bundle).labels[t["class"]]
         np.testing.assert_allclose(probs, ref["probs"][i], atol=1e-4)
     # the default top-k is 3, and one image alone answers the same
     one = server.client().post(f"/{task}", files=upload[:1]).json()["results"][0]
@@ -515,14 +514,16 @@ async def _post(app: Any, path: str, **kw: Any) -> httpx.Response:
 
 
 @pytest.mark.parametrize("members", ["default arch", "one member"])
-def test_ensemble_with_fewer_than_two_members_answers_503(served: Served, members: str) -> None:
+def test_ensemble_with_fewer_than_two_members_answers_503(served: Served, members: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """In-process (same handlers, no second server): resnet152 by default, of which there is none."""
     from serving.config import load_config
 
-    env = {"MEDZOO_HOME": str(served.root), "MEDZOO_SERVE_SOURCE": "store"}
+    monkeypatch.setenv("MEDZOO_HOME", str(served.root))
+    monkeypatch.setenv("MEDZOO_SERVE_SOURCE", "store")
     if members == "one member":
-        env["MEDZOO_ENSEMBLE_MEMBERS"] = served.members[0].name
-    cfg = dataclasses.replace(load_config(env=env), store=served.root)
+        monkeypatch.setenv("MEDZOO_ENSEMBLE_MEMBERS", served.members[0].name)
+    cfg = load_config().model_copy(update={"store": served.root})
     app = _local_app(cfg)
     r = asyncio.run(_post(app, "/pathology_ensemble", files=files(("a.png", _good_png()))))
     assert r.status_code == 503
@@ -535,19 +536,28 @@ def test_ensemble_with_fewer_than_two_members_answers_503(served: Served, member
 # --------------------------------------------------------------------------- config, runtime, CLI, build
 
 
-def test_config_precedence_and_validation(tmp_path: Path) -> None:
+def test_config_precedence_and_validation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from serving.config import ConfigError, load_config
 
     f = tmp_path / "serve.yaml"
     f.write_text("skin: a\nbreast: b\ntop_k: 5\nensemble: {members: [m1, m2], arch: resnet18}\nmax_file_mb: 2\n")
-    cfg = load_config(f, env={"MEDZOO_SERVE_SKIN": "from-env", "MEDZOO_TOP_K": "4", "MEDZOO_SERVE_SOURCE": "store"})
+    for key, value in {"MEDZOO_SERVE_SKIN": "from-env", "MEDZOO_TOP_K": "4", "MEDZOO_SERVE_SOURCE": "store",
+                       "MEDZOO_ENSEMBLE_ARCH": "resnet50"}.items():
+        monkeypatch.setenv(key, value)
+    cfg = load_config(f)
     assert cfg.tasks == {"skin": "from-env", "organ": None, "pathology": None, "breast": "b"}
-    assert (cfg.top_k, cfg.ensemble_members, cfg.ensemble_arch) == (4, ("m1", "m2"), "resnet18")
+    assert (cfg.top_k, cfg.ensemble_members, cfg.ensemble_arch) == (4, ("m1", "m2"), "resnet50")
     assert cfg.limits.max_file_bytes == 2 * 2**20
-    for bad in ("models: x\n", "top_k: 0\n", "skin: [1, 2]\n", "Bad-Name: x\n", "max_batch_size: 1\n", "- a\n"):
+    for key in ("MEDZOO_SERVE_SKIN", "MEDZOO_TOP_K", "MEDZOO_ENSEMBLE_ARCH"):
+        monkeypatch.delenv(key)
+    bad_cases = {"models: x\n": "cannot be a task name", "top_k: 0\n": "top_k", "skin: [1, 2]\n": "skin",
+                 "Bad-Name: x\n": "Bad-Name", "max_batch_size: 1\n": "max_batch_size", "- a\n": "mapping",
+                 "ensemble: {memebrs: [a]}\n": "ensemble.memebrs"}
+    for bad, word in bad_cases.items():
         f.write_text(bad)
-        with pytest.raises(ConfigError):
-            load_config(f, env={"MEDZOO_SERVE_SOURCE": "store"})
+        with pytest.raises(ConfigError, match=word) as info:
+            load_config(f)
+        assert "errors.pydantic.dev" not in str(info.value) and len(str(info.value).splitlines()) == 1
 
 
 def test_predict_bound_equals_predict(served: Served) -> None:
@@ -569,10 +579,10 @@ def test_zoo_serve_offline_without_data_stops_with_the_data_error(tmp_path: Path
 
 def test_default_model_build(tmp_path: Path, synthetic_root: Path) -> None:
     """What `zoo serve` does for a task without a bundle, on the synthetic DermaMNIST file."""
-    from serving.bootstrap import build_default_models, tasks_to_build
     from serving.config import load_config
+    from zoo.bootstrap import build_default_models, tasks_to_build
 
-    cfg = dataclasses.replace(load_config(env={"MEDZOO_SERVE_SOURCE": "store"}), store=tmp_path)
+    cfg = load_config().model_copy(update={"store": tmp_path})
     assert tasks_to_build(cfg) == ["skin", "organ", "pathology"]
     lines: list[str] = []
     built = build_default_models(["skin"], store=tmp_path, data_root=synthetic_root, download=False,

@@ -1,3 +1,5 @@
 """medzoo: a model zoo for medical image classification."""
 
-__version__ = "0.1.0"
+from zoo._version import __version__
+
+__all__ = ["__version__"]

@@ -4,77 +4,31 @@ Layout::
 
     <bundle>/
       model.safetensors      the network's state dict (safetensors: loading never unpickles)
-      card.json              what the checkpoint is (see ``Card keys`` below)
+      card.json              what the checkpoint is (:class:`zoo.card.Card`, typed and validated)
+      README.md              the Markdown model card (:mod:`zoo.modelcard`, ``zoo card``)
       recipe.yaml            the resolved recipe it was trained with
       curves.png             training curves
       confusion.png          test confusion matrix
       model.onnx, model.fp16.onnx, model.torchscript.pt   added by ``zoo export``
 
-Card keys: ``schema``, ``id``, ``arch``, ``model_kwargs``, ``num_outputs``, ``task``,
-``labels``, ``preprocessing`` (:class:`zoo.preprocess.Preprocessing`), ``dataset``
-(name, checksum, sizes, split), ``recipe`` (resolved), ``metrics`` (``val``, ``test``),
-``reported`` (the report's own number), ``weights_sha256``, ``versions``, ``training``,
-``created``; ``exports`` once exported.
+The card's reading and writing (no torch) is :mod:`zoo.card`; this module adds the weights.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from zoo.preprocess import InputAdapter, Preprocessing
-
-SCHEMA = 1
-WEIGHTS = "model.safetensors"
-CARD = "card.json"
-RECIPE = "recipe.yaml"
-
-
-class BundleError(RuntimeError):
-    """A bundle that is missing, incomplete or altered; the message says which."""
-
-
-def sha256_of(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write through ``write`` into a temporary sibling, fsync, rename over ``path``: a killed
-    process never leaves a torn file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    atomic_write(path, lambda f: f.write(data))
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, allow_nan=True) + "\n").encode())
+from zoo.card import CARD, RECIPE, WEIGHTS, Card, parse_card, read_card, write_card
+from zoo.errors import BundleError
+from zoo.io import atomic_file, atomic_write_bytes, sha256_of
+from zoo.preprocess.adapter import full_model
 
 
 @dataclass
@@ -82,87 +36,71 @@ class Bundle:
     """A loaded, verified checkpoint. ``model`` is eval-mode ``Sequential(InputAdapter, net)``."""
 
     path: Path
-    card: dict[str, Any]
+    card: Card
     net: nn.Module
     model: nn.Module
 
     @property
-    def preprocessing(self) -> Preprocessing:
-        return Preprocessing.from_dict(self.card["preprocessing"])
+    def preprocessing(self) -> Any:
+        return self.card.preprocessing
 
     @property
     def labels(self) -> list[str]:
-        return list(self.card["labels"])
+        return list(self.card.labels)
 
     @property
     def id(self) -> str:
-        return str(self.card["id"])
+        return self.card.id
 
 
-def full_model(net: nn.Module, prep: Preprocessing) -> nn.Sequential:
-    """The served / exported model: preprocessing adapter followed by the network."""
-    return nn.Sequential(InputAdapter(prep), net)
+def reserve_dir(parent: Path, name: str) -> Path:
+    """Create ``parent/name`` (or ``name-2``, ``name-3`` … when taken) atomically; two runs that
+    finish at once never write into the same bundle."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for k in range(1, 1000):
+        path = parent / (name if k == 1 else f"{name}-{k}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise BundleError(f"cannot create a bundle directory for {name} in {parent}")
 
 
-def save_bundle(path: Path, net: nn.Module, card: dict[str, Any], recipe_yaml: str) -> Path:
-    """Write weights and card; fills ``weights_sha256`` and ``schema`` in the card."""
+def save_bundle(path: Path, net: nn.Module, card: dict[str, Any] | Card, recipe_yaml: str) -> Path:
+    """Write weights, recipe and card (card last: a directory without one is not a bundle);
+    fills ``weights_sha256``, ``schema`` and ``id`` (the directory name) in the card."""
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    tmp = path / f".{WEIGHTS}.tmp"
-    save_file(state, str(tmp))
-    os.replace(tmp, path / WEIGHTS)
-    card = {**card, "schema": SCHEMA, "weights_sha256": sha256_of(path / WEIGHTS)}
+    atomic_file(path / WEIGHTS, lambda tmp: save_file(state, str(tmp)))
+    raw = card.to_json_dict() if isinstance(card, Card) else dict(card)
+    raw.update({"schema": 1, "id": path.name, "weights_sha256": sha256_of(path / WEIGHTS)})
+    typed = parse_card(raw, path / CARD)
     atomic_write_bytes(path / RECIPE, recipe_yaml.encode())
-    write_json(path / CARD, card)
+    write_card(path, typed)
     return path
 
 
-def read_card(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if not (p / CARD).is_file():
-        raise BundleError(f"{p} is not a medzoo bundle (no {CARD})")
-    try:
-        card = json.loads((p / CARD).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{p / CARD} is not valid JSON: {e}") from None
-    if card.get("schema") != SCHEMA:
-        raise BundleError(f"{p} has card schema {card.get('schema')!r}, expected {SCHEMA}")
-    return card
-
-
-def update_card(path: str | Path, **fields: Any) -> dict[str, Any]:
-    """Merge top-level fields into a bundle's card (export results, for instance)."""
-    card = read_card(path)
-    card.update(fields)
-    write_json(Path(path) / CARD, card)
-    return card
-
-
-def verify_weights(path: str | Path, card: dict[str, Any]) -> None:
+def verify_weights(path: str | Path, card: Card) -> None:
     weights = Path(path) / WEIGHTS
     if not weights.is_file():
         raise BundleError(f"{path} has no {WEIGHTS}")
     digest = sha256_of(weights)
-    if digest != card.get("weights_sha256"):
+    if digest != card.weights_sha256:
         raise BundleError(
             f"{weights} does not match its card (sha256 {digest[:12]}…, card says "
-            f"{str(card.get('weights_sha256'))[:12]}…): the weights were altered; refusing to load"
+            f"{card.weights_sha256[:12]}…): the weights were altered; refusing to load"
         )
 
 
-def build_net(card: dict[str, Any]) -> nn.Module:
+def build_net(card: Card) -> nn.Module:
     """An untrained network of the card's architecture (no pretrained download)."""
     from zoo.models import create_model
 
-    prep = Preprocessing.from_dict(card["preprocessing"])
-    kwargs = dict(card.get("model_kwargs", {}))
+    prep = card.preprocessing
     return create_model(
-        card["arch"],
-        num_classes=int(card["num_outputs"]),
-        in_channels=prep.in_channels,
-        input_size=prep.input_size,
-        pretrained=False,
-        **kwargs,
+        card.arch, num_classes=card.num_outputs, in_channels=prep.in_channels,
+        input_size=prep.input_size, pretrained=False, **dict(card.model_kwargs),
     )
 
 
@@ -179,6 +117,10 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise BundleError(f"{p / WEIGHTS} does not fit {card['arch']}: {str(e)[:200]}") from None
-    model = full_model(net, Preprocessing.from_dict(card["preprocessing"])).to(device).eval()
+        raise BundleError(f"{p / WEIGHTS} does not fit {card.arch}: {str(e)[:200]}") from None
+    model = full_model(net, card.preprocessing).to(device).eval()
     return Bundle(path=p, card=card, net=net, model=model)
+
+
+__all__ = ["CARD", "RECIPE", "WEIGHTS", "Bundle", "build_net", "load_bundle", "reserve_dir", "save_bundle",
+           "verify_weights"]

@@ -5,23 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from zoo.bundle import Bundle, load_bundle
-from zoo.metrics import compute_metrics, to_probs
-from zoo.recipe import Recipe
-from zoo.train.engine import load_splits, pick_device, predict_logits
+from zoo.bundle import load_bundle
+from zoo.inference import bundle_splits, pick_device, predict_logits
+from zoo.metrics import compute_metrics
+from zoo.postprocess import to_probs
 
-
-def bundle_splits(bundle: Bundle, data_root: str | Path | None, download: bool = True):
-    """The splits a bundle was trained on, rebuilt from its resolved recipe; checksum verified."""
-    recipe = Recipe.model_validate(bundle.card["recipe"])
-    splits = load_splits(recipe, data_root, download)
-    expected = bundle.card["dataset"]["checksum"]
-    if splits.checksum != expected:
-        raise ValueError(
-            f"the data found ({splits.source}, sha256 {splits.checksum[:12]}…) is not the data "
-            f"{bundle.id} was trained on (sha256 {expected[:12]}…)"
-        )
-    return splits
+SPLITS = ("train", "val", "test")
 
 
 def evaluate_bundle(
@@ -29,12 +18,12 @@ def evaluate_bundle(
     device: str | None = None, download: bool = True,
 ) -> dict[str, Any]:
     """Metrics plus per-image predictions (``pred``, ``probs``) for one split."""
-    if split not in ("train", "val", "test"):
-        raise ValueError("split must be train, val or test")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
     dev = pick_device(device)
     bundle = load_bundle(path, dev)
-    ds = getattr(bundle_splits(bundle, data_root, download), split)
-    logits = predict_logits(bundle.model, ds.images, device=dev)
+    ds = getattr(bundle_splits(bundle.card, data_root, download), split)
+    logits = predict_logits(bundle.model, ds.images, device=dev).numpy()
     probs = to_probs(logits)
     metrics = compute_metrics(ds.labels.numpy(), probs, bundle.labels)
     return {"bundle": bundle.id, "split": split, "metrics": metrics,
@@ -50,4 +39,4 @@ def format_metrics(m: dict[str, Any]) -> str:
     )
 
 
-__all__ = ["bundle_splits", "evaluate_bundle", "format_metrics"]
+__all__ = ["SPLITS", "evaluate_bundle", "format_metrics"]

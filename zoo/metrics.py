@@ -1,4 +1,7 @@
-"""Classification metrics: ACC, macro-F1, per-class recall, AUC (as medmnist.Evaluator), confusion."""
+"""Classification metrics: ACC, macro-F1, per-class recall, AUC (as medmnist.Evaluator), confusion.
+
+Probabilities come from :func:`zoo.postprocess.to_probs` (the one rule for logits → answers).
+"""
 
 from __future__ import annotations
 
@@ -6,19 +9,9 @@ import warnings
 from typing import Any
 
 import numpy as np
-import torch
 from medmnist.evaluator import getAUC
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import confusion_matrix, f1_score, recall_score
-
-
-def to_probs(logits: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Class probabilities (N, K). A single-logit head (BCE / hinge) gives [1 - p, p]."""
-    t = torch.as_tensor(logits, dtype=torch.float32)
-    if t.ndim == 2 and t.shape[1] == 1:
-        p = torch.sigmoid(t)
-        return torch.cat([1 - p, p], dim=1).numpy()
-    return torch.softmax(t, dim=1).numpy()
 
 
 def compute_metrics(y_true: np.ndarray, probs: np.ndarray, labels: list[str]) -> dict[str, Any]:

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from zoo.errors import RecipeError, describe_validation_error, did_you_mean
+
 ANY = "any"
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: 10x faster
 
@@ -122,7 +124,7 @@ class Recipe(_Strict):
         from zoo.models import list_models
 
         if self.arch != ANY and self.arch not in list_models():
-            raise ValueError(f"unknown architecture {self.arch!r}")
+            raise ValueError(f"unknown architecture {self.arch!r}{did_you_mean(self.arch, list_models())}")
         return self
 
     @property
@@ -134,10 +136,6 @@ class Recipe(_Strict):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
-
-
-class RecipeError(ValueError):
-    """A recipe that does not exist or does not validate."""
 
 
 def recipe_dir() -> Path:
@@ -154,7 +152,7 @@ def load_recipe_file(path: str | Path) -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
-        raise RecipeError(f"{path}: {e}") from None
+        raise RecipeError(f"{path} is not a valid recipe:\n{describe_validation_error(e, Recipe, '  ')}") from None
 
 
 def all_recipes() -> list[Recipe]:
@@ -168,7 +166,7 @@ def find_recipe(dataset: str, arch: str) -> Recipe:
     ``<dataset>-<arch>``, else the only one) or a recipe variant name (``mlp-l1l2`` for
     ``organa-mlp-l1l2``). Without a recipe of its own, the MedMNIST v2 protocol applies.
     """
-    from zoo.data import resolve_name
+    from zoo.names import resolve_name
 
     flag = resolve_name(dataset)
     recipes = all_recipes()
@@ -185,9 +183,9 @@ def find_recipe(dataset: str, arch: str) -> Recipe:
     from zoo.models import list_models
 
     if arch not in list_models():
-        raise RecipeError(
-            f"no recipe or architecture named {arch!r}; architectures: {', '.join(list_models())}"
-        )
+        names = [*list_models(), *by_name]
+        hint = did_you_mean(arch, names) or f"; architectures: {', '.join(list_models())}"
+        raise RecipeError(f"no recipe or architecture named {arch!r} for {flag}{hint}")
     return protocol.model_copy(update={"dataset": dataset, "arch": arch, "name": f"medmnist-v2:{arch}"})
 
 
@@ -228,4 +226,4 @@ def apply_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
-        raise RecipeError(f"invalid override: {e}") from None
+        raise RecipeError(f"invalid recipe setting:\n{describe_validation_error(e, Recipe, '  ')}") from None

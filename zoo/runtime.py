@@ -21,24 +21,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
+from zoo.card import CARD, EXPORT_FILES, ONNX_FILE, ONNX_FP16_FILE, TORCHSCRIPT_FILE, Card, ExportMeta, read_card
+from zoo.errors import BundleError, ModelFileError, describe_validation_error
+from zoo.io import sha256_of
 from zoo.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
 
 PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 METADATA_KEY = "medzoo.card"  # ONNX metadata_props key holding the card subset as JSON
-ONNX_FILE = "model.onnx"
-ONNX_FP16_FILE = "model.fp16.onnx"
-TORCHSCRIPT_FILE = "model.torchscript.pt"
-# card["exports"] key -> file name inside the bundle
-EXPORT_FILES = {"onnx": ONNX_FILE, "onnx_fp16": ONNX_FP16_FILE, "torchscript": TORCHSCRIPT_FILE}
-# what an exported file's metadata must hold to be served on its own
-REQUIRED_METADATA = ("id", "arch", "labels", "task", "num_outputs", "preprocessing", "weights_sha256")
-
-
-class ModelFileError(RuntimeError):
-    """An exported file that is missing, truncated, tampered with or not a medzoo export."""
 
 
 def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
@@ -99,7 +93,7 @@ def check_onnx(proto: Any, path: str | Path) -> None:
         raise ModelFileError(f"{path} fails the ONNX checker: {_first_line(e)}") from None
 
 
-def parse_metadata(text: str | None, path: str | Path) -> dict[str, Any]:
+def parse_metadata(text: str | None, path: str | Path) -> ExportMeta:
     """The card subset stored in an export (JSON), validated; :class:`ModelFileError` otherwise."""
     if text is None:
         raise ModelFileError(f"{path} carries no medzoo metadata; export it with `zoo export`")
@@ -109,31 +103,26 @@ def parse_metadata(text: str | None, path: str | Path) -> dict[str, Any]:
         raise ModelFileError(f"{path} has corrupt medzoo metadata (not JSON: {e})") from None
     if not isinstance(meta, dict):
         raise ModelFileError(f"{path} has corrupt medzoo metadata (not a JSON object)")
-    missing = [k for k in REQUIRED_METADATA if k not in meta]
-    if missing:
-        raise ModelFileError(f"{path} has incomplete medzoo metadata (missing {', '.join(missing)})")
     try:
-        Preprocessing.from_dict(meta["preprocessing"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ModelFileError(f"{path} has invalid preprocessing in its metadata: {e}") from None
-    return meta
+        return ExportMeta.model_validate(meta)
+    except ValidationError as e:
+        problems = "; ".join(describe_validation_error(e, ExportMeta).splitlines())
+        raise ModelFileError(f"{path} has invalid medzoo metadata: {problems}") from None
 
 
-def onnx_metadata(proto: Any, path: str | Path) -> dict[str, Any]:
+def onnx_metadata(proto: Any, path: str | Path) -> ExportMeta:
     """The medzoo metadata of a loaded ``ModelProto``."""
     props = {p.key: p.value for p in proto.metadata_props}
     return parse_metadata(props.get(METADATA_KEY), path)
 
 
-def read_metadata(path: str | Path) -> dict[str, Any]:
+def read_metadata(path: str | Path) -> ExportMeta:
     """The card subset an export carries (labels, preprocessing, ids), without loading weights."""
     return onnx_metadata(load_onnx(path), path)
 
 
-def bundle_card(path: str | Path) -> dict[str, Any] | None:
+def bundle_card(path: str | Path) -> Card | None:
     """The card of the bundle an export file lies in (``None`` for a lone file)."""
-    from zoo.bundle import CARD, BundleError, read_card
-
     p = Path(path)
     if p.name not in EXPORT_FILES.values() or not (p.parent / CARD).is_file():
         return None
@@ -143,12 +132,12 @@ def bundle_card(path: str | Path) -> dict[str, Any] | None:
         raise ModelFileError(str(e)) from None
 
 
-def check_origin(path: str | Path, card: dict[str, Any], meta: dict[str, Any]) -> None:
+def check_origin(path: str | Path, card: Card, meta: ExportMeta) -> None:
     """An export's metadata must name its bundle's id and weights (``weights_sha256``)."""
-    if meta.get("weights_sha256") != card.get("weights_sha256") or str(meta.get("id")) != str(card.get("id")):
+    if meta.weights_sha256 != card.weights_sha256 or meta.id != card.id:
         raise ModelFileError(
-            f"{path} was exported from {meta.get('id')} (weights sha256 {str(meta.get('weights_sha256'))[:12]}…), "
-            f"not from this bundle {card.get('id')} (weights sha256 {str(card.get('weights_sha256'))[:12]}…); "
+            f"{path} was exported from {meta.id} (weights sha256 {meta.weights_sha256[:12]}…), "
+            f"not from this bundle {card.id} (weights sha256 {card.weights_sha256[:12]}…); "
             f"run `zoo export {Path(path).parent}` again"
         )
 
@@ -163,26 +152,23 @@ def export_file(path: str | Path, name: str) -> Path:
     return p
 
 
-def verify_export(path: str | Path, card: dict[str, Any], meta: dict[str, Any] | None = None) -> None:
+def verify_export(path: str | Path, card: Card, meta: ExportMeta | None = None) -> None:
     """Check an export file against its bundle's card: the sha256 recorded at export time and,
     when ``meta`` is given, that the file was exported from this bundle's weights."""
-    from zoo.bundle import sha256_of
-
     p = Path(path)
     if meta is not None:
         check_origin(p, card, meta)
     again = f"run `zoo export {p.parent}` again"
-    records = card.get("exports") or {}
-    record = next((r for r in records.values() if isinstance(r, dict) and r.get("file") == p.name), None)
+    record = next((r for r in card.exports.values() if r.file == p.name), None)
     if record is None:
         raise ModelFileError(
             f"{p} is not recorded in {p.parent.name}/card.json (no sha256 to check it against); {again}"
         )
     digest = sha256_of(p)
-    if digest != record.get("sha256"):
+    if digest != record.sha256:
         raise ModelFileError(
             f"{p} does not match the sha256 its card recorded at export ({digest[:12]}…, {p.stat().st_size} bytes; "
-            f"card: {str(record.get('sha256'))[:12]}…, {record.get('size')} bytes): the file was altered, "
+            f"card: {record.sha256[:12]}…, {record.size} bytes): the file was altered, "
             f"truncated or replaced; {again}"
         )
 
@@ -195,19 +181,19 @@ def _first_line(e: BaseException) -> str:
 class ExportedModel:
     """What an exported file's metadata says, shared by the ONNX and TorchScript wrappers."""
 
-    meta: dict[str, Any]
+    meta: ExportMeta
 
     @property
     def preprocessing(self) -> Preprocessing:
-        return Preprocessing.from_dict(self.meta["preprocessing"])
+        return self.meta.preprocessing
 
     @property
     def labels(self) -> list[str]:
-        return list(self.meta["labels"])
+        return list(self.meta.labels)
 
     @property
     def model_id(self) -> str:
-        return str(self.meta["id"])
+        return self.meta.id
 
 
 @dataclass
@@ -217,7 +203,7 @@ class OnnxModel(ExportedModel):
     path: Path
     session: Any
     provider: str
-    meta: dict[str, Any]
+    meta: ExportMeta
 
     @classmethod
     def open(cls, path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None) -> OnnxModel:
@@ -247,10 +233,16 @@ class OnnxModel(ExportedModel):
 
         if images.dtype != np.uint8:
             raise ValueError("OnnxModel.predict_bound takes uint8 images")
-        device = "cuda" if self.provider in ("TensorrtExecutionProvider", "CUDAExecutionProvider") else "cpu"
+        device = "cuda" if self.provider in GPU_PROVIDERS else "cpu"
         binding = self.session.io_binding()
         x = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(images), device, device_id)
         binding.bind_ortvalue_input(self.session.get_inputs()[0].name, x)
         binding.bind_output(self.session.get_outputs()[0].name, device, device_id)
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0].astype(np.float32)
+
+
+__all__ = ["EXPORT_FILES", "GPU_PROVIDERS", "METADATA_KEY", "ONNX_FILE", "ONNX_FP16_FILE", "PREFERRED",
+           "TORCHSCRIPT_FILE", "ExportedModel", "ModelFileError", "OnnxModel", "bundle_card", "check_onnx",
+           "check_origin", "choose_providers", "create_session", "export_file", "load_onnx", "onnx_metadata",
+           "parse_metadata", "read_metadata", "verify_export"]

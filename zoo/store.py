@@ -1,16 +1,19 @@
-"""The local zoo: where bundles and training runs live (``$MEDZOO_HOME``, default ``~/.medzoo``)."""
+"""The local zoo: where bundles and training runs live (``$MEDZOO_HOME``, default ``~/.medzoo``).
+
+No torch: listing, ranking and resolving bundles read only their cards.
+"""
 
 from __future__ import annotations
 
-import math
+import logging
 import os
 from pathlib import Path
-from typing import Any
 
-from zoo.bundle import BundleError, read_card
+from zoo.card import CARD, Card, read_card
+from zoo.errors import BundleError, UnknownNameError, did_you_mean
+from zoo.names import TASKS, resolve_name
 
-# Service task → the MedMNIST flag it serves.
-TASKS = {"skin": "dermamnist", "organ": "organamnist", "pathology": "pathmnist"}
+log = logging.getLogger(__name__)
 
 
 def home() -> Path:
@@ -25,39 +28,31 @@ def runs_dir(root: Path | None = None) -> Path:
     return (root or home()) / "runs"
 
 
-def list_bundles(root: Path | None = None) -> list[tuple[Path, dict[str, Any]]]:
-    """Every readable bundle in the store, sorted by id; unreadable ones are skipped."""
+def list_bundles(root: Path | None = None) -> list[tuple[Path, Card]]:
+    """Every readable bundle in the store, sorted by id; unreadable ones are skipped (logged)."""
     base = bundles_dir(root)
     out = []
     if base.is_dir():
         for p in sorted(base.iterdir()):
+            if not (p / CARD).is_file():
+                continue  # a bundle being written, or not a bundle
             try:
                 out.append((p, read_card(p)))
-            except BundleError:
-                continue
+            except BundleError as e:
+                log.warning("skipping %s: %s", p.name, e)
     return out
 
 
-def validation_score(card: dict[str, Any]) -> float:
-    """Model selection uses validation only: best validation AUC, then ACC."""
-    val = card.get("metrics", {}).get("val", {})
-    auc, acc = val.get("auc", float("nan")), val.get("acc", float("nan"))
-    return (0 if math.isnan(auc) else auc) * 10 + (0 if math.isnan(acc) else acc)
+def dataset_of(name: str) -> str:
+    """The canonical dataset of a task or dataset name (``skin`` → ``dermamnist``)."""
+    return resolve_name(TASKS.get(name, name))
 
 
-def rank_bundles(
-    dataset: str, root: Path | None = None, arch: str | None = None
-) -> list[tuple[Path, dict[str, Any]]]:
+def rank_bundles(dataset: str, root: Path | None = None, arch: str | None = None) -> list[tuple[Path, Card]]:
     """Bundles of a dataset (task name, alias or flag), best validation score first."""
-    from zoo.data import resolve_name
-
-    flag = resolve_name(TASKS.get(dataset, dataset))
-    found = [
-        (p, c)
-        for p, c in list_bundles(root)
-        if c.get("dataset", {}).get("name") == flag and (arch is None or c.get("arch") == arch)
-    ]
-    return sorted(found, key=lambda pc: (-validation_score(pc[1]), str(pc[1].get("id"))))
+    flag = dataset_of(dataset)
+    found = [(p, c) for p, c in list_bundles(root) if c.dataset.name == flag and (arch is None or c.arch == arch)]
+    return sorted(found, key=lambda pc: (-pc[1].validation_score(), pc[1].id))
 
 
 def best_bundle(dataset: str, root: Path | None = None, arch: str | None = None) -> Path | None:
@@ -66,18 +61,27 @@ def best_bundle(dataset: str, root: Path | None = None, arch: str | None = None)
     return ranked[0][0] if ranked else None
 
 
-def resolve_bundle(ref: str, root: Path | None = None) -> Path:
+def resolve_bundle(ref: str | Path, root: Path | None = None) -> Path:
     """A bundle path, a bundle id in the store, or a task/dataset name (its best bundle)."""
+    ref = str(ref)
     p = Path(ref).expanduser()
-    if (p / "card.json").is_file():
+    if (p / CARD).is_file():
         return p
     q = bundles_dir(root) / ref
-    if (q / "card.json").is_file():
+    if (q / CARD).is_file():
         return q
     try:
         best = best_bundle(ref, root)
-    except ValueError:
+    except UnknownNameError:
         best = None
-    if best is None:
-        raise BundleError(f"no bundle found for {ref!r} (a path, a bundle id, or a dataset with a trained bundle)")
-    return best
+    if best is not None:
+        return best
+    ids = [c.id for _, c in list_bundles(root)]
+    hint = did_you_mean(ref, ids) or (
+        f"; the store {bundles_dir(root)} has {len(ids)} bundle(s): see `zoo list`" if ids else
+        f"; the store {bundles_dir(root)} is empty: `zoo train DATASET ARCH` makes one")
+    raise BundleError(f"no bundle found for {ref!r} (a path, a bundle id, or a dataset with a trained bundle){hint}")
+
+
+__all__ = ["TASKS", "best_bundle", "bundles_dir", "dataset_of", "home", "list_bundles", "rank_bundles",
+           "resolve_bundle", "runs_dir"]

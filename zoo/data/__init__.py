@@ -10,14 +10,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from zoo.data.base import (
-    ArrayDataset,
-    DataSplits,
-    DataUnavailableError,
-    convert_channels,
-    resplit,
-)
-from zoo.data.medmnist_data import ALIASES, load_medmnist, medmnist_flag
+from zoo.data.base import ArrayDataset, DataSplits, convert_channels, resplit
+from zoo.data.medmnist_data import load_medmnist
+from zoo.errors import DataUnavailableError
+from zoo.names import ALIASES, FOLDER_DATASETS, resolve_name
 
 __all__ = [
     "ALIASES",
@@ -33,33 +29,9 @@ __all__ = [
 ]
 
 
-# Datasets of the reports that are user image folders (not downloadable): name → where from.
-FOLDER_DATASETS = {
-    "isic2019": "the ISIC 2019 training images (challenge.isic-archive.com), one sub-folder per class",
-    "binaryskin": "a benign/malignant skin lesion image folder (report 004), one sub-folder per class",
-}
-
-
 def default_data_root() -> Path:
     """``$MEDZOO_DATA``, else MedMNIST's own default ``~/.medmnist``."""
     return Path(os.environ.get("MEDZOO_DATA", Path.home() / ".medmnist")).expanduser()
-
-
-def resolve_name(name: str) -> str:
-    """Canonical dataset name: a MedMNIST flag, ``mnist``, or ``folder:<abs path>``."""
-    if name.startswith("folder:"):
-        return "folder:" + str(Path(name[7:]).expanduser().resolve())
-    if name.lower() in ("mnist", *FOLDER_DATASETS):
-        return name.lower()
-    flag = medmnist_flag(name)
-    if flag is not None:
-        return flag
-    if Path(name).expanduser().is_dir():
-        return "folder:" + str(Path(name).expanduser().resolve())
-    known = ", ".join(sorted(set(ALIASES)))
-    raise ValueError(
-        f"unknown dataset {name!r}: use a MedMNIST name ({known}), 'mnist', or an image folder"
-    )
 
 
 def load_dataset(

@@ -9,9 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-
-class DataUnavailableError(RuntimeError):
-    """The data is not on disk and cannot be downloaded; the message is one line for the user."""
+from zoo.errors import DataUnavailableError
 
 
 @dataclass
@@ -82,14 +80,6 @@ class DataSplits:
             "split": self.split,
             "sizes": {"train": len(self.train), "val": len(self.val), "test": len(self.test)},
         }
-
-
-def sha256_file(path: str, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _luma(images: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from zoo.data.base import ArrayDataset, DataSplits, DataUnavailableError
+from zoo.data.base import ArrayDataset, DataSplits
+from zoo.errors import DataUnavailableError
 from zoo.preprocess import ImageError, Preprocessing, load_image
 
 log = logging.getLogger(__name__)

@@ -8,45 +8,11 @@ from urllib.error import URLError
 import medmnist
 import numpy as np
 
-from zoo.data.base import ArrayDataset, DataSplits, DataUnavailableError, sha256_file
+from zoo.data.base import ArrayDataset, DataSplits
+from zoo.errors import DataUnavailableError
+from zoo.io import sha256_of
 
 SIZES = (28, 64, 128, 224)
-
-# Short names used by the reports and the service's task names.
-ALIASES: dict[str, str] = {
-    "skin": "dermamnist",
-    "derma": "dermamnist",
-    "organ": "organamnist",
-    "organa": "organamnist",
-    "organc": "organcmnist",
-    "organs": "organsmnist",
-    "pathology": "pathmnist",
-    "path": "pathmnist",
-    "breast": "breastmnist",
-    "blood": "bloodmnist",
-    "chest": "chestmnist",
-    "oct": "octmnist",
-    "pneumonia": "pneumoniamnist",
-    "retina": "retinamnist",
-    "tissue": "tissuemnist",
-}
-
-
-def flags_2d() -> list[str]:
-    """Every 2D flag that the installed ``medmnist`` knows."""
-    return sorted(
-        flag
-        for flag, info in medmnist.INFO.items()
-        if not info["python_class"].endswith("3D")
-    )
-
-
-def medmnist_flag(name: str) -> str | None:
-    """Flag for an alias or flag (``derma``, ``DermaMNIST``, ``dermamnist``); None if unknown."""
-    key = name.lower()
-    flag = ALIASES.get(key, key if key.endswith("mnist") else key + "mnist")
-    return flag if flag in flags_2d() else None
-
 
 def npz_name(flag: str, size: int) -> str:
     return f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz"
@@ -99,7 +65,7 @@ def load_medmnist(flag: str, size: int, root: Path, download: bool = True) -> Da
         labels=labels,
         image_size=size,
         in_channels=data["train"].images.shape[1],
-        checksum=sha256_file(str(path)),
+        checksum=sha256_of(path),
         source=f"medmnist:{npz_name(flag, size)}",
         train=data["train"],
         val=data["val"],

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from zoo.data.base import ArrayDataset, DataSplits, DataUnavailableError, resplit
+from zoo.data.base import ArrayDataset, DataSplits, resplit
+from zoo.errors import DataUnavailableError
 
 MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 

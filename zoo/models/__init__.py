@@ -1,16 +1,18 @@
 """Model registry and every architecture of the zoo (one module per family).
 
-Importing this package registers all families; use :func:`create_model` to build one.
+The registry (names, sizes, reports) imports no torch; :func:`create_model` imports the family
+module of the architecture it builds. Family modules: ``alexnet``, ``isic_cnn``, ``lenet``,
+``mlp``, ``organ_cnn``, ``resnet``, ``simplecnn``, ``xception``; pretrained weights: ``weights``.
 """
 
-from . import alexnet, isic_cnn, lenet, mlp, organ_cnn, resnet, simplecnn, xception
-from .registry import (
+from zoo.errors import WeightsUnavailableError
+from zoo.models.registry import (
     STANDARD_SIZES,
     ModelSpec,
-    WeightsUnavailableError,
     create_model,
     get_spec,
     list_models,
+    model_kwargs,
     register_model,
 )
 
@@ -18,16 +20,9 @@ __all__ = [
     "STANDARD_SIZES",
     "ModelSpec",
     "WeightsUnavailableError",
-    "alexnet",
     "create_model",
     "get_spec",
-    "isic_cnn",
-    "lenet",
     "list_models",
-    "mlp",
-    "organ_cnn",
+    "model_kwargs",
     "register_model",
-    "resnet",
-    "simplecnn",
-    "xception",
 ]

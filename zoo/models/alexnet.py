@@ -19,10 +19,9 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models import AlexNet, AlexNet_Weights
 
-from .registry import (
+from zoo.models.weights import (
     Pretrained,
     load_backbone_state,
-    register_model,
     resolve_pretrained,
 )
 
@@ -48,13 +47,6 @@ def _alexnet(
     return model
 
 
-@register_model(
-    "alexnet",
-    min_size=63,
-    report="001",
-    summary="torchvision AlexNet (ImageNet weights available), last layer replaced",
-    supports_pretrained=True,
-)
 def build_alexnet(
     num_classes: int,
     in_channels: int,
@@ -67,13 +59,6 @@ def build_alexnet(
     return _alexnet(num_classes, in_channels, pretrained, batchnorm, "alexnet")
 
 
-@register_model(
-    "alexnet_bn",
-    min_size=63,
-    report="001",
-    summary="torchvision AlexNet with BatchNorm2d after every conv",
-    supports_pretrained=True,
-)
 def build_alexnet_bn(
     num_classes: int, in_channels: int, input_size: int, pretrained: Pretrained = False
 ) -> nn.Module:
@@ -81,12 +66,6 @@ def build_alexnet_bn(
     return _alexnet(num_classes, in_channels, pretrained, True, "alexnet_bn")
 
 
-@register_model(
-    "alexnet_nbase",
-    min_size=8,
-    report="004",
-    summary="AlexNet-style convs n/2n/4n/4n/2n (k3, 3 max pools), dense 64, 64, out",
-)
 def build_alexnet_nbase(
     num_classes: int,
     in_channels: int,

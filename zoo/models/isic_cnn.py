@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from .registry import register_model
 
 
 def flat_side(input_size: int) -> int:
@@ -18,12 +17,6 @@ def flat_side(input_size: int) -> int:
     return ((input_size - 4) // 2 - 4) // 2
 
 
-@register_model(
-    "isic_cnn",
-    min_size=16,
-    report="003",
-    summary="conv 16 k5, pool, conv 32 k5, pool, FC 1200, 840, out (32x53x53 at 224 px)",
-)
 def build_isic_cnn(
     num_classes: int, in_channels: int, input_size: int, pretrained: bool | str = False
 ) -> nn.Module:

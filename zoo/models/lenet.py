@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import register_model
 
 
 class AdaptiveMaxPool2d(nn.Module):
@@ -44,12 +43,6 @@ class AdaptiveMaxPool2d(nn.Module):
         return torch.stack(cols, dim=-1)
 
 
-@register_model(
-    "lenet",
-    min_size=2,
-    report="000",
-    summary="LeNet: 2 convs k5 p2 (6, 16), adaptive max pool 7x7, 4 FC layers, dropout 0.5",
-)
 def build_lenet(
     num_classes: int,
     in_channels: int,
@@ -80,12 +73,6 @@ def build_lenet(
     )
 
 
-@register_model(
-    "lenet_binary",
-    min_size=4,
-    report="004",
-    summary="LeNet-like: conv 32 k3, pool, conv 64 k3, pool, dense 64, dense out (1 logit)",
-)
 def build_lenet_binary(
     num_classes: int,
     in_channels: int,

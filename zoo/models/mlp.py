@@ -11,7 +11,6 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from .registry import register_model
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -20,12 +19,6 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 
 
-@register_model(
-    "mlp",
-    min_size=1,
-    report="000",
-    summary="MLP on the flattened image; hidden [256, 128], Linear-BN-ReLU-Dropout",
-)
 def build_mlp(
     num_classes: int,
     in_channels: int,

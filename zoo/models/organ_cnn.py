@@ -18,15 +18,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from .registry import register_model
 
 
-@register_model(
-    "cnn28",
-    min_size=4,
-    report="002",
-    summary="2 convs (32, 64, ReLU, max pool) + hidden FC 100 + output; 3.3e5 params at 28 px",
-)
 def build_cnn28(
     num_classes: int,
     in_channels: int,
@@ -57,12 +50,6 @@ def build_cnn28(
     return nn.Sequential(*layers)
 
 
-@register_model(
-    "cnn128",
-    min_size=1,
-    report="002",
-    summary="constant-width convs, no pooling, 3 hidden FC of 286; 1.1e8 params at 128 px",
-)
 def build_cnn128(
     num_classes: int,
     in_channels: int,

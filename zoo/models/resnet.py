@@ -16,16 +16,15 @@ classes, the report's 4.6e5 (its Optuna-tuned head is not given).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from torch import nn
 from torchvision.models import ResNet18_Weights, ResNet50_Weights, ResNet152_Weights
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from .registry import (
+from zoo.models.weights import (
     Pretrained,
     load_backbone_state,
-    register_model,
     resolve_pretrained,
 )
 
@@ -74,17 +73,10 @@ def _resnet(
     return model
 
 
-def _register_plain(depth: int, report: str) -> None:
-    """Register ``resnet{depth}``."""
+def _plain(depth: int) -> Callable[..., nn.Module]:
+    """The builder of ``resnet{depth}``: torchvision's network with a ``num_classes`` head."""
     name = f"resnet{depth}"
 
-    @register_model(
-        name,
-        min_size=1,
-        report=report,
-        summary=f"torchvision ResNet-{depth}, fc replaced; stem 'imagenet' or 'small' (MedMNIST)",
-        supports_pretrained=True,
-    )
     def build(
         num_classes: int,
         in_channels: int,
@@ -97,22 +89,16 @@ def _register_plain(depth: int, report: str) -> None:
         model.fc = nn.Linear(model.fc.in_features, num_classes)
         return model
 
-    build.__name__ = f"build_{name}"
-    build.__doc__ = f"torchvision ResNet-{depth} with a ``num_classes`` head (report {report})."
+    build.__name__ = build.__qualname__ = f"build_{name}"
+    build.__doc__ = f"torchvision ResNet-{depth} with a ``num_classes`` head."
+    return build
 
 
-_register_plain(18, "001")
-_register_plain(50, "003")
-_register_plain(152, "001")
+build_resnet18 = _plain(18)
+build_resnet50 = _plain(50)
+build_resnet152 = _plain(152)
 
 
-@register_model(
-    "resnet50_tl",
-    min_size=1,
-    report="002",
-    summary="ResNet-50 backbone frozen (BN in eval), fc replaced by a trainable MLP head",
-    supports_pretrained=True,
-)
 def build_resnet50_tl(
     num_classes: int,
     in_channels: int,

@@ -15,15 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .registry import register_model
 
 
-@register_model(
-    "simplecnn_v1",
-    min_size=4,
-    report="001",
-    summary="SimpleCNN v1: conv 32 / conv 64 (k3 same, LeakyReLU, max pool), linear",
-)
 def build_simplecnn_v1(
     num_classes: int, in_channels: int, input_size: int, pretrained: bool | str = False
 ) -> nn.Module:
@@ -75,12 +68,6 @@ class SimpleCNN(nn.Module):
         return self.fc2(self.dropout_fc(x))
 
 
-@register_model(
-    "simplecnn",
-    min_size=8,
-    report="001",
-    summary="SimpleCNN: 3 conv blocks 32/64/128 (BN, ReLU, pool, dropout 0.25), fc 256, fc out",
-)
 def build_simplecnn(
     num_classes: int,
     in_channels: int,

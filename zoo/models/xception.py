@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .registry import register_model
 
 
 class SeparableConv2d(nn.Sequential):
@@ -101,12 +100,6 @@ class Xception(nn.Module):
         return self.fc(self.exit(self.middle(self.entry(x))))
 
 
-@register_model(
-    "xception",
-    min_size=7,
-    report="001",
-    summary="Xception (Chollet 2017): entry/middle(8)/exit flows of separable convs, global pool",
-)
 def build_xception(
     num_classes: int,
     in_channels: int,

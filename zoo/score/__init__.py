@@ -16,17 +16,17 @@ skips the chunks already there and scores the rest; the output is assembled from
 in chunk order, so a resumed run writes the same bytes as an uninterrupted one. A finished
 run (output present, no journal) is a no-op unless ``overwrite``.
 
-``ensemble``: the logits of the member models are averaged, then turned into probabilities;
-the ``agreement`` column is the fraction of members whose own top class is the ensemble's.
+``ensemble``: members are chosen, checked and combined by :mod:`zoo.ensemble` (the service's
+rules): the logits are averaged, then turned into probabilities; the ``agreement`` column is the
+fraction of members whose own top class is the ensemble's.
 """
 
-from zoo.score.cli import register
 from zoo.score.decode import CRASH_REASON, decode_entries
 from zoo.score.listing import SPECIAL, FileEntry, display_path, list_folder
-from zoo.score.models import ensemble_members, ensure_onnx, infer, open_models, resolve_models
+from zoo.score.models import ensure_onnx, infer, open_models, resolve_models
 from zoo.score.output import output_columns, output_format
 from zoo.score.run import ScoreSummary, score_folder
 
 __all__ = ["CRASH_REASON", "SPECIAL", "FileEntry", "ScoreSummary", "decode_entries", "display_path",
-           "ensemble_members", "ensure_onnx", "infer", "list_folder", "open_models", "output_columns",
-           "output_format", "register", "resolve_models", "score_folder"]
+           "ensure_onnx", "infer", "list_folder", "open_models", "output_columns",
+           "output_format", "resolve_models", "score_folder"]

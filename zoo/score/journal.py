@@ -13,7 +13,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from zoo.bundle import atomic_write_bytes
+from zoo.io import atomic_write_bytes
 from zoo.runtime import OnnxModel
 from zoo.score.decode import DecodedChunk
 from zoo.score.listing import FileEntry, listing_digest

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from zoo.bundle import atomic_write, atomic_write_bytes
+from zoo.io import atomic_write, atomic_write_bytes
 from zoo.score.decode import Decoder, default_workers
 from zoo.score.journal import (
     MANIFEST,
@@ -54,6 +54,14 @@ class ScoreSummary:
     @property
     def images_per_s(self) -> float:
         return self.processed / self.seconds if self.seconds > 0 else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The summary as JSON-friendly values (``zoo score --json``)."""
+        rate = self.images_per_s
+        return {"out": str(self.out), "errors_out": str(self.errors_out), "models": self.models,
+                "files": self.files, "scored": self.scored, "errors": self.errors, "resumed": self.resumed,
+                "already_done": self.already_done, "provider": self.provider, "seconds": round(self.seconds, 3),
+                "processed": self.processed, "images_per_s": None if rate != rate else round(rate, 2)}
 
     def describe(self) -> str:
         """A few lines for the user."""

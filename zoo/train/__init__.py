@@ -1,5 +1,6 @@
-"""Training: the engine (``train``), optimisers/schedulers/losses, batched augmentation."""
+"""Training: the engine (``train``), its epoch loop, run directories, optimisers/schedulers/losses,
+batched augmentation."""
 
-from zoo.train.engine import TrainResult, load_splits, predict_logits, train
+from zoo.train.engine import TrainResult, train
 
-__all__ = ["TrainResult", "load_splits", "predict_logits", "train"]
+__all__ = ["TrainResult", "train"]

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from zoo.runtime import EXPORT_FILES, ModelFileError
+from zoo.card import EXPORT_FILES
+from zoo.errors import ExportError, ModelFileError, ParityError
 
 
 def register(sub: Any) -> None:
@@ -55,10 +56,8 @@ def _line(fmt: str, rec: dict[str, Any]) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from export.exporter import check_bundle, export_bundle
     from zoo.store import resolve_bundle
-
-    from . import ExportError, check_bundle, export_bundle
-    from .parity import ParityError
 
     path = resolve_bundle(args.bundle, Path(args.store) if getattr(args, "store", None) else None)
     formats = list(args.formats or [])

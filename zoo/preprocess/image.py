@@ -1,16 +1,11 @@
-"""The one definition of image preprocessing.
+"""Decoding image files into the uint8 arrays the models take (Pillow only: no torch).
 
-Two halves, used by training evaluation, export, serving and scoring alike:
+:func:`load_image` turns an image file (path, bytes or file object) into a ``uint8`` array
+``(C, image_size, image_size)``: the same layout as the MedMNIST arrays the models were trained
+on. The network-side half (float, resize, normalisation) is :class:`zoo.preprocess.adapter.InputAdapter`,
+inside every exported model.
 
-* :func:`load_image` turns an image file (path or bytes) into a ``uint8`` array
-  ``(C, image_size, image_size)``: the same layout as the MedMNIST arrays the models were
-  trained on.
-* :class:`InputAdapter` turns a batch of such arrays into the network's input: float in
-  [0, 1], bilinear resize to ``input_size`` when it differs, per-channel normalisation. It is
-  an ``nn.Module`` so that exported models (ONNX, TorchScript) carry it inside them and take
-  raw ``uint8`` images.
-
-Mode rules of :func:`load_image` (documented in the README, tested one by one):
+Mode rules (documented in the README, tested one by one):
 
 * palette (``P``), ``LA``, ``RGBA``, ``PA``: alpha is composited over **black** (MedMNIST
   backgrounds are dark), then converted as below;
@@ -24,8 +19,8 @@ Mode rules of :func:`load_image` (documented in the README, tested one by one):
   the grey channel repeated three times;
 * then a bilinear resize of the whole image to ``image_size`` × ``image_size`` (no crop).
 
-Refused with :class:`ImageError`: empty, truncated, corrupt or non-image data, images above
-``MAX_PIXELS`` (decompression bombs) and multi-frame files beyond the first frame are ignored.
+Refused with :class:`~zoo.errors.ImageError`: empty, truncated, corrupt or non-image data, images
+above ``MAX_PIXELS`` (decompression bombs); multi-frame files beyond the first frame are ignored.
 """
 
 from __future__ import annotations
@@ -34,99 +29,17 @@ import io
 import os
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from torch import nn
+
+from zoo.errors import ImageError
+from zoo.preprocess.spec import Preprocessing
 
 # A 224 px model never needs more than this; a larger upload is refused before it is decoded.
 MAX_PIXELS = 64_000_000
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class ImageError(ValueError):
-    """An image that cannot be used; the message says why, for the user.
-
-    ``kind`` classifies the refusal for callers that map it (the service's HTTP status):
-    ``"empty"``, ``"unsupported"`` (not an image, or a mode that cannot be converted),
-    ``"too_large"`` (decompression bombs, over ``MAX_PIXELS``) or ``"corrupt"`` (truncated or
-    damaged data, or a decodable image with nothing usable in it).
-    """
-
-    def __init__(self, message: str, kind: str = "corrupt") -> None:
-        super().__init__(message)
-        self.kind = kind
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """Everything needed to turn a file or an array into a model input (stored in the card)."""
-
-    image_size: int  # resolution of the arrays the model takes (the dataset's)
-    input_size: int  # resolution the network sees after the adapter's resize
-    in_channels: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    def __post_init__(self) -> None:
-        if self.in_channels not in (1, 3):
-            raise ValueError(f"in_channels must be 1 or 3, not {self.in_channels}")
-        if len(self.mean) != self.in_channels or len(self.std) != self.in_channels:
-            raise ValueError("mean and std need one value per channel")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
-        return cls(
-            image_size=int(d["image_size"]),
-            input_size=int(d["input_size"]),
-            in_channels=int(d["in_channels"]),
-            mean=tuple(float(v) for v in d["mean"]),
-            std=tuple(float(v) for v in d["std"]),
-        )
-
-
-def normalisation_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std (in [0, 1] units) of a uint8 NCHW tensor, e.g. a train split."""
-    x = images.to(torch.float64).div_(255.0)
-    mean = x.mean(dim=(0, 2, 3))
-    std = x.std(dim=(0, 2, 3)).clamp_min(1e-6)
-    return tuple(mean.tolist()), tuple(std.tolist())
-
-
-class InputAdapter(nn.Module):
-    """uint8 (or [0, 1] float) NCHW at ``image_size`` → normalised float at ``input_size``."""
-
-    def __init__(self, prep: Preprocessing) -> None:
-        super().__init__()
-        self.input_size = prep.input_size
-        shape = (1, prep.in_channels, 1, 1)
-        self.register_buffer("mean", torch.tensor(prep.mean, dtype=torch.float32).view(shape))
-        self.register_buffer("std", torch.tensor(prep.std, dtype=torch.float32).view(shape))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.uint8:
-            x = x.float() / 255.0
-        else:
-            x = x.float()
-        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
-            # No antialias: the usual case is upsampling (28 px data, 224 px network), and plain
-            # bilinear exports to every ONNX runtime.
-            x = F.interpolate(
-                x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False
-            )
-        return (x - self.mean) / self.std
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:

@@ -1,5 +1,8 @@
 """Default models for a fresh machine: what ``zoo serve`` builds when a task has no bundle.
 
+An orchestration above the applications (it trains, then exports, for the service), so it lives
+beside the CLI, not in ``serving`` (which never imports training).
+
 For each of ``skin``, ``organ`` and ``pathology`` without a bundle in the store (and without one
 configured): download the MedMNIST file, train a compact model (``simplecnn_v1``, report 001's
 two-conv SimpleCNN, at 28 px under the MedMNIST v2 protocol, batch 128, a few epochs) and export
@@ -18,8 +21,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from serving.config import ServeConfig, resolve_task
-from zoo.store import TASKS
+from export.exporter import ensure_exported
+from serving.config import ServeConfig, resolve_ensemble, resolve_task
+from zoo.data import load_dataset
+from zoo.names import TASKS
+from zoo.recipe import apply_overrides, find_recipe
+from zoo.train import train
 
 log = logging.getLogger("serving")
 
@@ -35,11 +42,13 @@ def tasks_to_build(cfg: ServeConfig) -> list[str]:
     return [t for t in TASKS if cfg.tasks.get(t) is None and resolve_task(cfg, t).path is None]
 
 
-def export_onnx(bundle: Path, data_root: str | Path | None = None) -> Path:
-    """``zoo export``'s ONNX step (parity-checked, recorded in the card); returns ``model.onnx``."""
-    from export.onnx_export import export_onnx as _export
-
-    return _export(bundle, data_root=data_root)
+def export_served(cfg: ServeConfig, data_root: str | Path | None = None) -> list[Path]:
+    """Export ``model.onnx`` for every served bundle (tasks and ensemble) that has none."""
+    paths = [r.path for r in (resolve_task(cfg, t) for t in cfg.task_names) if r.path is not None]
+    paths += [r.path for r in resolve_ensemble(cfg)[0] if r.path is not None]
+    for p in dict.fromkeys(paths):
+        ensure_exported(p, ("onnx",), data_root)
+    return list(dict.fromkeys(paths))
 
 
 def build_default_models(
@@ -52,10 +61,6 @@ def build_default_models(
     say: Callable[[str], None] = print,
 ) -> dict[str, Path]:
     """Train and export the compact default model of each task; returns task → bundle."""
-    from zoo.data import load_dataset
-    from zoo.recipe import apply_overrides, find_recipe
-    from zoo.train import train
-
     if not tasks:
         return {}
     t0 = time.perf_counter()
@@ -72,9 +77,9 @@ def build_default_models(
             f"{n_epochs} epoch(s) on {TASKS[task]} (recipe {recipe.name})")
         result = train(recipe, data_root=data_root, store=store, download=download, progress=progress)
         say(f"serve: [{i}/{len(tasks)}] exporting {result.bundle.name} to ONNX")
-        export_onnx(result.bundle, data_root)
-        val = result.card["metrics"]["val"]
-        say(f"serve: [{i}/{len(tasks)}] {task}: {result.bundle.name}  val ACC {val['acc']:.3f}  AUC {val['auc']:.3f}  "
+        ensure_exported(result.bundle, ("onnx",), data_root)
+        val = result.card.metrics.val
+        say(f"serve: [{i}/{len(tasks)}] {task}: {result.bundle.name}  val ACC {val.acc:.3f}  AUC {val.auc:.3f}  "
             f"({time.perf_counter() - t0:.0f} s so far)")
         built[task] = result.bundle
     return built

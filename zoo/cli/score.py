@@ -3,27 +3,27 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import json
 from pathlib import Path
 from typing import Any
 
-from zoo.runtime import ModelFileError
-from zoo.score.run import DEFAULT_BATCH, DEFAULT_CHUNK, score_folder
+from zoo.score.run import DEFAULT_BATCH, DEFAULT_CHUNK
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    """``zoo score``: run :func:`score_folder` and print its summary; model file problems exit 2."""
-    try:
-        summary = score_folder(
-            args.folder, args.model, args.out, ensemble=args.ensemble, ensemble_size=args.ensemble_size,
-            errors_out=args.errors, batch_size=args.batch_size, chunk_size=args.chunk_size, workers=args.workers,
-            threads=args.threads, overwrite=args.overwrite, progress=not args.no_progress,
-            store=Path(args.store) if getattr(args, "store", None) else None,
-        )
-    except ModelFileError as e:
-        print(f"zoo: error: {e}", file=sys.stderr)
-        return 2
-    print(summary.describe())
+    """``zoo score``: run :func:`score_folder` and print its summary (``--json``: as JSON)."""
+    from zoo.score.run import score_folder
+
+    summary = score_folder(
+        args.folder, args.model, args.out, ensemble=args.ensemble, ensemble_size=args.ensemble_size,
+        errors_out=args.errors, batch_size=args.batch_size, chunk_size=args.chunk_size, workers=args.workers,
+        threads=args.threads, overwrite=args.overwrite, progress=not (args.no_progress or args.json),
+        store=Path(args.store) if getattr(args, "store", None) else None,
+    )
+    if args.json:
+        print(json.dumps(summary.to_dict()))
+    else:
+        print(summary.describe())
     return 0
 
 
@@ -48,4 +48,5 @@ def register(sub: Any) -> None:
     s.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: its own)")
     s.add_argument("--overwrite", action="store_true", help="score again even if the output exists")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument("--json", action="store_true", help="print the summary as JSON (no progress bar)")
     s.set_defaults(func=cmd_score)

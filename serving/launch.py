@@ -1,0 +1,94 @@
+"""Running the BentoML server as a child process that never outlives ``zoo serve``.
+
+``bentoml serve`` starts a process tree (an arbiter, API workers, the inference worker). The tree
+runs in its own process group; SIGINT and SIGTERM given to ``zoo serve`` are passed on to the
+whole group, which then has ``GRACE_S`` seconds to stop before it is killed, and on Linux the
+child also gets SIGTERM if ``zoo serve`` itself dies (``PR_SET_PDEATHSIG``). Nothing is left
+holding the port.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from serving.config import CONFIG_ENV
+
+log = logging.getLogger("serving")
+REPO = Path(__file__).resolve().parents[1]
+GRACE_S = 20
+
+
+def server_env(store: str | Path | None, config: str | Path | None) -> dict[str, str]:
+    """Environment of the server process: the store, the config file, no BentoML tracking."""
+    env = dict(os.environ)
+    env.setdefault("BENTOML_DO_NOT_TRACK", "true")
+    if store:
+        env["MEDZOO_HOME"] = str(Path(store).expanduser().resolve())
+    if config:
+        env[CONFIG_ENV] = str(Path(config).expanduser().resolve())
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def server_command(port: int, host: str) -> list[str]:
+    return [sys.executable, "-m", "bentoml", "serve", "serving.service:MedZoo",
+            "--port", str(port), "--host", host, "--working-dir", str(REPO)]
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: SIGTERM this process when its parent dies (even by SIGKILL)."""
+    os.setsid()
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def stop_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace: float = GRACE_S) -> int:
+    """Signal the server's process group, wait ``grace`` seconds, then kill what is left."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        return proc.wait()
+    try:
+        return proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        log.warning("the server did not stop within %s s: killing it", grace)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return proc.wait()
+
+
+def run_server(cmd: Sequence[str], env: dict[str, str]) -> int:
+    """Run the server until it exits or this process gets SIGINT / SIGTERM (passed on)."""
+    proc = subprocess.Popen(list(cmd), env=env, cwd=REPO, preexec_fn=_die_with_parent)  # noqa: PLW1509
+    received: list[int] = []
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        sig = received[-1] if received else signal.SIGINT
+        stop_group(proc, signal.SIGTERM)
+        return 128 + int(sig)
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        if proc.poll() is None:
+            stop_group(proc, signal.SIGKILL, 5)
+
+
+__all__ = ["GRACE_S", "REPO", "run_server", "server_command", "server_env", "stop_group"]

@@ -1,0 +1,239 @@
+"""The card: what a checkpoint is, typed (pydantic), shared by bundles, exported files and the
+service. No torch here.
+
+* :class:`ModelInfo` — what every user of a model needs: id, architecture, labels, task, output
+  count, :class:`~zoo.preprocess.Preprocessing`, weights sha256, and (when fitted) calibration and
+  out-of-distribution statistics. Exported files carry it (:class:`ExportMeta`), the service
+  answers with it.
+* :class:`Card` — a bundle's ``card.json``: :class:`ModelInfo` plus the data (:class:`DatasetInfo`),
+  the resolved recipe, metrics, the report's number, library versions, training facts, exports.
+
+Loading validates (:func:`read_card`) and says in one line per mistake what is wrong. Keys this
+version does not know are kept (``extra="allow"``), so a card written by a newer medzoo of the
+same schema survives a round trip. The Markdown model card (``README.md``) is rendered from a
+:class:`Card` by :mod:`zoo.modelcard`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from zoo._version import __version__
+from zoo.errors import BundleError, describe_validation_error
+from zoo.io import write_json
+from zoo.preprocess.spec import Preprocessing
+
+SCHEMA = 1
+CARD = "card.json"
+WEIGHTS = "model.safetensors"
+RECIPE = "recipe.yaml"
+README = "README.md"
+ONNX_FILE = "model.onnx"
+ONNX_FP16_FILE = "model.fp16.onnx"
+TORCHSCRIPT_FILE = "model.torchscript.pt"
+# Card.exports key → file name inside the bundle
+EXPORT_FILES = {"onnx": ONNX_FILE, "onnx_fp16": ONNX_FP16_FILE, "torchscript": TORCHSCRIPT_FILE}
+
+
+class _Open(BaseModel):
+    """Known fields typed; unknown ones kept (written by a newer medzoo of the same schema)."""
+
+    model_config = ConfigDict(extra="allow", ser_json_inf_nan="constants")
+
+
+class SplitMetrics(_Open):
+    """ACC, macro-F1, AUC (as ``medmnist.Evaluator``), per-class recall, confusion of one split."""
+
+    n: int
+    acc: float
+    macro_f1: float
+    auc: float
+    per_class_recall: dict[str, float] = {}
+    confusion: list[list[int]] = []
+
+
+class Metrics(_Open):
+    """Validation and test metrics (absent for a bundle that was never evaluated)."""
+
+    val: SplitMetrics | None = None
+    test: SplitMetrics | None = None
+    best_epoch: int = -1
+    history: list[dict[str, int | float]] = []
+
+
+class DatasetInfo(_Open):
+    name: str  # canonical (zoo.names.resolve_name)
+    task: str = "multi-class"
+    labels: list[str] = []
+    image_size: int = 28
+    in_channels: int = 1
+    checksum: str = ""  # sha256 of the source file(s) or arrays
+    source: str = ""
+    split: str = "official"
+    sizes: dict[str, int] = {}
+
+
+class Reported(_Open):
+    """The source report's own number for this recipe, and the citation."""
+
+    metric: str = ""
+    value: float | None = None
+    note: str = ""
+    report: str = ""
+    citation: str = ""
+
+
+class TrainingInfo(_Open):
+    time_s: float = 0.0
+    epochs_run: int = 0
+    device: str = "cpu"
+    precision: str = "fp32"
+    run: str = ""
+    params: int = 0
+    trainable_params: int = 0
+
+
+class ExportRecord(_Open):
+    """One exported file: where, its sha256, and how its parity check went."""
+
+    file: str
+    sha256: str
+    size: int
+    opset: int | None = None
+    precision: str = "fp32"
+    provider: str = ""
+    parity: dict[str, Any] = {}
+    torch: str = ""
+    exported: str = ""
+    checked: str | None = None
+
+
+class ModelInfo(_Open):
+    """What every user of a model needs; carried by bundles, exported files and the service."""
+
+    id: str
+    arch: str
+    model_kwargs: dict[str, Any] = {}
+    task: Literal["multi-class", "binary-class"]
+    labels: list[str] = Field(min_length=2)
+    num_outputs: int = Field(ge=1)
+    preprocessing: Preprocessing
+    weights_sha256: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def identity(self) -> dict[str, str]:
+        """``{"id", "weights_sha256"}``: how answers name the model that gave them."""
+        return {"id": self.id, "weights_sha256": self.weights_sha256}
+
+
+class ExportMeta(ModelInfo):
+    """The card subset every exported file carries: enough to serve it without its bundle."""
+
+    format: str
+    dataset: str | None = None
+    input: dict[str, Any] = {}
+    output: dict[str, Any] = {}
+    medzoo: str = ""
+
+
+class Card(ModelInfo):
+    """A bundle's ``card.json``."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    schema_: int = Field(SCHEMA, alias="schema")
+    dataset: DatasetInfo
+    recipe: dict[str, Any] = {}
+    metrics: Metrics = Metrics()
+    reported: Reported = Reported()
+    versions: dict[str, str] = {}
+    training: TrainingInfo = TrainingInfo()
+    created: str = ""
+    exports: dict[str, ExportRecord] = {}
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The JSON object written to ``card.json`` (NaN kept as in Python's json)."""
+        return self.model_dump(mode="python", by_alias=True, exclude_none=False)
+
+    def export_meta(self, fmt: str) -> ExportMeta:
+        """The metadata an exported file of format ``fmt`` carries."""
+        prep = self.preprocessing
+        return ExportMeta(
+            **{name: getattr(self, name) for name in ModelInfo.model_fields},
+            format=fmt,
+            dataset=self.dataset.name,
+            input={"name": "images", "dtype": "uint8", "layout": "NCHW",
+                   "shape": ["batch", prep.in_channels, prep.image_size, prep.image_size]},
+            output={"name": "logits", "dtype": "float32", "shape": ["batch", self.num_outputs]},
+            medzoo=__version__,
+        )
+
+    def validation_score(self) -> float:
+        """Model selection uses validation only: best validation AUC, then ACC."""
+        val = self.metrics.val
+        if val is None:
+            return float("-inf")
+        auc = 0.0 if math.isnan(val.auc) else val.auc
+        acc = 0.0 if math.isnan(val.acc) else val.acc
+        return auc * 10 + acc
+
+
+def parse_card(raw: Any, where: str | Path) -> Card:
+    """Validate a card's JSON object; :class:`BundleError` with one line per mistake otherwise."""
+    if not isinstance(raw, dict):
+        raise BundleError(f"{where} is not a JSON object")
+    if raw.get("schema") != SCHEMA:
+        raise BundleError(f"{where} has card schema {raw.get('schema')!r}, expected {SCHEMA}")
+    try:
+        return Card.model_validate(raw)
+    except ValidationError as e:
+        lines = describe_validation_error(e, Card).splitlines()
+        raise BundleError(f"{where} is not a valid card: " + "; ".join(lines)) from None
+
+
+def read_card(path: str | Path) -> Card:
+    """The validated card of a bundle directory."""
+    p = Path(path)
+    f = p / CARD
+    if not f.is_file():
+        raise BundleError(f"{p} is not a medzoo bundle (no {CARD})")
+    try:
+        raw = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{f} is not valid JSON: {e}") from None
+    return parse_card(raw, f)
+
+
+def write_card(path: str | Path, card: Card) -> None:
+    """Write ``card.json`` atomically."""
+    write_json(Path(path) / CARD, card.to_json_dict())
+
+
+def update_card(path: str | Path, **fields: Any) -> Card:
+    """Merge top-level fields into a bundle's card (export results, calibration …), validated."""
+    card = read_card(path)
+    raw = {**card.to_json_dict(), **{k: _plain(v) for k, v in fields.items()}}
+    new = parse_card(raw, Path(path) / CARD)
+    write_card(path, new)
+    return new
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, BaseModel):
+        return v.model_dump(mode="python", by_alias=True)
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+__all__ = ["CARD", "EXPORT_FILES", "ONNX_FILE", "ONNX_FP16_FILE", "README", "RECIPE", "SCHEMA", "TORCHSCRIPT_FILE",
+           "WEIGHTS", "Card", "DatasetInfo", "ExportMeta", "ExportRecord", "Metrics", "ModelInfo", "Reported",
+           "SplitMetrics", "TrainingInfo", "parse_card", "read_card", "update_card", "write_card"]

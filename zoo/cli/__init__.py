@@ -1,0 +1,90 @@
+"""The ``zoo`` command: a thin layer over functions that tests call directly.
+
+Sub-commands: ``zoo/cli/commands.py`` (train, eval, list, models, recipes, card),
+``zoo/cli/export.py``, ``zoo/cli/score.py``, ``zoo/cli/serve.py``. Each imports the package it
+drives only when it runs, so ``zoo --help``, ``zoo list``, ``zoo models`` and
+``zoo recipes`` never import torch. Errors a user can act on print one line per mistake on
+stderr and exit 2; output piped into a closed pipe (``zoo eval … | head -1``) ends quietly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from zoo.errors import UserError
+
+# Errors a user can act on: their message on stderr, exit 2, no traceback.
+USER_ERRORS = (UserError, ValueError, FileNotFoundError)
+
+
+def _plugins() -> list[Callable[[Any], None]]:
+    """Every sub-command's ``register(subparsers)``."""
+    from zoo.cli.commands import register as core_cmds
+    from zoo.cli.export import register as export_cmd
+    from zoo.cli.score import register as score_cmd
+    from zoo.cli.serve import register as serve_cmd
+
+    return [core_cmds, export_cmd, score_cmd, serve_cmd]
+
+
+def _common(p: argparse.ArgumentParser, top: bool) -> None:
+    """``--store`` and ``-v`` before or after the sub-command (``zoo list --store S`` works)."""
+    default = None if top else argparse.SUPPRESS
+    p.add_argument("--store", default=default, help="bundle store (default $MEDZOO_HOME or ~/.medzoo)")
+    p.add_argument("-v", "--verbose", action="store_true", default=False if top else argparse.SUPPRESS,
+                   help="log what happens (INFO)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zoo", description="medzoo: medical image classification model zoo")
+    _common(p, top=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in _plugins():
+        register(sub)
+    for name, sp in sub.choices.items():
+        if name in sub.choices and "--store" not in sp._option_string_actions:
+            _common(sp, top=False)
+    return p
+
+
+def _report(e: BaseException) -> None:
+    lines = str(e).strip().splitlines() or [type(e).__name__]
+    print(f"zoo: error: {lines[0]}", file=sys.stderr)
+    for line in lines[1:]:
+        print(f"zoo: error: {line.strip()}", file=sys.stderr)
+
+
+def _quiet_broken_pipe() -> int:
+    """The reader went away (``| head``): stop without a traceback, as POSIX tools do."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except OSError:
+        pass
+    return 141  # 128 + SIGPIPE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
+    except USER_ERRORS as e:
+        _report(e)
+        return 2
+    except KeyboardInterrupt:
+        print("zoo: interrupted", file=sys.stderr)
+        return 130
+
+
+__all__ = ["USER_ERRORS", "build_parser", "main"]

@@ -1,0 +1,202 @@
+"""The core sub-commands: ``train``, ``eval``, ``list``, ``models``, ``recipes``, ``card``.
+
+Each imports what it needs when it runs: ``list``, ``models``, ``recipes`` and ``card`` read
+cards, the registry's catalogue and recipe files only (no torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+# Shortcut flags of `zoo train` (zoo.recipe.SHORTCUTS maps each to its recipe field); the rest
+# goes through --set. Strings are parsed as YAML scalars (`--pretrained w.pth`, `--precision bf16`).
+TRAIN_FLAGS = (("epochs", int), ("batch-size", int), ("lr", float), ("seed", int), ("optimizer", str),
+               ("size", int), ("input-size", int), ("patience", int), ("pretrained", str), ("precision", str))
+
+
+def store_of(args: argparse.Namespace) -> Path | None:
+    store = getattr(args, "store", None)
+    return Path(store).expanduser() if store else None
+
+
+def print_json(obj: Any) -> None:
+    """JSON on stdout; NaN (an undefined AUC) becomes null."""
+    print(json.dumps(_finite(obj), indent=None))
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _fmt(v: float | None, pct: bool = False) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v * 100:.1f}" if pct else f"{v:.3f}"
+
+
+def recipe_from_args(args: argparse.Namespace) -> Any:
+    """The recipe ``zoo train`` runs: built-in or ``--recipe`` file, with the flags applied."""
+    from zoo.errors import RecipeError
+    from zoo.recipe import apply_overrides, find_recipe, load_recipe_file
+
+    recipe = load_recipe_file(args.recipe) if args.recipe else find_recipe(args.dataset, args.arch)
+    overrides: dict[str, Any] = {}
+    for flag, _ in TRAIN_FLAGS:
+        key = flag.replace("-", "_")
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise RecipeError(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key] = value
+    if args.recipe:
+        overrides.setdefault("dataset", args.dataset)
+    return apply_overrides(recipe, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from zoo.train import train
+
+    result = train(recipe_from_args(args), data_root=args.data_root, store=store_of(args), device=args.device,
+                   resume=args.resume, download=not args.offline, progress=not args.json)
+    m = result.card.metrics
+    if args.json:
+        print_json({"bundle": str(result.bundle), "id": result.card.id, "best_epoch": m.best_epoch,
+                    "val": m.val.model_dump(), "test": m.test.model_dump()})
+        return 0
+    print(f"bundle: {result.bundle}")
+    print(f"val  ACC {m.val.acc:.4f}  AUC {m.val.auc:.4f}  (best epoch {m.best_epoch})")
+    print(f"test ACC {m.test.acc:.4f}  macro-F1 {m.test.macro_f1:.4f}  AUC {m.test.auc:.4f}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from zoo.evaluate import evaluate_bundle, format_metrics
+    from zoo.store import resolve_bundle
+
+    out = evaluate_bundle(resolve_bundle(args.bundle, store_of(args)), args.split, args.data_root, args.device)
+    if args.json:
+        print_json({"bundle": out["bundle"], "split": args.split, **out["metrics"]})
+    else:
+        print(f"{out['bundle']} on {args.split}\n{format_metrics(out['metrics'])}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from zoo.store import list_bundles
+
+    rows = []
+    for path, card in list_bundles(store_of(args)):
+        test, val, rep = card.metrics.test, card.metrics.val, card.reported
+        rows.append({"id": card.id, "path": str(path), "dataset": card.dataset.name, "arch": card.arch,
+                     "test_acc": test and test.acc, "test_macro_f1": test and test.macro_f1,
+                     "test_auc": test and test.auc, "val_auc": val and val.auc, "reported_metric": rep.metric or None,
+                     "reported_value": rep.value, "exports": sorted(card.exports)})
+    if args.json:
+        print_json(rows)
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="medzoo bundles")
+    for col in ("id", "dataset", "arch", "test ACC %", "macro-F1", "AUC", "reported"):
+        table.add_column(col)
+    for r in rows:
+        reported = f"{r['reported_metric']} {_fmt(r['reported_value'], True)}" if r["reported_value"] is not None else "-"
+        table.add_row(r["id"], r["dataset"], r["arch"], _fmt(r["test_acc"], True), _fmt(r["test_macro_f1"]),
+                      _fmt(r["test_auc"]), reported)
+    Console(width=200).print(table)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from zoo.models import get_spec, list_models
+
+    specs = [get_spec(name) for name in list_models()]
+    if args.json:
+        print_json([s.describe() for s in specs])
+        return 0
+    for spec in specs:
+        print(f"{spec.name:16s} report {spec.report:4s} sizes {spec.sizes()}  {spec.summary}")
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from zoo.recipe import all_recipes
+
+    recipes = all_recipes()
+    if args.json:
+        print_json([{"name": r.name, "dataset": r.dataset, "arch": r.arch, "report": r.report,
+                     "reported": r.reported.model_dump(), "citation": r.citation} for r in recipes])
+        return 0
+    for r in recipes:
+        rep = f"{r.reported.metric} {r.reported.value}" if r.reported.value is not None else ""
+        print(f"{r.name:28s} report {r.report:12s} {rep}")
+    return 0
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    from zoo.card import read_card
+    from zoo.modelcard import render, write_model_card
+    from zoo.store import resolve_bundle
+
+    path = resolve_bundle(args.bundle, store_of(args))
+    if args.print:
+        sys.stdout.write(render(read_card(path)))
+        return 0
+    print(write_model_card(path))
+    return 0
+
+
+def _train_parser(sub: Any) -> None:
+    t = sub.add_parser("train", help="train a recipe: zoo train DATASET ARCH")
+    t.add_argument("dataset", help="derma/skin, organa/organ, path/pathology, breast, … mnist, or an image folder")
+    t.add_argument("arch", help="architecture or recipe variant (zoo recipes)")
+    t.add_argument("--recipe", help="a recipe YAML file instead of the built-in one")
+    t.add_argument("--data-root", help="folder with the data files (default $MEDZOO_DATA or ~/.medmnist)")
+    t.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
+    t.add_argument("--resume", action="store_true", help="continue the killed run of the same recipe")
+    t.add_argument("--offline", action="store_true", help="never download")
+    for flag, typ in TRAIN_FLAGS:
+        t.add_argument(f"--{flag}", type=typ)
+    t.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override any recipe field, e.g. train.grad_clip=0.1")
+    t.add_argument("--json", action="store_true", help="print the summary as JSON (no progress bar)")
+    t.set_defaults(func=cmd_train)
+
+
+def register(sub: Any) -> None:
+    """Add the core sub-commands to the ``zoo`` parser."""
+    _train_parser(sub)
+    e = sub.add_parser("eval", help="metrics of a bundle on a split")
+    e.add_argument("bundle", help="bundle path, id, or dataset name (its best bundle)")
+    e.add_argument("--split", default="test", choices=["train", "val", "test"])
+    e.add_argument("--data-root")
+    e.add_argument("--device")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_eval)
+    for name, func, helptext in (("list", cmd_list, "the bundles in the store"),
+                                 ("models", cmd_models, "registered architectures"),
+                                 ("recipes", cmd_recipes, "built-in recipes")):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("--json", action="store_true", help="print as JSON")
+        s.set_defaults(func=func)
+    c = sub.add_parser("card", help="write a bundle's Markdown model card (README.md) from its card.json")
+    c.add_argument("bundle", help="bundle path, id, or dataset name (its best bundle)")
+    c.add_argument("--print", action="store_true", help="print the Markdown instead of writing README.md")
+    c.set_defaults(func=cmd_card)
+
+
+__all__ = ["TRAIN_FLAGS", "print_json", "recipe_from_args", "register", "store_of"]

@@ -1,0 +1,108 @@
+"""The one ensemble: which bundles form it, whether they fit together, how their logits combine.
+
+Used alike by ``/pathology_ensemble`` (serving), ``zoo score --ensemble`` (scoring) and the Python
+API, so the same images give the same probabilities and classes everywhere (a test checks it).
+
+* Members: :func:`choose_members` — a task's (or dataset's) bundles of one architecture, ranked
+  by validation metrics (model selection never looks at test), the best ``n`` or all of them.
+* Compatibility: :func:`check_compatible` — same labels, same output head, same input images
+  (channels and resolution); otherwise :class:`~zoo.errors.EnsembleError` naming the misfit.
+* Combination: :func:`combine` — the mean of the members' logits, then the one rule of
+  :mod:`zoo.postprocess` (softmax, or sigmoid for a single-logit head) for probabilities and the
+  predicted class; ``agreement`` is the fraction of members whose own predicted class is the
+  ensemble's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from zoo.card import CARD, ModelInfo, read_card
+from zoo.errors import BundleError, EnsembleError
+from zoo.postprocess import to_probs
+from zoo.store import bundles_dir, dataset_of, rank_bundles
+
+log = logging.getLogger(__name__)
+
+COMBINE = "mean of logits"
+
+
+@dataclass
+class EnsembleOutput:
+    """Combined answers for N images from M members of K classes."""
+
+    logits: np.ndarray  # (N, K') mean of the members' logits (K' = 1 for a single-logit head)
+    probs: np.ndarray  # (N, K) float32
+    classes: np.ndarray  # (N,) int64
+    agreement: np.ndarray  # (N,) float32 in [0, 1]
+    member_classes: np.ndarray  # (N, M) int64
+    member_probs: np.ndarray  # (N, M, K) float32
+
+
+def combine(member_logits: Sequence[np.ndarray] | np.ndarray) -> EnsembleOutput:
+    """Combine logits of shape (M, N, K') — one (N, K') array per member."""
+    stacked = np.stack([np.asarray(m, dtype=np.float32) for m in member_logits])
+    if stacked.ndim != 3 or len(stacked) < 1:
+        raise EnsembleError(f"member logits must be (M, N, K), not {stacked.shape}")
+    mean = stacked.mean(axis=0, dtype=np.float64).astype(np.float32)
+    probs = to_probs(mean)
+    classes = probs.argmax(axis=1).astype(np.int64)
+    member_probs = np.stack([to_probs(m) for m in stacked], axis=1)  # (N, M, K)
+    member_classes = member_probs.argmax(axis=2).astype(np.int64)  # (N, M)
+    agreement = (member_classes == classes[:, None]).mean(axis=1).astype(np.float32)
+    return EnsembleOutput(mean, probs, classes, agreement, member_classes, member_probs)
+
+
+def check_compatible(members: Sequence[ModelInfo]) -> None:
+    """Members must share labels, output head and input images; raise :class:`EnsembleError`."""
+    if len(members) < 2:
+        raise EnsembleError(f"an ensemble needs at least two members, not {len(members)}")
+    first = members[0]
+    a = first.preprocessing
+    for m in members[1:]:
+        if m.labels != first.labels:
+            raise EnsembleError(f"ensemble members disagree on labels: {first.id} {first.labels} vs {m.id} {m.labels}")
+        if m.num_outputs != first.num_outputs:
+            raise EnsembleError(f"ensemble members have different heads: {first.id} {first.num_outputs} "
+                                f"output(s) vs {m.id} {m.num_outputs}")
+        b = m.preprocessing
+        if (a.image_size, a.in_channels) != (b.image_size, b.in_channels):
+            raise EnsembleError(f"ensemble members take different images: {first.id} "
+                                f"{a.in_channels}x{a.image_size}px vs {m.id} {b.in_channels}x{b.image_size}px")
+
+
+def choose_members(task: str, store: Path | None = None, arch: str | None = None,
+                   n: int | None = None) -> list[Path]:
+    """The best ``n`` (default: all) bundles of ``task``'s dataset with architecture ``arch``
+    (default: the architecture of its best bundle), ranked by validation metrics."""
+    if (Path(task).expanduser() / CARD).is_file() or (bundles_dir(store) / task / CARD).is_file():
+        raise EnsembleError("an ensemble from a single model needs a task or dataset name (its best bundles "
+                            "of one architecture are used); or name each member")
+    if n is not None and n < 2:
+        raise EnsembleError("an ensemble needs at least two members (ensemble size >= 2)")
+    if arch is None:
+        ranked_all = rank_bundles(task, store)
+        if not ranked_all:
+            raise BundleError(f"no bundle found for {task!r}")
+        arch = ranked_all[0][1].arch
+    ranked = rank_bundles(task, store, arch)
+    if len(ranked) < 2:
+        raise EnsembleError(f"an ensemble for {task!r} needs at least two {arch} bundles of {dataset_of(task)}; "
+                            f"the store has {len(ranked)}")
+    if n is not None and len(ranked) < n:
+        log.warning("only %d %s bundles of %s: the ensemble has %d members, not %d",
+                    len(ranked), arch, dataset_of(task), len(ranked), n)
+    return [p for p, _ in ranked[: n or len(ranked)]]
+
+
+def member_cards(paths: Sequence[Path]) -> list[ModelInfo]:
+    """The cards of the member bundles (for :func:`check_compatible` before any session opens)."""
+    return [read_card(p) for p in paths]
+
+
+__all__ = ["COMBINE", "EnsembleOutput", "check_compatible", "choose_members", "combine", "member_cards"]

@@ -1,0 +1,17 @@
+"""The one definition of preprocessing, in three parts:
+
+* :mod:`zoo.preprocess.spec`: :class:`Preprocessing`, what a card and an export record;
+* :mod:`zoo.preprocess.image`: files → ``uint8 (C, H, W)`` arrays (Pillow, no torch), used by
+  serving, scoring, the Python API and the image-folder datasets;
+* :mod:`zoo.preprocess.adapter`: :class:`~zoo.preprocess.adapter.InputAdapter`, arrays → the
+  network's normalised input (torch), inside every trained and exported model.
+
+Importing this package does not import torch.
+"""
+
+from zoo.errors import ImageError
+from zoo.preprocess.image import MAX_PIXELS, convert_mode, load_image, stack_images
+from zoo.preprocess.spec import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MAX_PIXELS", "ImageError", "Preprocessing", "convert_mode", "load_image",
+           "stack_images"]

@@ -1,0 +1,108 @@
+"""The run directory of a training run: its lock, its epoch snapshots, resume.
+
+A run lives in ``<store>/runs/<run id>`` (same recipe and data → same id, which is what
+``--resume`` finds). Each run holds an exclusive lock (``flock``) on its directory for as long as
+it trains, so two ``zoo train`` of the same recipe at the same time never share one: the second
+takes the next free slot (``<run id>.2``, ``.3`` …). Every epoch ends with an atomic snapshot
+(``state.pt``: weights, optimiser, scheduler, RNGs, history, best weights) that ``--resume``
+continues from; a finished run leaves ``done.json`` and no snapshot.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from zoo.io import atomic_file, write_json
+
+log = logging.getLogger(__name__)
+STATE = "state.pt"
+LOCK = ".lock"
+MAX_SLOTS = 64
+
+
+@dataclass
+class Progress:
+    """What a run has done so far (the part of a snapshot that is not a module's state)."""
+
+    next_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_score: float = float("-inf")
+    best_epoch: int = -1
+    best_state: dict[str, torch.Tensor] | None = None
+    bad_epochs: int = 0
+
+
+class RunDir:
+    """A locked run directory (see the module docstring); use as a context manager."""
+
+    def __init__(self, base: Path, run_id: str, resume: bool) -> None:
+        self.run_id = run_id
+        self._lock: IO[str] | None = None
+        self.path = self._claim(base, run_id, resume)
+
+    def _try_lock(self, path: Path) -> bool:
+        path.mkdir(parents=True, exist_ok=True)
+        f = open(path / LOCK, "a")  # noqa: SIM115 - held for the whole run
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            return False
+        self._lock = f
+        return True
+
+    def _claim(self, base: Path, run_id: str, resume: bool) -> Path:
+        slots = [base / (run_id if k == 1 else f"{run_id}.{k}") for k in range(1, MAX_SLOTS + 1)]
+        if resume:  # the first unlocked slot holding a snapshot, else a fresh one
+            for path in slots:
+                if (path / STATE).is_file() and self._try_lock(path):
+                    return path
+        for path in slots:
+            if self._try_lock(path):
+                if path != slots[0]:
+                    log.warning("%s is in use by another `zoo train`; this run uses %s", slots[0].name, path.name)
+                return path
+        raise RuntimeError(f"more than {MAX_SLOTS} concurrent runs of {run_id}")
+
+    @property
+    def state_file(self) -> Path:
+        return self.path / STATE
+
+    def save(self, snapshot: dict[str, Any]) -> None:
+        atomic_file(self.state_file, lambda tmp: torch.save(snapshot, tmp))
+
+    def load(self, device: torch.device) -> dict[str, Any] | None:
+        """The last snapshot (``weights_only``: tensors and plain containers, never code)."""
+        if not self.state_file.is_file():
+            return None
+        return torch.load(self.state_file, map_location=device, weights_only=True)
+
+    def finish(self, bundle: Path) -> None:
+        write_json(self.path / "done.json", {"bundle": str(bundle)})
+        self.state_file.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def progress_of(snapshot: dict[str, Any]) -> Progress:
+    return Progress(next_epoch=snapshot["epoch"] + 1, history=snapshot["history"], best_score=snapshot["best_score"],
+                    best_epoch=snapshot["best_epoch"], best_state=snapshot["best_state"],
+                    bad_epochs=snapshot["bad_epochs"])
+
+
+__all__ = ["LOCK", "STATE", "Progress", "RunDir", "progress_of"]
