@@ -32,9 +32,10 @@ import torch
 
 from export.onnx_export import to_onnx
 from export.torchscript_export import load_torchscript, save_torchscript, to_torchscript
-from zoo.bundle import full_model
+from zoo.card import ExportMeta
 from zoo.models import create_model
 from zoo.preprocess import Preprocessing
+from zoo.preprocess.adapter import full_model
 from zoo.runtime import create_session
 
 
@@ -100,8 +101,8 @@ def measure(cfg: Config, batches: list[int], seconds: float, repeats: int, threa
     prep = Preprocessing(cfg.size, cfg.size, 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     net = create_model(cfg.arch, num_classes=9, in_channels=3, input_size=cfg.size, **dict(cfg.kwargs))
     model = full_model(net, prep).eval()
-    meta = {"id": "bench", "arch": cfg.arch, "labels": [str(i) for i in range(9)], "task": "multi-class",
-            "num_outputs": 9, "preprocessing": prep.to_dict(), "weights_sha256": "-"}
+    meta = ExportMeta(id="bench", arch=cfg.arch, labels=[str(i) for i in range(9)], task="multi-class",
+                      num_outputs=9, preprocessing=prep, weights_sha256="-", format="torchscript")
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / "model.onnx"
         onnx_path.write_bytes(to_onnx(model, prep).SerializeToString())

@@ -55,7 +55,7 @@ def make_bundle(arch: str, work: Path) -> Path:
     """A ResNet (stem "small") trained one epoch on a small synthetic DermaMNIST, exported to ONNX
     (the one already in ``work`` when there is one)."""
     for path, card in list_bundles(work / "store"):
-        if card.get("arch") == arch and (path / "model.onnx").is_file():
+        if card.arch == arch and (path / "model.onnx").is_file():
             return path
     data = work / "data"
     write_synthetic_medmnist(data, "dermamnist", 28, (64, 16, 16), seed=0)

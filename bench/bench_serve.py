@@ -52,7 +52,7 @@ def make_bundle(store: Path) -> Path:
     import torch
     import yaml
 
-    from serving.bootstrap import export_onnx
+    from export import ensure_exported
     from zoo.bundle import save_bundle
     from zoo.models import create_model
     from zoo.preprocess import Preprocessing
@@ -78,7 +78,7 @@ def make_bundle(store: Path) -> Path:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     path = save_bundle(store / "bundles" / card["id"], net, card, yaml.safe_dump(recipe.to_dict()))
-    export_onnx(path)  # no data for an untrained model: parity on random images
+    ensure_exported(path)  # no data for an untrained model: parity on random images
     return path
 
 
@@ -131,7 +131,8 @@ def naive_app(bundle: Path) -> Any:
         with torch.inference_mode():
             probs = torch.softmax(model(x), dim=1)[0]
         top = torch.topk(probs, 3)
-        return [{"class": int(i), "label": labels[int(i)], "prob": float(p)} for p, i in zip(top.values, top.indices, strict=True)]
+        return [{"class": int(i), "label": labels[int(i)], "prob": float(p)}
+                for p, i in zip(top.values, top.indices, strict=True)]
 
     async def endpoint(request: Request) -> JSONResponse:
         form = await request.form()
@@ -269,7 +270,8 @@ def _bench(work: Path, levels: list[int], n_requests: int, rounds: int) -> dict[
                 cmd = [sys.executable, "-m", "bentoml", "serve", "serving.service:MedZoo", "--host", "127.0.0.1",
                        "--port", str(port), "--working-dir", str(REPO)]
             else:
-                cmd = [sys.executable, str(Path(__file__).resolve()), "--naive-server", str(bundle), "--port", str(port)]
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--naive-server", str(bundle),
+                       "--port", str(port)]
             procs.append(start(cmd, env, work / f"{name}.log"))
             wait_ready(urls[name], procs[-1], "/readyz" if name == "bentoml" else "/pathology")
         ort: dict[int, list[float]] = {c: [] for c in levels}
@@ -315,7 +317,8 @@ def report(out: dict[str, Any], markdown: bool) -> str:
     batches = (f"Batch sizes the served model saw over the whole run (images per call: calls): "
                f"{', '.join(f'{k}: {v}' for k, v in hist.items())}; mean {out['stats'].get('mean', 0):.1f}.")
     if markdown:
-        lines = [head, "", ("| concurrency | requests | served req/s | p50 ms | p99 ms | raw ORT img/s | served / ORT | "
+        lines = [head, "", ("| concurrency | requests | served req/s | p50 ms | p99 ms | raw ORT img/s | served / ORT"
+                            " | "
                  "naive req/s | naive p50 ms | naive p99 ms | served / naive | errors |"),
                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         lines += ["| " + " | ".join([f"{r[0]}", f"{r[1]}", f"{r[2]:.1f}", f"{r[3]:.0f}", f"{r[4]:.0f}", f"{r[5]:.0f}",

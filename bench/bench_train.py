@@ -21,6 +21,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import medmnist
 import torch
@@ -32,7 +33,7 @@ from zoo.data.synthetic import write_synthetic_medmnist
 from zoo.models import create_model
 from zoo.recipe import Recipe
 from zoo.train import train
-from zoo.train.engine import native_bf16
+from zoo.train.precision import native_bf16
 
 
 def recipe_for(arch: str, epochs: int, batch: int, precision: str = "auto") -> Recipe:
@@ -48,8 +49,8 @@ def ours(arch: str, root: Path, store: Path, epochs: int, batch: int, precision:
     """samples/s of the engine (train epochs + validation passes, as timed by the engine)."""
     result = train(recipe_for(arch, epochs, batch, precision), data_root=root, store=store, progress=False,
                    download=False)
-    n = result.card["dataset"]["sizes"]["train"]
-    return n * epochs / result.card["training"]["time_s"]
+    n = result.card.dataset.sizes["train"]
+    return n * epochs / result.card.training.time_s
 
 
 def naive(arch: str, root: Path, epochs: int, batch: int) -> float:
@@ -64,7 +65,9 @@ def naive(arch: str, root: Path, epochs: int, batch: int) -> float:
         T.ToTensor(), T.Normalize(mean, std),
     ])
     plain = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
-    label = lambda y: int(y[0])
+    def label(y: Any) -> int:
+        return int(y[0])
+
     tr = medmnist.DermaMNIST(split="train", root=str(root), transform=aug, target_transform=label)
     va = medmnist.DermaMNIST(split="val", root=str(root), transform=plain, target_transform=label)
     model = create_model(arch, 7, 3, 28)

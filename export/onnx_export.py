@@ -16,9 +16,7 @@ import heapq
 import io
 import json
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import onnx
 import torch

@@ -27,7 +27,15 @@ from zoo.card import TORCHSCRIPT_FILE, ExportMeta
 from zoo.errors import ExportError, ModelFileError
 from zoo.io import atomic_write_bytes
 from zoo.preprocess import Preprocessing
-from zoo.runtime import METADATA_KEY, ExportedModel, bundle_card, check_origin, export_file, parse_metadata, verify_export
+from zoo.runtime import (
+    METADATA_KEY,
+    ExportedModel,
+    bundle_card,
+    check_origin,
+    export_file,
+    parse_metadata,
+    verify_export,
+)
 
 
 @contextlib.contextmanager
@@ -53,7 +61,8 @@ def save_torchscript(module: torch.jit.ScriptModule, meta: ExportMeta, dest: Pat
     """Save with the metadata JSON as an extra file; written atomically."""
     buf = io.BytesIO()
     with _quiet():
-        torch.jit.save(module, buf, _extra_files={METADATA_KEY: json.dumps(meta.model_dump(mode="json"), sort_keys=True)})
+        text = json.dumps(meta.model_dump(mode="json"), sort_keys=True)
+        torch.jit.save(module, buf, _extra_files={METADATA_KEY: text})
     atomic_write_bytes(dest, buf.getvalue())
 
 

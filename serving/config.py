@@ -25,8 +25,8 @@ YAML layout (every key optional)::
 Environment: ``MEDZOO_SERVE_<TASK>`` (e.g. ``MEDZOO_SERVE_SKIN``) sets a task's bundle,
 ``MEDZOO_ENSEMBLE_MEMBERS`` (comma-separated) and ``MEDZOO_ENSEMBLE_ARCH`` the ensemble,
 ``MEDZOO_TOP_K``, ``MEDZOO_MAX_BATCH_SIZE``, ``MEDZOO_MAX_LATENCY_MS``, ``MEDZOO_MAX_FILE_MB``,
-``MEDZOO_MAX_REQUEST_MB``, ``MEDZOO_MAX_IMAGES``, ``MEDZOO_API_WORKERS``, ``MEDZOO_ACCESS_LOG``, ``MEDZOO_ORT_THREADS`` the
-settings, ``MEDZOO_HOME`` the store and
+``MEDZOO_MAX_REQUEST_MB``, ``MEDZOO_MAX_IMAGES``, ``MEDZOO_API_WORKERS``, ``MEDZOO_ACCESS_LOG``,
+``MEDZOO_ORT_THREADS`` the settings, ``MEDZOO_HOME`` the store and
 ``MEDZOO_SERVE_SOURCE`` (``auto``, ``store`` or ``bento``) where the bundles are read from.
 """
 
@@ -140,9 +140,11 @@ class ServeConfig(BaseSettings):
     bento_dir: Path | None = Field(None, exclude=True)
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
-                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
-                                   file_secret_settings: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
         # first wins: the environment, then the file layer passed as init values, then defaults
         return env_settings, _TaskEnvSource(settings_cls), init_settings
 
@@ -302,7 +304,8 @@ def resolve_task(cfg: ServeConfig, task: str) -> Resolved:
         try:
             best = best_bundle(task, cfg.store)
         except UnknownNameError:  # an extra task whose name is not a dataset
-            return Resolved(task, None, f"task {task!r} has no bundle configured: set {task}: BUNDLE in the serving config")
+            return Resolved(task, None,
+                            f"task {task!r} has no bundle configured: set {task}: BUNDLE in the serving config")
         if best is None:
             where = bundles_dir(cfg.store)
             return Resolved(task, None, f"no {TASKS.get(task, task)} bundle in {where}: {train_hint(task)}")

@@ -212,8 +212,8 @@ async def read_uploads(request: Request, limits: Limits) -> tuple[list[Upload], 
                     up = Upload(len(uploads), value.filename or name)
                     size = value.size if value.size is not None else 0
                     if size > limits.max_file_bytes:
-                        up.status, up.error = 413, (
-                            f"file of {size / 2**20:.1f} MB is larger than the {limits.max_file_bytes / 2**20:g} MB limit")
+                        up.status, up.error = 413, (f"file of {size / 2**20:.1f} MB is larger than the "
+                                                    f"{limits.max_file_bytes / 2**20:g} MB limit")
                     else:
                         up.data = await value.read()
                     uploads.append(up)

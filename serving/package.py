@@ -85,7 +85,8 @@ def package_models(cfg: ServeConfig) -> str:
     labels = {"project": "medzoo"}
     labels.update({t: (rel.split("/", 1)[1] if rel else "none")[:63] for t, rel in manifest["tasks"].items()})
     # metadata takes basic types only (a task without a bundle is null): the manifest as JSON text
-    with bentoml.models.create(tag, labels=labels, metadata={"manifest": json.dumps(manifest, sort_keys=True)}) as model:
+    metadata = {"manifest": json.dumps(manifest, sort_keys=True)}
+    with bentoml.models.create(tag, labels=labels, metadata=metadata) as model:
         root = Path(model.path)
         for bid, src in bundles.items():
             dst = root / "bundles" / bid

@@ -108,7 +108,7 @@ def test_offline_cli_error_is_one_line(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "zoo.cli", "train", "derma", "resnet18"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 2
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, r.stderr
     assert "dermamnist.npz" in lines[0] and "zenodo.org" in lines[0] and "Traceback" not in r.stderr
     assert not any((tmp_path / "data").glob("*.npz"))

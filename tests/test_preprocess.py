@@ -60,7 +60,8 @@ def test_resize_to_image_size() -> None:
 
 @pytest.mark.parametrize(
     "data,message",
-    [(b"", "empty"), (b"hello, not an image", "not an image"), (_png(Image.new("L", (64, 64), 9))[:60], "corrupt or truncated")],
+    [(b"", "empty"), (b"hello, not an image", "not an image"),
+     (_png(Image.new("L", (64, 64), 9))[:60], "corrupt or truncated")],
 )
 def test_refusals(data: bytes, message: str) -> None:
     with pytest.raises(ImageError, match=message):

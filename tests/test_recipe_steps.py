@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from zoo.bundle import load_bundle
-from zoo.names import FOLDER_DATASETS, resolve_name
 from zoo.data.synthetic import synthetic_arrays, write_synthetic_medmnist
+from zoo.names import FOLDER_DATASETS, resolve_name
 from zoo.recipe import apply_overrides, load_recipe_file, recipe_files
 from zoo.train import train
 

@@ -106,7 +106,7 @@ def _copy_and_export(src: Path, store_root: Path, data_root: Path) -> Path:
 
     dst = store_root / "bundles" / src.name
     if not dst.exists():
-        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.onnx", "model.fp16.onnx", "model.torchscript.pt"))
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.onnx", "model.fp16.onnx", "*.pt"))
         ensure_exported(dst, ("onnx",), data_root)
     return dst
 
@@ -211,7 +211,8 @@ def server(served: Served, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 def _test_images(served: Served, task: str, split: str = "test") -> np.ndarray:
     from zoo.data import load_dataset
 
-    return getattr(load_dataset(FLAGS[task], size=28, root=served.data_roots[task], download=False), split).images.numpy()
+    splits = load_dataset(FLAGS[task], size=28, root=served.data_roots[task], download=False)
+    return getattr(splits, split).images.numpy()
 
 
 def _onnx(bundle: Path):  # type: ignore[no-untyped-def]
@@ -360,7 +361,8 @@ BAD_FILES: dict[str, tuple[Callable[[], bytes], set[int]]] = {
     "decompression bomb": (_bomb_png, {413}),
     "header bomb": (_header_bomb_png, {413}),
     "oversized file": (_oversized_png, {413}),
-    "float tiff without a finite pixel": (lambda: encode(Image.fromarray(np.full((8, 8), np.nan, np.float32)), "TIFF"), {422}),
+    "float tiff without a finite pixel": (
+        lambda: encode(Image.fromarray(np.full((8, 8), np.nan, np.float32)), "TIFF"), {422}),
 }
 
 
@@ -386,7 +388,8 @@ def _request_cases() -> dict[str, tuple[dict[str, Any], set[int]]]:
         "bad top_k": ({"files": files(("a.png", good)), "data": {"top_k": "many"}}, {400}),
         "zero top_k": ({"files": files(("a.png", good)), "params": {"top_k": "0"}}, {400}),
         "no boundary": ({"content": b"--x\r\n", "headers": {"content-type": "multipart/form-data"}}, {400}),
-        "malformed multipart": ({"content": b"garbage", "headers": {"content-type": "multipart/form-data; boundary=abc"}}, {400}),
+        "malformed multipart": (
+            {"content": b"garbage", "headers": {"content-type": "multipart/form-data; boundary=abc"}}, {400}),
         "too many images": ({"files": files(*[(f"{i}.png", good) for i in range(MAX_IMAGES + 1)])}, {413}),
         "request too large": ({"files": files(("big.png", good[:16] + bytes((MAX_REQUEST_MB + 1) * 2**20)))}, {413}),
         "raw body too large": ({"content": good[:16] + bytes((MAX_REQUEST_MB + 1) * 2**20),
@@ -408,7 +411,8 @@ def test_mixed_request_answers_per_item(server: Server, served: Served) -> None:
     from zoo.preprocess import load_image
 
     good0, good2 = _good_png(0), _good_png(2)
-    r = server.client().post("/skin", files=files(("a.png", good0), ("b.png", _corrupt_png()), ("c.png", good2), ("d.txt", b"")))
+    r = server.client().post("/skin", files=files(("a.png", good0), ("b.png", _corrupt_png()), ("c.png", good2),
+                                                  ("d.txt", b"")))
     assert r.status_code == 200, r.text
     res = r.json()["results"]
     assert [x["index"] for x in res] == [0, 1, 2, 3]
@@ -454,7 +458,8 @@ def _mode_cases() -> dict[str, bytes]:
 
 @pytest.mark.parametrize("task", ["skin", "organ"])  # an RGB model and a grey one
 @pytest.mark.parametrize("case", list(_mode_cases()))
-def test_every_image_mode_is_converted_by_the_documented_rule(server: Server, served: Served, task: str, case: str) -> None:
+def test_every_image_mode_is_converted_by_the_documented_rule(server: Server, served: Served, task: str,
+                                                              case: str) -> None:
     """Each mode answers 200 with the classes of ``load_image`` (zoo.preprocess) + the model."""
     from zoo.preprocess import load_image
 

@@ -114,7 +114,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     for col in ("id", "dataset", "arch", "test ACC %", "macro-F1", "AUC", "reported"):
         table.add_column(col)
     for r in rows:
-        reported = f"{r['reported_metric']} {_fmt(r['reported_value'], True)}" if r["reported_value"] is not None else "-"
+        reported = "-" if r["reported_value"] is None else f"{r['reported_metric']} {_fmt(r['reported_value'], True)}"
         table.add_row(r["id"], r["dataset"], r["arch"], _fmt(r["test_acc"], True), _fmt(r["test_macro_f1"]),
                       _fmt(r["test_auc"]), reported)
     Console(width=200).print(table)

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-from zoo.errors import DataUnavailableError
 
 
 @dataclass

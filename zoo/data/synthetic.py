@@ -15,7 +15,8 @@ import numpy as np
 from zoo.data.medmnist_data import npz_name
 
 
-def synthetic_arrays(n: int, n_classes: int, size: int, channels: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_arrays(n: int, n_classes: int, size: int, channels: int,
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     labels = rng.integers(0, n_classes, size=n)
     yy, xx = np.mgrid[0:size, 0:size] / size
     imgs = np.empty((n, size, size, channels), dtype=np.float64)

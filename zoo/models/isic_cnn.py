@@ -11,7 +11,6 @@ from __future__ import annotations
 from torch import nn
 
 
-
 def flat_side(input_size: int) -> int:
     """Side of the last feature map (53 at 224 px)."""
     return ((input_size - 4) // 2 - 4) // 2

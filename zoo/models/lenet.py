@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-
 class AdaptiveMaxPool2d(nn.Module):
     """``nn.AdaptiveMaxPool2d(size)`` with the same windows, exportable to ONNX at any input size.
 

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 
 from torch import nn
 
-
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "leaky_relu": nn.LeakyReLU,

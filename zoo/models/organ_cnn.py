@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from torch import nn
 
 
-
 def build_cnn28(
     num_classes: int,
     in_channels: int,

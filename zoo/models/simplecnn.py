@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 
-
 def build_simplecnn_v1(
     num_classes: int, in_channels: int, input_size: int, pretrained: bool | str = False
 ) -> nn.Module:

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 
-
 class SeparableConv2d(nn.Sequential):
     """Depthwise ``k×k`` conv followed by a pointwise ``1×1`` conv, both without bias."""
 

@@ -48,7 +48,8 @@ def _rotate(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def _jitter(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor, saturation: torch.Tensor) -> torch.Tensor:
+def _jitter(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor,
+            saturation: torch.Tensor) -> torch.Tensor:
     """Brightness, contrast, then saturation, each as torchvision's ColorJitter does it."""
     b, c, s = (f.to(x.dtype).view(-1, 1, 1, 1) for f in (brightness, contrast, saturation))
     x = _blend(x, 0.0, b)
