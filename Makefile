@@ -8,12 +8,19 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
+	@# One ONNX Runtime package: a venv upgraded from a CPU-only medzoo may still hold `onnxruntime`
+	@# beside `onnxruntime-gpu` (both install the same module); keep the one pyproject.toml asks for.
+	if $(BIN)/pip show -q onnxruntime-gpu 2>/dev/null && $(BIN)/pip show -q onnxruntime 2>/dev/null; then \
+	  $(BIN)/pip uninstall --quiet -y onnxruntime && \
+	  $(BIN)/pip install --quiet --force-reinstall --no-deps onnxruntime-gpu; fi
 	touch $(STAMP)
 
 .PHONY: install test serve
 install: $(STAMP)
 
 test: $(STAMP)
+	$(BIN)/lint-imports
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 serve: $(STAMP)

@@ -12,6 +12,10 @@ the file was exported from. Every failure is a :class:`ModelFileError` with a on
 
 from __future__ import annotations
 
+import ctypes.util
+import functools
+import glob
+import importlib.util
 import json
 import logging
 import os
@@ -35,18 +39,72 @@ GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 METADATA_KEY = "medzoo.card"  # ONNX metadata_props key holding the card subset as JSON
 
 
+def gpu_present() -> bool:
+    """Whether an NVIDIA GPU is visible to this process (driver device nodes; CUDA_VISIBLE_DEVICES)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return False
+    return bool(glob.glob("/dev/nvidia[0-9]*")) or bool(glob.glob("/proc/driver/nvidia/gpus/*"))
+
+
+def _tensorrt_libraries() -> bool:
+    """TensorRT's runtime (``libnvinfer``) can be loaded: only then is its provider worth asking for."""
+    return importlib.util.find_spec("tensorrt_libs") is not None or ctypes.util.find_library("nvinfer") is not None
+
+
+@functools.lru_cache(maxsize=1)
+def _preload_cuda() -> None:
+    """Load CUDA and cuDNN from the ``nvidia-*`` pip packages when they are installed (ONNX Runtime
+    ≥ 1.21), so that ``onnxruntime-gpu`` finds them without LD_LIBRARY_PATH."""
+    import onnxruntime as ort
+
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload()
+        except (OSError, RuntimeError) as e:
+            log.info("could not preload CUDA libraries from pip packages: %s", e)
+
+
 def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
-    """Providers to ask for, best first, among those this onnxruntime build has."""
+    """Providers to ask for, best first: ``requested`` or ``$MEDZOO_PROVIDERS``, else TensorRT (when
+    its libraries load) and CUDA when a GPU is present, always ending with the CPU."""
     import onnxruntime as ort
 
     available = set(ort.get_available_providers())
-    wanted = list(requested) if requested else [
-        p.strip() for p in os.environ.get("MEDZOO_PROVIDERS", ",".join(PREFERRED)).split(",") if p.strip()
-    ]
+    env = [p.strip() for p in os.environ.get("MEDZOO_PROVIDERS", "").split(",") if p.strip()]
+    if requested or env:
+        wanted = list(requested or env)
+    elif gpu_present():
+        wanted = [p for p in PREFERRED if p != "TensorrtExecutionProvider" or _tensorrt_libraries()]
+    else:
+        wanted = ["CPUExecutionProvider"]
     chosen = [p for p in wanted if p in available]
     if "CPUExecutionProvider" not in chosen:
         chosen.append("CPUExecutionProvider")
+    if any(p in GPU_PROVIDERS for p in chosen):
+        _preload_cuda()
     return chosen
+
+
+def provider_options(providers: Sequence[str]) -> list[tuple[str, dict[str, str]]]:
+    """Options per provider. CUDA: TF32 off unless ``MEDZOO_TF32=1``, so that GPU answers match
+    the CPU's to fp32 precision (TF32 matmuls keep 10 mantissa bits); TensorRT: fp32 unless
+    ``MEDZOO_TRT_FP16=1``, engines cached next to nothing (in ``$MEDZOO_TRT_CACHE`` when set)."""
+    tf32 = "1" if os.environ.get("MEDZOO_TF32", "").strip() == "1" else "0"
+    out: list[tuple[str, dict[str, str]]] = []
+    for p in providers:
+        if p == "CUDAExecutionProvider":
+            out.append((p, {"use_tf32": tf32}))
+        elif p == "TensorrtExecutionProvider":
+            opts = {"trt_fp16_enable": "1" if os.environ.get("MEDZOO_TRT_FP16", "").strip() == "1" else "0"}
+            cache = os.environ.get("MEDZOO_TRT_CACHE")
+            if cache:
+                opts.update(trt_engine_cache_enable="1", trt_engine_cache_path=cache)
+            out.append((p, opts))
+        else:
+            out.append((p, {}))
+    return out
 
 
 def create_session(path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None):
@@ -62,15 +120,27 @@ def create_session(path: str | Path, providers: Sequence[str] | None = None, thr
         # with others (the inference worker of `zoo serve` next to its HTTP workers).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     chosen = choose_providers(providers)
+    names, options = zip(*provider_options(chosen), strict=True)
     try:
-        sess = ort.InferenceSession(str(path), sess_options=opts, providers=chosen)
+        sess = ort.InferenceSession(str(path), sess_options=opts, providers=list(names),
+                                    provider_options=list(options))
     except Exception as e:  # onnxruntime raises its own pybind exception types
         raise ModelFileError(f"{path} cannot be loaded by ONNX Runtime: {str(e).splitlines()[0][:200]}") from None
     got = sess.get_providers()[0]
     if got != chosen[0]:
         log.warning("asked for %s, ONNX Runtime gave %s", chosen[0], got)
+    if got == "CPUExecutionProvider" and not gpu_present():
+        _log_cpu_once()
     log.info("ONNX Runtime session for %s on %s", Path(path).name, got)
     return sess, got
+
+
+@functools.lru_cache(maxsize=1)
+def _log_cpu_once() -> None:
+    import onnxruntime as ort
+
+    log.info("no GPU found: ONNX Runtime %s (%s build) runs on the CPU (CPUExecutionProvider)",
+             ort.__version__, "GPU" if "CUDAExecutionProvider" in ort.get_available_providers() else "CPU")
 
 
 def load_onnx(path: str | Path) -> Any:
@@ -244,5 +314,5 @@ class OnnxModel(ExportedModel):
 
 __all__ = ["EXPORT_FILES", "GPU_PROVIDERS", "METADATA_KEY", "ONNX_FILE", "ONNX_FP16_FILE", "PREFERRED",
            "TORCHSCRIPT_FILE", "ExportedModel", "ModelFileError", "OnnxModel", "bundle_card", "check_onnx",
-           "check_origin", "choose_providers", "create_session", "export_file", "load_onnx", "onnx_metadata",
-           "parse_metadata", "read_metadata", "verify_export"]
+           "check_origin", "choose_providers", "create_session", "export_file", "gpu_present", "load_onnx",
+           "onnx_metadata", "parse_metadata", "provider_options", "read_metadata", "verify_export"]
