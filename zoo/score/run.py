@@ -8,12 +8,13 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from zoo.io import atomic_write, atomic_write_bytes
+from zoo.runtime import OnnxModel
 from zoo.score.decode import Decoder, default_workers
 from zoo.score.journal import (
     MANIFEST,
@@ -25,7 +26,7 @@ from zoo.score.journal import (
     journal_manifest,
     open_journal,
 )
-from zoo.score.listing import display_path, list_folder
+from zoo.score.listing import FileEntry, display_path, list_folder
 from zoo.score.models import infer, open_models, resolve_models
 from zoo.score.output import count_rows, output_columns, output_format, write_output
 
@@ -163,41 +164,71 @@ def score_folder(
     to ``errors_out`` (default ``<out>.errors.csv``). ``workers=0`` decodes in this process.
     Killed and started again, it resumes from ``<out>.partial/``.
     """
-    folder_p = Path(folder).expanduser()
-    if not folder_p.is_dir():
-        raise FileNotFoundError(f"{folder_p} is not a folder")
-    folder_p = folder_p.resolve()
-    out_p = Path(out).expanduser().resolve()
-    fmt = output_format(out_p)
-    errors_p = Path(errors_out).expanduser().resolve() if errors_out else out_p.with_name(out_p.name + ".errors.csv")
-    journal = out_p.with_name(out_p.name + ".partial")
+    paths = ScorePaths.of(folder, out, errors_out)
     if batch_size < 1 or chunk_size < 1:
         raise ValueError("batch size and chunk size must be at least 1")
     workers = default_workers() if workers is None else max(0, workers)
-
-    if (not overwrite and out_p.is_file() and not (journal / MANIFEST).is_file()):
-        return ScoreSummary(out_p, errors_p, [], files=0, scored=count_rows(out_p, fmt),
-                            errors=count_rows(errors_p, "csv") if errors_p.is_file() else 0, already_done=True)
-
+    if not overwrite and paths.finished():
+        return paths.already_done()
     onnx_models = open_models(resolve_models(models, ensemble, ensemble_size, store), threads, providers)
-    ensemble = len(onnx_models) > 1
-    entries = list_folder(folder_p, exclude=[out_p, errors_p, journal])
-    manifest = journal_manifest(folder_p, entries, onnx_models, ensemble, chunk_size, batch_size)
-    journal.mkdir(parents=True, exist_ok=True)
-    lock = Lock(journal)
+    entries = list_folder(paths.folder, exclude=[paths.out, paths.errors, paths.journal])
+    return run_journalled(paths, onnx_models, entries, chunk_size, batch_size, overwrite,
+                          lambda run: _score_chunks(run, workers, progress))
+
+
+@dataclass(frozen=True)
+class ScorePaths:
+    """The folder scored and every file a run writes (output, errors file, journal)."""
+
+    folder: Path
+    out: Path
+    fmt: str
+    errors: Path
+    journal: Path
+
+    @classmethod
+    def of(cls, folder: str | Path, out: str | Path, errors_out: str | Path | None = None) -> ScorePaths:
+        folder_p = Path(folder).expanduser()
+        if not folder_p.is_dir():
+            raise FileNotFoundError(f"{folder_p} is not a folder")
+        out_p = Path(out).expanduser().resolve()
+        errors_p = out_p.with_name(out_p.name + ".errors.csv")
+        if errors_out:
+            errors_p = Path(errors_out).expanduser().resolve()
+        return cls(folder_p.resolve(), out_p, output_format(out_p), errors_p, out_p.with_name(out_p.name + ".partial"))
+
+    def finished(self) -> bool:
+        """The output exists and no journal is left: an earlier run completed."""
+        return self.out.is_file() and not (self.journal / MANIFEST).is_file()
+
+    def already_done(self) -> ScoreSummary:
+        errors = count_rows(self.errors, "csv") if self.errors.is_file() else 0
+        return ScoreSummary(self.out, self.errors, [], files=0, scored=count_rows(self.out, self.fmt), errors=errors,
+                            already_done=True)
+
+
+def run_journalled(paths: ScorePaths, models: Sequence[OnnxModel], entries: list[FileEntry], chunk_size: int,
+                   batch_size: int, overwrite: bool, score: Callable[[Run], tuple[int, float]]) -> ScoreSummary:
+    """Open (or resume) the journal under its lock, let ``score`` fill the missing chunks, then
+    assemble the output and remove the journal. Shared by local and Ray scoring."""
+    ensemble = len(models) > 1
+    manifest = journal_manifest(paths.folder, entries, models, ensemble, chunk_size, batch_size)
+    paths.journal.mkdir(parents=True, exist_ok=True)
+    lock = Lock(paths.journal)
     try:
         if overwrite:
-            (journal / MANIFEST).unlink(missing_ok=True)
-        run = Run(folder_p, out_p, errors_p, journal, fmt, onnx_models, entries, manifest, chunk_size, batch_size)
+            (paths.journal / MANIFEST).unlink(missing_ok=True)
+        run = Run(paths.folder, paths.out, paths.errors, paths.journal, paths.fmt, list(models), entries, manifest,
+                  chunk_size, batch_size)
         open_journal(run)
         resumed = sum(len(run.chunk_entries(i)) for i in run.done)
         if resumed:
-            log.info("resuming %s: %d of %d files already done", journal, resumed, len(entries))
-        processed, seconds = _score_chunks(run, workers, progress)
+            log.info("resuming %s: %d of %d files already done", paths.journal, resumed, len(entries))
+        processed, seconds = score(run)
         n_rows, n_errors = _assemble(run, ensemble)
-        clear_journal(journal)
+        clear_journal(paths.journal)
     finally:
         lock.release()
-    return ScoreSummary(out_p, errors_p, [m.model_id for m in onnx_models], files=len(entries), scored=n_rows,
-                        errors=n_errors, resumed=resumed, provider=onnx_models[0].provider, seconds=seconds,
+    return ScoreSummary(paths.out, paths.errors, [m.model_id for m in models], files=len(entries), scored=n_rows,
+                        errors=n_errors, resumed=resumed, provider=models[0].provider, seconds=seconds,
                         processed=processed)
