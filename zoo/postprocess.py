@@ -12,9 +12,13 @@ API, ensembles:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from zoo.card import ModelInfo
 
 
 def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -53,4 +57,29 @@ def top_classes(probs: np.ndarray, labels: Sequence[str], k: int) -> list[dict[s
     return [{"class": int(i), "label": labels[int(i)], "prob": float(probs[int(i)])} for i in order]
 
 
-__all__ = ["predicted_class", "sigmoid", "softmax", "to_probs", "top_classes"]
+@dataclass
+class Predictions:
+    """What a model says about N images, as every front end reports it (HTTP, scoring, Python API).
+
+    ``probs`` are the model's answer under the one rule above (calibrated once the card carries a
+    calibration); ``ood_score`` / ``in_distribution`` are filled once the card carries an
+    out-of-distribution detector (None until then).
+    """
+
+    probs: np.ndarray  # (N, K) float32
+    classes: np.ndarray  # (N,) int64
+    calibrated: bool = False
+    ood_score: np.ndarray | None = None  # (N,) float32, higher = more unlike the training data
+    in_distribution: np.ndarray | None = None  # (N,) bool
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+
+def interpret(logits: Any, info: ModelInfo | None = None) -> Predictions:
+    """The answer of one model for a batch of logits (N, K'), with what its card knows."""
+    probs = to_probs(logits)
+    return Predictions(probs=probs, classes=probs.argmax(axis=1).astype(np.int64))
+
+
+__all__ = ["Predictions", "interpret", "predicted_class", "sigmoid", "softmax", "to_probs", "top_classes"]
