@@ -10,8 +10,8 @@ Importing this package does not import torch.
 """
 
 from zoo.errors import ImageError
-from zoo.preprocess.image import MAX_PIXELS, convert_mode, load_image, stack_images
+from zoo.preprocess.image import MAX_PIXELS, ImageHeader, convert_mode, load_image, probe, stack_images
 from zoo.preprocess.spec import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MAX_PIXELS", "ImageError", "Preprocessing", "convert_mode", "load_image",
-           "stack_images"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MAX_PIXELS", "ImageError", "ImageHeader", "Preprocessing",
+           "convert_mode", "load_image", "probe", "stack_images"]

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -79,29 +81,78 @@ def convert_mode(img: Image.Image, in_channels: int) -> Image.Image:
     return img if img.mode == target else img.convert(target)
 
 
-def load_image(
-    src: str | os.PathLike[str] | bytes | BinaryIO, prep: Preprocessing
-) -> np.ndarray:
-    """Decode an image file into ``uint8 (C, image_size, image_size)`` following the mode rules."""
+@dataclass(frozen=True)
+class ImageHeader:
+    """What a file's header says, read without decoding its pixels (for limits checked first)."""
+
+    format: str  # Pillow's format name ("PNG", "JPEG", "TIFF", "BMP", …)
+    width: int
+    height: int
+    frames: int = 1
+    mode: str = ""
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def _open_source(src: str | os.PathLike[str] | bytes | BinaryIO) -> Any:
+    """A file name or file object for Pillow; empty input is refused here."""
     if isinstance(src, (bytes, bytearray, memoryview)):
         if len(src) == 0:
             raise ImageError("empty file", "empty")
-        fp: Any = io.BytesIO(bytes(src))
-    elif isinstance(src, (str, os.PathLike)):
+        return io.BytesIO(bytes(src))
+    if isinstance(src, (str, os.PathLike)):
         if Path(src).stat().st_size == 0:
             raise ImageError("empty file", "empty")
-        fp = src
-    else:
-        fp = src
+    return src
+
+
+def too_large(w: int, h: int, max_pixels: int) -> ImageError:
+    """The refusal of an image above the pixel limit, with medzoo's own limit in the message."""
+    return ImageError(f"image of {w}x{h} pixels is larger than the {max_pixels:,} pixel limit", "too_large")
+
+
+def _bomb(e: Exception, max_pixels: int) -> ImageError:
+    """Pillow's own decompression-bomb refusal, told with medzoo's limit (not Pillow's threshold)."""
+    found = re.search(r"\((\d+) pixels\)", str(e))
+    size = f"{int(found.group(1)):,} pixels" if found else "its size"
+    return ImageError(f"image of {size} is larger than the {max_pixels:,} pixel limit", "too_large")
+
+
+def probe(src: str | os.PathLike[str] | bytes | BinaryIO, max_pixels: int = MAX_PIXELS) -> ImageHeader:
+    """Format, size and frame count from the header alone; :class:`ImageError` when the data is not
+    an image this package reads, or is larger than ``max_pixels``."""
+    fp = _open_source(src)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below
+            with Image.open(fp) as img:
+                w, h = img.size
+                header = ImageHeader(img.format or "", w, h, int(getattr(img, "n_frames", 1) or 1), img.mode)
+    except Image.DecompressionBombError as e:
+        raise _bomb(e, max_pixels) from e
+    except UnidentifiedImageError as e:
+        raise ImageError("not an image file Pillow can read", "unsupported") from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageError(f"corrupt or truncated image: {e}") from e
+    if header.pixels > max_pixels:
+        raise too_large(w, h, max_pixels)
+    return header
+
+
+def load_image(
+    src: str | os.PathLike[str] | bytes | BinaryIO, prep: Preprocessing, max_pixels: int = MAX_PIXELS
+) -> np.ndarray:
+    """Decode an image file into ``uint8 (C, image_size, image_size)`` following the mode rules."""
+    fp = _open_source(src)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(fp) as img:
                 w, h = img.size
-                if w * h > MAX_PIXELS:
-                    raise ImageError(
-                        f"image of {w}x{h} pixels is larger than the {MAX_PIXELS} pixel limit", "too_large"
-                    )
+                if w * h > max_pixels:
+                    raise too_large(w, h, max_pixels)
                 if w == 0 or h == 0:
                     raise ImageError("image has no pixels", "empty")
                 img.load()  # decode now so truncation shows here, not later
@@ -111,7 +162,7 @@ def load_image(
     except UnidentifiedImageError as e:
         raise ImageError("not an image file Pillow can read", "unsupported") from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"image refused as a decompression bomb: {e}", "too_large") from e
+        raise _bomb(e, max_pixels) from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"corrupt or truncated image: {e}") from e
     if img.size != (prep.image_size, prep.image_size):
