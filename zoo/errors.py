@@ -74,9 +74,13 @@ class ImageError(UserError, ValueError):
 
 def did_you_mean(word: str, choices: Iterable[str], n: int = 3) -> str:
     """``"; did you mean 'x' or 'y'?"`` for the closest choices, or ``""`` when none is close."""
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=n, cutoff=0.6)
+    word = str(word)
+    close = difflib.get_close_matches(word, [str(c) for c in choices], n=n, cutoff=0.6)
     if not close:
         return ""
+    # only the ones about as close as the best (not every name that shares a suffix)
+    best = difflib.SequenceMatcher(None, word, close[0]).ratio()
+    close = [c for c in close if difflib.SequenceMatcher(None, word, c).ratio() >= best - 0.05]
     quoted = [repr(c) for c in close]
     return "; did you mean " + (quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]) + "?"
 
