@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+# shared/ beside the checkout, or beside one of its parents (a git worktree under /work/wt/…)
+SHARED = next((p / "shared" for p in REPO.parents if (p / "shared" / "data" / "medmnist").is_dir()),
+              REPO.parent / "shared")
 BREAST_DIR = SHARED / "data" / "medmnist"
 
 

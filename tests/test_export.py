@@ -91,7 +91,7 @@ def _one_line_error(err: str) -> None:
     "arch", [pytest.param(a, marks=pytest.mark.slow) if a in HEAVY else a for a in list_models()])
 def test_every_architecture_exports_with_parity(arch: str, tmp_path: Path) -> None:
     size = get_spec(arch).sizes()[0]
-    path = make_bundle(tmp_path, arch, size)
+    path = make_bundle(tmp_path, arch, size, **get_spec(arch).example_kwargs)
     records = export_bundle(path)
     assert set(records) == {"onnx", "torchscript"}
     for fmt, rec in records.items():

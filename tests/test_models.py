@@ -40,6 +40,7 @@ EXPECTED_MODELS = {
     "resnet152",
     "resnet50_tl",
     "xception",
+    "ensemble",
 }
 
 # The heaviest combinations (1e8-3.4e8 parameters, or 10+ GFLOPs per image) run with one channel
@@ -108,13 +109,15 @@ def test_every_expected_model_is_registered() -> None:
 
 @pytest.mark.parametrize(("name", "size", "channels"), CASES)
 def test_forward_backward_every_supported_size(name: str, size: int, channels: int) -> None:
-    model = create_model(name, num_classes=3, in_channels=channels, input_size=size)
+    model = create_model(name, num_classes=3, in_channels=channels, input_size=size, **get_spec(name).example_kwargs)
     check_forward_backward(model, channels, size, 3)
 
 
 @pytest.mark.parametrize("name", list_models())
 def test_min_size_is_exact(name: str) -> None:
     spec = get_spec(name)
+    if spec.example_kwargs:
+        pytest.skip("an ensemble's smallest input is its members'")
     model = create_model(name, num_classes=2, in_channels=1, input_size=spec.min_size)
     # batch 4: with 1x1 feature maps, BatchNorm over only 2 values overflows ResNet-152's grads
     check_forward_backward(model, 1, spec.min_size, 2, batch=4)

@@ -33,7 +33,8 @@ from zoo.preprocess.adapter import full_model
 
 @dataclass
 class Bundle:
-    """A loaded, verified checkpoint. ``model`` is eval-mode ``Sequential(InputAdapter, net)``."""
+    """A loaded, verified checkpoint. ``model`` is eval-mode ``Sequential(InputAdapter, net)``
+    (``net`` wrapped in :class:`~zoo.preprocess.adapter.FlipTTA` when the card has ``tta``)."""
 
     path: Path
     card: Card
@@ -118,7 +119,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
         net.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise BundleError(f"{p / WEIGHTS} does not fit {card.arch}: {str(e)[:200]}") from None
-    model = full_model(net, card.preprocessing).to(device).eval()
+    model = full_model(net, card.preprocessing, card.tta).to(device).eval()
     return Bundle(path=p, card=card, net=net, model=model)
 
 

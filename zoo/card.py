@@ -92,7 +92,12 @@ class TrainingInfo(_Open):
     time_s: float = 0.0
     epochs_run: int = 0
     device: str = "cpu"
+    # what bit-identical reruns depend on besides seed, data and library versions
+    device_name: str = ""  # the CPU model or GPU name
+    threads: int = 0  # torch intra-op threads
     precision: str = "fp32"
+    weights: str = "last"  # which weights the bundle holds: the raw network's, or an EMA / SWA average
+    augment_family: str | None = None  # the recipe family (imaging modality) whose augmentation ran
     run: str = ""
     params: int = 0
     trainable_params: int = 0
@@ -113,6 +118,24 @@ class ExportRecord(_Open):
     checked: str | None = None
 
 
+class EnsembleMember(_Open):
+    """One member of a seed ensemble: its own bundle, seed and validation metrics."""
+
+    id: str
+    arch: str
+    seed: int | None = None
+    best_epoch: int = -1
+    val: SplitMetrics | None = None
+    weights_sha256: str = ""
+
+
+class EnsembleInfo(_Open):
+    """How an ``ensemble`` bundle was formed (its network holds every member's)."""
+
+    combine: str = "mean of logits"
+    members: list[EnsembleMember] = Field(min_length=2)
+
+
 class ModelInfo(_Open):
     """What every user of a model needs; carried by bundles, exported files and the service."""
 
@@ -124,6 +147,9 @@ class ModelInfo(_Open):
     num_outputs: int = Field(ge=1)
     preprocessing: Preprocessing
     weights_sha256: str
+    # Test-time augmentation inside the model (mean of logits over these flips): ``full_model``
+    # builds it, so every export, the service and scoring apply it. Empty: none.
+    tta: list[Literal["hflip", "vflip"]] = []
 
     @property
     def num_classes(self) -> int:
@@ -156,6 +182,7 @@ class Card(ModelInfo):
     reported: Reported = Reported()
     versions: dict[str, str] = {}
     training: TrainingInfo = TrainingInfo()
+    ensemble: EnsembleInfo | None = None  # the members of an ``ensemble`` bundle
     created: str = ""
     exports: dict[str, ExportRecord] = {}
 
@@ -235,5 +262,6 @@ def _plain(v: Any) -> Any:
 
 
 __all__ = ["CARD", "EXPORT_FILES", "ONNX_FILE", "ONNX_FP16_FILE", "README", "RECIPE", "SCHEMA", "TORCHSCRIPT_FILE",
-           "WEIGHTS", "Card", "DatasetInfo", "ExportMeta", "ExportRecord", "Metrics", "ModelInfo", "Reported",
+           "WEIGHTS", "Card", "DatasetInfo",
+           "EnsembleInfo", "EnsembleMember", "ExportMeta", "ExportRecord", "Metrics", "ModelInfo", "Reported",
            "SplitMetrics", "TrainingInfo", "parse_card", "read_card", "update_card", "write_card"]

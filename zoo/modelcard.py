@@ -41,7 +41,7 @@ def _overview(card: Card) -> str:
     head = "one logit (sigmoid)" if card.num_outputs == 1 else f"{card.num_outputs} logits (softmax)"
     return "\n".join([
         f"# {card.id}", "",
-        f"A **{card.arch}** classifier for **{card.dataset.name}** ({card.task}, {card.num_classes} classes), "
+        f"{_what(card)} classifier for **{card.dataset.name}** ({card.task}, {card.num_classes} classes), "
         f"trained with medzoo {card.versions.get('medzoo', '')} from the recipe `{card.recipe.get('name', '?')}` "
         f"(report {card.reported.report or '–'}).", "",
         f"- Input: uint8 images, {prep.in_channels} channel(s), {prep.image_size}×{prep.image_size} px "
@@ -49,6 +49,13 @@ def _overview(card: Card) -> str:
         f"- Output: {head}; classes: " + ", ".join(f"`{lab}`" for lab in card.labels),
         f"- Weights: `model.safetensors`, sha256 `{card.weights_sha256}`",
     ])
+
+
+def _what(card: Card) -> str:
+    if card.ensemble is not None:
+        archs = sorted({m.arch for m in card.ensemble.members})
+        return f"A **seed ensemble of {len(card.ensemble.members)} {'/'.join(archs)}** networks (mean of logits) as one"
+    return f"A **{card.arch}**"
 
 
 def _intended_use(card: Card) -> str:
@@ -101,16 +108,36 @@ def _metrics(card: Card) -> str:
 def _training(card: Card) -> str:
     r, t = card.recipe, card.training
     opt, train = r.get("optimizer", {}), r.get("train", {})
-    return "\n".join([
+    sched = r.get("scheduler", {})
+    if card.ensemble is not None:
+        runs = f"{len(card.ensemble.members)} runs of {train.get('epochs', '?')} epochs ({t.epochs_run} in all)"
+    else:
+        runs = f"{t.epochs_run} of {train.get('epochs', '?')} epochs, seed {train.get('seed', '?')}"
+    lines = [
         "## Training", "",
         f"- Recipe `{r.get('name', '?')}` (saved as `recipe.yaml`), citing: {card.reported.citation or '–'}",
-        f"- Optimiser {opt.get('name', '?')} lr {opt.get('lr', '?')}, batch {train.get('batch_size', '?')}, "
-        f"{t.epochs_run} of {train.get('epochs', '?')} epochs, seed {train.get('seed', '?')}",
-        f"- {t.time_s:.0f} s on {t.device} ({getattr(t, 'device_name', None) or t.device}), {t.precision}, "
+        f"- Optimiser {opt.get('name', '?')} lr {opt.get('lr', '?')}, scheduler {sched.get('name', '?')}, "
+        f"batch {train.get('batch_size', '?')}, {runs}",
+        f"- Weights: {t.weights}"
+        + (f"; augmentation of the `{t.augment_family}` family" if t.augment_family else ""),
+        "- Test-time augmentation: " + (f"mean of logits over the image and its {', '.join(card.tta)} "
+                                        "(inside every export)" if card.tta else "none"),
+        f"- {t.time_s:.0f} s on {t.device} ({t.device_name or t.device}, {t.threads or '?'} threads), {t.precision}, "
         f"{t.params:,} parameters ({t.trainable_params:,} trained)",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in card.versions.items()),
         "- Curves: `curves.png` (selected epoch marked); test confusion matrix: `confusion.png`",
-    ])
+    ]
+    return "\n".join(lines) + _members(card)
+
+
+def _members(card: Card) -> str:
+    """The members of an ensemble bundle, with their seeds and validation metrics."""
+    if card.ensemble is None:
+        return ""
+    rows = [[f"`{m.id}`", m.arch, str(m.seed), str(m.best_epoch), _num(m.val and m.val.acc, True),
+             _num(m.val and m.val.auc)] for m in card.ensemble.members]
+    return "\n\n" + "\n".join([f"Members ({card.ensemble.combine}; each selected on validation):", "",
+                                _table(["bundle", "arch", "seed", "best epoch", "val ACC", "val AUC"], rows)])
 
 
 def _exports(card: Card) -> str:

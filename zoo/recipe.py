@@ -1,8 +1,12 @@
 """Training recipes: the schema, the loader, overrides.
 
 Recipes are data: one YAML file per (dataset, architecture) row of the reports in
-``zoo/recipes/``, each citing its report. ``medmnist-v2.yaml`` is the MedMNIST v2 benchmark
-protocol, used for any dataset × architecture that has no recipe of its own.
+``zoo/recipes/``, each citing its report. Protocols apply to any dataset × architecture
+(``dataset: any``): ``medmnist-v2.yaml`` is the MedMNIST v2 benchmark protocol, used for any
+dataset × architecture that has no recipe of its own; ``medzoo-28.yaml`` / ``medzoo-224.yaml`` are
+medzoo's own (``zoo train DATASET ARCH --recipe medzoo-28``). A protocol may hold settings per
+architecture (``model_by_arch``) and per dataset family (``families``: augmentation and test-time
+augmentation suited to each imaging modality); :meth:`Recipe.for_dataset` resolves them.
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from zoo.errors import RecipeError, describe_validation_error, did_you_mean
+from zoo.errors import RecipeError, UserError, describe_validation_error, did_you_mean
 
 ANY = "any"
+ENSEMBLE = "ensemble"  # the registry's seed-ensemble architecture (built by `--seeds N`, never from a recipe)
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: 10x faster
 
 
@@ -33,12 +38,23 @@ class OptimizerCfg(_Strict):
 
 
 class SchedulerCfg(_Strict):
+    """``cosine`` steps per batch: linear warm-up over ``warmup_epochs``, then cosine to ``min_lr``."""
+
     name: Literal["none", "step", "plateau", "multistep", "onecycle", "cosine"] = "none"
     step_size: int = Field(10, ge=1)  # step: epochs between decays
     gamma: float = Field(0.5, gt=0)  # step / multistep / plateau factor
     milestones: list[float] = [0.5, 0.75]  # multistep: fractions of the epochs
     patience: int = Field(5, ge=0)  # plateau
     max_lr: float | None = None  # onecycle; defaults to the optimiser's lr
+    warmup_epochs: float = Field(0.0, ge=0)  # cosine: linear warm-up from lr * warmup_start_factor
+    warmup_start_factor: float = Field(0.01, gt=0, le=1)
+    min_lr: float = Field(0.0, ge=0)  # cosine: the learning rate it ends at
+
+    @model_validator(mode="after")
+    def _check(self) -> SchedulerCfg:
+        if self.warmup_epochs > 0 and self.name != "cosine":
+            raise ValueError(f"warmup_epochs is implemented for the cosine scheduler, not {self.name!r}")
+        return self
 
 
 class EarlyStoppingCfg(_Strict):
@@ -47,12 +63,20 @@ class EarlyStoppingCfg(_Strict):
 
 
 class AugmentCfg(_Strict):
-    """Batched augmentations; each ``*_p`` is the probability per image (report 001 uses 0.1)."""
+    """Batched augmentations; each ``*_p`` is the probability per image (report 001 uses 0.1).
+
+    Order: flips, 90° rotations, rotation, affine (translation and scale), colour jitter.
+    """
 
     hflip_p: float = Field(0.0, ge=0, le=1)
     vflip_p: float = Field(0.0, ge=0, le=1)
+    rot90_p: float = Field(0.0, ge=0, le=1)  # a quarter turn, k ∈ {1, 2, 3} at random (lossless)
     rotation_deg: float = Field(0.0, ge=0, le=180)
     rotation_p: float = Field(0.0, ge=0, le=1)
+    affine_p: float = Field(0.0, ge=0, le=1)
+    translate: float = Field(0.0, ge=0, le=0.5)  # shift up to this fraction of the side, per axis
+    scale: float = Field(0.0, ge=0, lt=1)  # zoom by a factor in [1 - scale, 1 + scale]
+    fill: Literal["zeros", "border", "reflection"] = "zeros"  # what rotation / affine bring in
     jitter_p: float = Field(0.0, ge=0, le=1)
     brightness: float = Field(0.2, ge=0)
     contrast: float = Field(0.2, ge=0)
@@ -61,8 +85,52 @@ class AugmentCfg(_Strict):
     @property
     def enabled(self) -> bool:
         return any(
-            p > 0 for p in (self.hflip_p, self.vflip_p, self.rotation_p, self.jitter_p)
+            p > 0 for p in (self.hflip_p, self.vflip_p, self.rot90_p, self.rotation_p, self.affine_p, self.jitter_p)
         )
+
+
+TTA_VIEWS = ("hflip", "vflip")
+
+
+class FamilyCfg(_Strict):
+    """Settings for one family of datasets (an imaging modality) in a protocol recipe."""
+
+    datasets: list[str]  # MedMNIST flags or aliases
+    note: str = ""  # why these settings suit the modality
+    augment: AugmentCfg = AugmentCfg()
+    tta: list[Literal["hflip", "vflip"]] | None = None  # None: the recipe's own
+
+    @model_validator(mode="after")
+    def _check(self) -> FamilyCfg:
+        from zoo.names import resolve_name
+
+        for d in self.datasets:
+            resolve_name(d)  # an unknown name raises, naming the known ones
+        return self
+
+
+class AveragingCfg(_Strict):
+    """Weight averaging (``torch.optim.swa_utils.AveragedModel``); the averaged weights are what is
+    validated, selected and saved.
+
+    ``ema``: exponential moving average of weights and buffers (BatchNorm statistics included),
+    updated after every optimiser step; its decay is ``decay`` or, by default, the one whose
+    half-life is ``half_life_epochs`` epochs of steps (so it suits any dataset size).
+    ``swa``: equal average of the weights at the end of each epoch from ``swa_start`` (a fraction of
+    the epochs) on, optionally at a constant ``swa_lr`` (``SWALR``); BatchNorm statistics are
+    recomputed on the training images (``update_bn``) before each validation.
+    """
+
+    method: Literal["none", "ema", "swa"] = "none"
+    decay: float | None = Field(None, gt=0, lt=1)
+    half_life_epochs: float = Field(1.0, gt=0)
+    swa_start: float = Field(0.75, ge=0, lt=1)
+    swa_lr: float | None = Field(None, gt=0)
+
+    def ema_decay(self, steps_per_epoch: int) -> float:
+        if self.decay is not None:
+            return self.decay
+        return 0.5 ** (1.0 / (self.half_life_epochs * max(1, steps_per_epoch)))
 
 
 class LossCfg(_Strict):
@@ -85,7 +153,10 @@ class TrainCfg(_Strict):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)
     eval_batch_size: int = Field(128, ge=1)  # 128 beats 512 on a CPU (cache) and costs a GPU little
+    max_batches: int | None = Field(None, ge=1)  # at most this many batches per epoch (smoke runs: --quick)
     seed: int = 0
+    # > 1: one run per seed (seed, seed + 1, …) and one ensemble bundle averaging their logits
+    seeds: int = Field(1, ge=1, le=32)
     balance: bool = False  # WeightedRandomSampler-style: weight 1/count (report 001)
     grad_clip: float | None = Field(None, gt=0)
     # "auto": bf16 autocast on a GPU with bf16, fp32 on the CPU; "bf16": autocast wherever the device
@@ -117,14 +188,28 @@ class Recipe(_Strict):
     scheduler: SchedulerCfg = SchedulerCfg()
     loss: LossCfg = LossCfg()
     augment: AugmentCfg = AugmentCfg()
+    averaging: AveragingCfg = AveragingCfg()
+    # Test-time augmentation: the saved model averages its logits over these flips (and their
+    # combination); it is part of the bundle and of every export (zoo.preprocess.adapter.FlipTTA).
+    tta: list[Literal["hflip", "vflip"]] = []
+    families: dict[str, FamilyCfg] = {}  # protocols: augmentation / TTA per imaging modality
     reported: ReportedCfg = ReportedCfg()
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
         from zoo.models import list_models
 
+        if self.arch == ENSEMBLE:
+            raise ValueError("the ensemble architecture is not trained from a recipe: `zoo train DATASET ARCH "
+                             "--seeds N` trains N seeds of ARCH and bundles them as one ensemble")
         if self.arch != ANY and self.arch not in list_models():
             raise ValueError(f"unknown architecture {self.arch!r}{did_you_mean(self.arch, list_models())}")
+        seen: dict[str, str] = {}
+        for name, fam in self.families.items():
+            for d in fam.datasets:
+                if d in seen:
+                    raise ValueError(f"dataset {d!r} is in two families: {seen[d]} and {name}")
+                seen[d] = name
         return self
 
     @property
@@ -133,6 +218,29 @@ class Recipe(_Strict):
 
     def model_kwargs(self) -> dict[str, Any]:
         return {**self.model_by_arch.get(self.arch, {}), **self.model}
+
+    def family_of(self, dataset: str) -> str | None:
+        """The name of the family (of ``families``) listing ``dataset``, if any."""
+        from zoo.names import resolve_name
+
+        try:
+            flag = resolve_name(dataset)
+        except UserError:
+            return None
+        for name, fam in self.families.items():
+            if flag in {resolve_name(d) for d in fam.datasets}:
+                return name
+        return None
+
+    def for_dataset(self, dataset: str) -> Recipe:
+        """The recipe as it trains ``dataset``: its family's augmentation and TTA in place of the
+        defaults (``families`` itself is kept, so the saved recipe shows both)."""
+        name = self.family_of(dataset)
+        if name is None:
+            return self
+        fam = self.families[name]
+        tta = self.tta if fam.tta is None else fam.tta
+        return self.model_copy(update={"augment": fam.augment, "tta": list(tta)})
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -146,9 +254,35 @@ def recipe_files() -> list[Path]:
     return sorted(recipe_dir().glob("*.yaml"))
 
 
-def load_recipe_file(path: str | Path) -> Recipe:
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``: sections merge key by key, anything else is replaced."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and v else v
+    return out
+
+
+def _raw(path: str | Path, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A recipe file's mapping, with ``extends: NAME`` (a built-in recipe it starts from) resolved."""
     with open(path) as f:
         raw = yaml.load(f, Loader=_Loader)
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path} is not a recipe (a YAML mapping)")
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    if base in seen:
+        raise RecipeError(f"{path}: recipes extend each other in a loop ({' -> '.join((*seen, base))})")
+    base_file = recipe_dir() / f"{base}.yaml"
+    if not base_file.is_file():
+        names = [p.stem for p in recipe_files()]
+        raise RecipeError(f"{path} extends {base!r}, which is not a built-in recipe{did_you_mean(str(base), names)}")
+    return _merge(_raw(base_file, (*seen, str(base))), raw)
+
+
+def load_recipe_file(path: str | Path) -> Recipe:
+    """A recipe file, validated (``extends: NAME`` starts from the built-in recipe NAME)."""
+    raw = _raw(path)
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
@@ -159,17 +293,42 @@ def all_recipes() -> list[Recipe]:
     return [load_recipe_file(p) for p in recipe_files()]
 
 
-def find_recipe(dataset: str, arch: str) -> Recipe:
-    """The recipe for ``zoo train DATASET ARCH``.
+PROTOCOL = "medmnist-v2"  # the fallback protocol of `zoo train DATASET ARCH`
+
+
+def protocols() -> list[str]:
+    """Names of the recipes that apply to any dataset × architecture (``medmnist-v2``, ``medzoo-28`` …)."""
+    return [r.name for r in all_recipes() if r.dataset == ANY]
+
+
+def for_pair(protocol: Recipe, dataset: str, arch: str) -> Recipe:
+    """A protocol recipe applied to one dataset × architecture (named ``<protocol>:<arch>``)."""
+    from zoo.models import list_models
+
+    if arch == ENSEMBLE:
+        raise RecipeError(f"{ENSEMBLE} is not trained from a recipe: `zoo train {dataset} ARCH --seeds N` trains N "
+                          "seeds of ARCH and bundles them as one ensemble")
+    if arch not in list_models():
+        raise RecipeError(f"no architecture named {arch!r}{did_you_mean(arch, list_models())}; "
+                          f"architectures: {', '.join(list_models())}")
+    return protocol.model_copy(update={"dataset": dataset, "arch": arch, "name": f"{protocol.name}:{arch}"})
+
+
+def find_recipe(dataset: str, arch: str, recipe: str | None = None) -> Recipe:
+    """The recipe for ``zoo train DATASET ARCH [--recipe NAME]``.
 
     ``ARCH`` is an architecture (its default recipe for that dataset: the one named
     ``<dataset>-<arch>``, else the only one) or a recipe variant name (``mlp-l1l2`` for
     ``organa-mlp-l1l2``). Without a recipe of its own, the MedMNIST v2 protocol applies.
+    ``recipe`` names a built-in recipe instead: a protocol for any dataset × architecture
+    (``medmnist-v2``, ``medzoo-28``, ``medzoo-224``: ``zoo recipes``), or one of the dataset's own.
     """
     from zoo.names import resolve_name
 
     flag = resolve_name(dataset)
     recipes = all_recipes()
+    if recipe is not None:
+        return _named(recipes, recipe, dataset, flag, arch)
     mine = [r for r in recipes if r.dataset != ANY and resolve_name(r.dataset) == flag]
     by_name = {r.name.split("-", 1)[1]: r for r in mine if "-" in r.name}
     if arch in by_name:
@@ -177,7 +336,7 @@ def find_recipe(dataset: str, arch: str) -> Recipe:
     same_arch = [r for r in mine if r.arch == arch]
     if same_arch:
         return min(same_arch, key=lambda r: len(r.name))
-    protocol = next((r for r in recipes if r.name == "medmnist-v2"), None)
+    protocol = next((r for r in recipes if r.name == PROTOCOL), None)
     if protocol is None:
         raise RecipeError(f"no recipe for {dataset} × {arch}")
     from zoo.models import list_models
@@ -186,7 +345,25 @@ def find_recipe(dataset: str, arch: str) -> Recipe:
         names = [*list_models(), *by_name]
         hint = did_you_mean(arch, names) or f"; architectures: {', '.join(list_models())}"
         raise RecipeError(f"no recipe or architecture named {arch!r} for {flag}{hint}")
-    return protocol.model_copy(update={"dataset": dataset, "arch": arch, "name": f"medmnist-v2:{arch}"})
+    return for_pair(protocol, dataset, arch)
+
+
+def _named(recipes: list[Recipe], name: str, dataset: str, flag: str, arch: str) -> Recipe:
+    """The built-in recipe called ``name``, for ``dataset`` × ``arch``."""
+    from zoo.names import resolve_name
+
+    found = next((r for r in recipes if r.name == name), None)
+    if found is None:
+        raise RecipeError(f"no built-in recipe named {name!r}{did_you_mean(name, [r.name for r in recipes])}; "
+                          f"protocols for any dataset: {', '.join(r.name for r in recipes if r.dataset == ANY)} "
+                          "(`zoo recipes` lists them all)")
+    if found.dataset == ANY:
+        return for_pair(found, dataset, arch)
+    if resolve_name(found.dataset) != flag:
+        raise RecipeError(f"recipe {name} is for {resolve_name(found.dataset)}, not {flag}")
+    if arch not in (found.arch, name.split("-", 1)[-1]):
+        raise RecipeError(f"recipe {name} trains {found.arch}, not {arch}")
+    return found
 
 
 def _set_path(d: dict[str, Any], dotted: str, value: Any) -> None:
@@ -210,6 +387,7 @@ SHORTCUTS = {
     "patience": "train.early_stopping.patience",
     "pretrained": "pretrained",
     "precision": "train.precision",
+    "seeds": "train.seeds",
 }
 
 

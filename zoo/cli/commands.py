@@ -15,8 +15,15 @@ from typing import Any
 
 # Shortcut flags of `zoo train` (zoo.recipe.SHORTCUTS maps each to its recipe field); the rest
 # goes through --set. Strings are parsed as YAML scalars (`--pretrained w.pth`, `--precision bf16`).
-TRAIN_FLAGS = (("epochs", int), ("batch-size", int), ("lr", float), ("seed", int), ("optimizer", str),
+TRAIN_FLAGS = (("epochs", int), ("batch-size", int), ("lr", float), ("seed", int), ("seeds", int), ("optimizer", str),
                ("size", int), ("input-size", int), ("patience", int), ("pretrained", str), ("precision", str))
+
+
+TRAIN_HELP = {
+    "seeds": "train N runs (seeds SEED, SEED+1, …) and bundle them as one ensemble model (mean of their logits); "
+             "prints the ensemble bundle",
+    "seed": "random seed (default: the recipe's)",
+}
 
 
 def store_of(args: argparse.Namespace) -> Path | None:
@@ -46,11 +53,17 @@ def _fmt(v: float | None, pct: bool = False) -> str:
 
 
 def recipe_from_args(args: argparse.Namespace) -> Any:
-    """The recipe ``zoo train`` runs: built-in or ``--recipe`` file, with the flags applied."""
+    """The recipe ``zoo train`` runs, with the flags applied: the default one for DATASET × ARCH, or
+    ``--recipe``: a built-in recipe's name (``medzoo-28``; ``zoo recipes``) or a recipe YAML file."""
     from zoo.errors import RecipeError
-    from zoo.recipe import apply_overrides, find_recipe, load_recipe_file
+    from zoo.recipe import ANY, apply_overrides, find_recipe, for_pair, load_recipe_file
 
-    recipe = load_recipe_file(args.recipe) if args.recipe else find_recipe(args.dataset, args.arch)
+    if args.recipe and (Path(args.recipe).is_file() or args.recipe.endswith((".yaml", ".yml"))):
+        recipe = load_recipe_file(args.recipe)
+        if recipe.arch == ANY:  # a protocol file: for this dataset × architecture
+            recipe = for_pair(recipe, args.dataset, args.arch)
+    else:
+        recipe = find_recipe(args.dataset, args.arch, recipe=args.recipe)
     overrides: dict[str, Any] = {}
     for flag, _ in TRAIN_FLAGS:
         key = flag.replace("-", "_")
@@ -66,6 +79,14 @@ def recipe_from_args(args: argparse.Namespace) -> Any:
     return apply_overrides(recipe, overrides)
 
 
+def _print_members(card: Any) -> None:
+    if card.ensemble is None:
+        return
+    for m in card.ensemble.members:
+        val = m.val
+        print(f"  member {m.id}  seed {m.seed}  val ACC {val.acc:.4f}  AUC {val.auc:.4f}  (best epoch {m.best_epoch})")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from zoo.train import train
 
@@ -73,10 +94,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                    resume=args.resume, download=not args.offline, progress=not args.json)
     m = result.card.metrics
     if args.json:
+        members = result.card.ensemble.model_dump()["members"] if result.card.ensemble else None
         print_json({"bundle": str(result.bundle), "id": result.card.id, "best_epoch": m.best_epoch,
-                    "val": m.val.model_dump(), "test": m.test.model_dump()})
+                    "val": m.val.model_dump(), "test": m.test.model_dump(), "members": members})
         return 0
     print(f"bundle: {result.bundle}")
+    _print_members(result.card)
     print(f"val  ACC {m.val.acc:.4f}  AUC {m.val.auc:.4f}  (best epoch {m.best_epoch})")
     print(f"test ACC {m.test.acc:.4f}  macro-F1 {m.test.macro_f1:.4f}  AUC {m.test.auc:.4f}")
     return 0
@@ -164,13 +187,15 @@ def _train_parser(sub: Any) -> None:
     t = sub.add_parser("train", help="train a recipe: zoo train DATASET ARCH")
     t.add_argument("dataset", help="derma/skin, organa/organ, path/pathology, breast, … mnist, or an image folder")
     t.add_argument("arch", help="architecture or recipe variant (zoo recipes)")
-    t.add_argument("--recipe", help="a recipe YAML file instead of the built-in one")
+    t.add_argument("--recipe", metavar="NAME|FILE",
+                   help="a built-in recipe by name instead of the default, e.g. medzoo-28 or medzoo-224 (medzoo's own "
+                        "recipes, for any dataset × architecture; `zoo recipes` lists all), or a recipe YAML file")
     t.add_argument("--data-root", help="folder with the data files (default $MEDZOO_DATA or ~/.medmnist)")
     t.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
     t.add_argument("--resume", action="store_true", help="continue the killed run of the same recipe")
     t.add_argument("--offline", action="store_true", help="never download")
     for flag, typ in TRAIN_FLAGS:
-        t.add_argument(f"--{flag}", type=typ)
+        t.add_argument(f"--{flag}", type=typ, help=TRAIN_HELP.get(flag))
     t.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override any recipe field, e.g. train.grad_clip=0.1")
     t.add_argument("--json", action="store_true", help="print the summary as JSON (no progress bar)")

@@ -41,6 +41,9 @@ class ModelSpec:
     # Grad-CAM target: dotted path of the module inside the network whose activations are read
     # (None: no convolutional feature map; MLPs are explained by gradient saliency).
     cam_layer: str | None = None
+    # Keyword arguments an architecture cannot do without, for a small example network (tests,
+    # benchmarks): the ``ensemble`` needs its members. Empty for every ordinary architecture.
+    example_kwargs: dict[str, Any] = field(default_factory=dict, compare=False)
     _builder: Callable[..., Any] | None = field(default=None, compare=False, repr=False)
 
     @property

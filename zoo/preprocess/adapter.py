@@ -1,7 +1,11 @@
 """The torch half of preprocessing: :class:`InputAdapter`, inside every trained, exported and
-served model, and the normalisation statistics of a train split."""
+served model; :class:`FlipTTA`, the test-time augmentation a card may ask for; and the
+normalisation statistics of a train split."""
 
 from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +46,38 @@ class InputAdapter(nn.Module):
         return (x - self.mean) / self.std
 
 
-def full_model(net: nn.Module, prep: Preprocessing) -> nn.Sequential:
-    """The served / exported model: preprocessing adapter followed by the network."""
-    return nn.Sequential(InputAdapter(prep), net)
+# flip name → the image axis it reverses (NCHW)
+FLIP_DIMS = {"hflip": -1, "vflip": -2}
+
+
+class FlipTTA(nn.Module):
+    """Test-time augmentation: the mean of the network's logits over the image and its flips.
+
+    ``flips`` ⊆ {"hflip", "vflip"}; every combination is a view (``["hflip", "vflip"]``: the image,
+    flipped left-right, upside down, and both). The views run as one batch (eval mode: BatchNorm
+    uses its running statistics, so images do not affect each other). Averaging logits, then the
+    one softmax / sigmoid rule of :mod:`zoo.postprocess`, is the rule of :func:`zoo.ensemble.combine`.
+    Inside the exported model, so ONNX, TorchScript, serving and scoring all apply it.
+    """
+
+    def __init__(self, net: nn.Module, flips: Sequence[str]) -> None:
+        super().__init__()
+        unknown = sorted(set(flips) - set(FLIP_DIMS))
+        if unknown or not flips:
+            raise ValueError(f"test-time augmentation takes flips among {sorted(FLIP_DIMS)}, not {list(flips)}")
+        self.net = net
+        self.flips = sorted(set(flips), key=list(FLIP_DIMS).index)
+        dims = [FLIP_DIMS[f] for f in self.flips]
+        # every subset of the flips; the empty one is the image itself
+        self.views: list[list[int]] = [list(c) for r in range(len(dims) + 1) for c in itertools.combinations(dims, r)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        batch = torch.cat([x.flip(d) if d else x for d in self.views])
+        return self.net(batch).unflatten(0, (len(self.views), n)).mean(0)
+
+
+def full_model(net: nn.Module, prep: Preprocessing, tta: Sequence[str] = ()) -> nn.Sequential:
+    """The served / exported model: preprocessing adapter followed by the network, wrapped in
+    :class:`FlipTTA` when the card asks for test-time augmentation."""
+    return nn.Sequential(InputAdapter(prep), FlipTTA(net, tta) if tta else net)

@@ -1,7 +1,8 @@
 """Batched augmentation on float [0, 1] NCHW tensors, on whatever device the batch is on.
 
 torchvision's v2 transforms draw one set of parameters per call, i.e. per batch; the reports
-(001: hflip, vflip, rotation 30°, colour jitter, each with p 0.1) apply them per image. Doing
+(001: hflip, vflip, rotation 30°, colour jitter, each with p 0.1) apply them per image; the medzoo
+recipes add quarter turns and a small affine (translation, zoom) with a fill mode per modality. Doing
 that image by image in the hot loop is what made the naive loop slow, so each op here draws its
 parameters per image and applies them to the whole batch at once.
 """
@@ -40,12 +41,34 @@ def _blend(a: torch.Tensor, b: torch.Tensor | float, factor: torch.Tensor) -> to
     return (factor * a + (1 - factor) * b).clamp_(0, 1)
 
 
-def _rotate(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
-    """Rotate each image by its angle (radians) about the centre, bilinear, zero fill."""
+def _warp(x: torch.Tensor, theta: torch.Tensor, fill: str) -> torch.Tensor:
+    """Resample each image through its 2×3 affine matrix (output → input, normalised coordinates)."""
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode=fill, align_corners=False)
+
+
+def _rotate(x: torch.Tensor, angle: torch.Tensor, fill: str = "zeros") -> torch.Tensor:
+    """Rotate each image by its angle (radians) about the centre, bilinear."""
     cos, sin, zero = torch.cos(angle), torch.sin(angle), torch.zeros_like(angle)
     theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return _warp(x, theta, fill)
+
+
+def _affine(x: torch.Tensor, shift: torch.Tensor, zoom: torch.Tensor, fill: str) -> torch.Tensor:
+    """Zoom each image by its factor about the centre and shift it by its (dx, dy), fractions of the side."""
+    inv, zero = 1.0 / zoom, torch.zeros_like(zoom)
+    # output pixel p shows input pixel (p - 2 * shift) / zoom (the normalised side is 2)
+    theta = torch.stack([torch.stack([inv, zero, -2 * shift[:, 0] * inv], 1),
+                         torch.stack([zero, inv, -2 * shift[:, 1] * inv], 1)], 1)
+    return _warp(x, theta, fill)
+
+
+def _rot90(x: torch.Tensor, idx: torch.Tensor, quarter: torch.Tensor) -> None:
+    """Turn image ``idx[i]`` by ``quarter[i]`` quarter turns, in place (square images)."""
+    for k in (1, 2, 3):
+        sel = idx[quarter == k]
+        if len(sel):
+            x[sel] = torch.rot90(x[sel], k, dims=(-2, -1))
 
 
 def _jitter(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor,
@@ -59,6 +82,35 @@ def _jitter(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor,
     return x
 
 
+def _geometry(x: torch.Tensor, cfg: AugmentCfg, g: torch.Generator) -> None:
+    """Flips, quarter turns, rotation, affine: in place on the images each op draws."""
+    n, dev = x.shape[0], x.device
+    if cfg.hflip_p > 0:
+        idx = _chosen(n, cfg.hflip_p, g, dev)
+        if len(idx):
+            x[idx] = x[idx].flip(-1)
+    if cfg.vflip_p > 0:
+        idx = _chosen(n, cfg.vflip_p, g, dev)
+        if len(idx):
+            x[idx] = x[idx].flip(-2)
+    if cfg.rot90_p > 0:
+        idx = _chosen(n, cfg.rot90_p, g, dev)
+        quarter = torch.randint(1, 4, (n,), generator=g).to(dev)
+        if len(idx):
+            _rot90(x, idx, quarter[idx])
+    if cfg.rotation_p > 0 and cfg.rotation_deg > 0:
+        idx = _chosen(n, cfg.rotation_p, g, dev)
+        angle = _uniform(n, math.radians(cfg.rotation_deg), g, dev)
+        if len(idx):
+            x[idx] = _rotate(x[idx], angle[idx], cfg.fill)
+    if cfg.affine_p > 0 and (cfg.translate > 0 or cfg.scale > 0):
+        idx = _chosen(n, cfg.affine_p, g, dev)
+        shift = torch.stack([_uniform(n, cfg.translate, g, dev), _uniform(n, cfg.translate, g, dev)], 1)
+        zoom = 1 + _uniform(n, cfg.scale, g, dev)
+        if len(idx):
+            x[idx] = _affine(x[idx], shift[idx], zoom[idx], cfg.fill)
+
+
 def augment(x: torch.Tensor, cfg: AugmentCfg, g: torch.Generator) -> torch.Tensor:
     """Apply the recipe's augmentations, each to the images it draws (probability per image).
 
@@ -69,19 +121,7 @@ def augment(x: torch.Tensor, cfg: AugmentCfg, g: torch.Generator) -> torch.Tenso
         return x
     n, dev = x.shape[0], x.device
     x = x.clone()
-    if cfg.hflip_p > 0:
-        idx = _chosen(n, cfg.hflip_p, g, dev)
-        if len(idx):
-            x[idx] = x[idx].flip(-1)
-    if cfg.vflip_p > 0:
-        idx = _chosen(n, cfg.vflip_p, g, dev)
-        if len(idx):
-            x[idx] = x[idx].flip(-2)
-    if cfg.rotation_p > 0 and cfg.rotation_deg > 0:
-        idx = _chosen(n, cfg.rotation_p, g, dev)
-        angle = _uniform(n, math.radians(cfg.rotation_deg), g, dev)
-        if len(idx):
-            x[idx] = _rotate(x[idx], angle[idx])
+    _geometry(x, cfg, g)
     if cfg.jitter_p > 0:
         idx = _chosen(n, cfg.jitter_p, g, dev)
         factors = [1 + _uniform(n, s, g, dev) for s in (cfg.brightness, cfg.contrast, cfg.saturation)]

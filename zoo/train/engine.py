@@ -35,7 +35,7 @@ from zoo.preprocess.adapter import normalisation_stats
 from zoo.recipe import Recipe
 from zoo.store import bundles_dir, runs_dir
 from zoo.train.checkpoint import Progress, RunDir, progress_of
-from zoo.train.loop import EpochCallback, Session, end_epoch, evaluate, train_epoch
+from zoo.train.loop import EpochCallback, Session, end_epoch, eval_model, evaluate, train_epoch
 from zoo.train.precision import use_bf16_autocast
 from zoo.train.report import card_fields, plots
 
@@ -108,12 +108,15 @@ def _run_epochs(s: Session, p: Progress, run: RunDir, progress: bool, on_epoch: 
 
 
 def _finish(s: Session, p: Progress, run: RunDir, store: Path | None, train_time: float) -> Path:
-    """Best weights → validation and (once) test metrics → bundle, plots, Markdown card."""
+    """Best weights → validation and (once) test metrics → bundle, plots, Markdown card.
+
+    The best weights are the evaluated network's (raw, or the EMA / SWA average) of the selected
+    epoch; they go back into the network, which is evaluated (with the recipe's TTA) and saved."""
     assert p.best_state is not None, "no epoch was run"
     s.net.load_state_dict(p.best_state)
-    s.model.eval()
-    _, val, _ = evaluate(s, s.splits.val)
-    _, test, _ = evaluate(s, s.splits.test)  # the one and only look at the test split
+    final = eval_model(s, s.net)
+    _, val, _ = evaluate(s, s.splits.val, final)
+    _, test, _ = evaluate(s, s.splits.test, final)  # the one and only look at the test split
     stamp = datetime.now(timezone.utc)
     fields = card_fields(s, p, val, test, train_time, run.path.name, stamp)
     tag = hashlib.sha256(b"".join(v.cpu().numpy().tobytes() for v in p.best_state.values())).hexdigest()[:8]
@@ -136,11 +139,20 @@ def train(
     progress: bool = True,
     on_epoch: EpochCallback | None = None,
 ) -> TrainResult:
-    """Train a recipe end to end and write its bundle into the store."""
+    """Train a recipe end to end and write its bundle into the store.
+
+    With ``train.seeds`` > 1 (``zoo train … --seeds N``): one run per seed and one ensemble bundle
+    of them (:func:`zoo.train.ensemble.train_ensemble`), which is what is returned.
+    """
     dev = pick_device(device)
     use_amp = use_bf16_autocast(recipe.train.precision, dev)  # before any work: bf16 may be refused
+    if recipe.train.seeds > 1:
+        from zoo.train.ensemble import train_ensemble
+
+        return train_ensemble(recipe, data_root, store, device, resume, download, progress, on_epoch)
     seed_everything(recipe.train.seed)
     splits = load_splits(recipe, data_root, download)
+    recipe = recipe.for_dataset(splits.name)  # a protocol's augmentation / TTA for this modality
     s = Session.create(recipe, splits, make_preprocessing(recipe, splits), dev, use_amp)
     with RunDir(runs_dir(store), run_id(recipe, splits), resume) as run:
         p = _start(s, run, resume)

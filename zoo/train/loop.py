@@ -2,6 +2,9 @@
 
 Data stay in memory as uint8 tensors (on the GPU when there is one); each batch is indexed,
 augmented and normalised as a whole. The best epoch is chosen on the validation split only.
+What is validated, selected and saved is the *evaluated network* (:func:`eval_net`): the trained
+one, or its EMA / SWA average when the recipe asks (:mod:`zoo.train.averaging`), seen through the
+recipe's test-time augmentation — the very model the bundle will hold.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from zoo.preprocess import Preprocessing
 from zoo.preprocess.adapter import full_model
 from zoo.recipe import Recipe
 from zoo.train.augment import augment
+from zoo.train.averaging import Averager, make_averager
 from zoo.train.checkpoint import Progress
 from zoo.train.optim import build_optimizer, build_scheduler, compute_loss, num_outputs, penalty
 
@@ -51,6 +55,7 @@ class Session:
     train_x: torch.Tensor
     train_y: torch.Tensor
     sample_w: torch.Tensor | None
+    averager: Averager | None = None
 
     @classmethod
     def create(cls, recipe: Recipe, splits: DataSplits, prep: Preprocessing, device: torch.device,
@@ -66,14 +71,16 @@ class Session:
         params = [p for p in net.parameters() if p.requires_grad]
         opt = build_optimizer(params, recipe.optimizer)
         steps = max(1, math.ceil(len(splits.train) / cfg.batch_size))
+        steps = min(steps, cfg.max_batches or steps)
         sched, when = build_scheduler(opt, recipe.scheduler, cfg.epochs, steps, recipe.optimizer.lr)
         sample_w = None
         if cfg.balance:  # weight 1/count per class, drawn with replacement (WeightedRandomSampler)
             counts = torch.bincount(splits.train.labels, minlength=splits.num_classes).clamp_min(1)
             sample_w = (1.0 / counts.double())[splits.train.labels]
+        averager = make_averager(net, recipe.averaging, cfg.epochs, steps, opt)
         return cls(recipe, splits, prep, outputs, device, use_amp, net, model, params, opt, sched, when,
                    torch.Generator().manual_seed(cfg.seed), splits.train.images.to(device),
-                   splits.train.labels.to(device), sample_w)
+                   splits.train.labels.to(device), sample_w, averager)
 
     def snapshot(self, epoch: int, p: Progress, stopped: bool) -> dict[str, Any]:
         return {
@@ -82,6 +89,7 @@ class Session:
             "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(), "history": p.history,
             "bad_epochs": p.bad_epochs, "best_score": p.best_score, "best_epoch": p.best_epoch,
             "best_state": p.best_state, "stopped": stopped,
+            "averager": self.averager.state_dict() if self.averager is not None else None,
         }
 
     def restore(self, snap: dict[str, Any]) -> None:
@@ -91,6 +99,21 @@ class Session:
             self.sched.load_state_dict(snap["sched"])
         self.gen.set_state(snap["gen"])
         torch.set_rng_state(snap["torch_rng"])
+        if self.averager is not None and snap.get("averager") is not None:
+            self.averager.load_state_dict(snap["averager"])
+
+
+def eval_net(s: Session) -> nn.Module:
+    """The network a run validates, selects and saves: the EMA / SWA average once it holds
+    something, else the trained network itself."""
+    if s.averager is not None and s.averager.started:
+        return s.averager.avg.module
+    return s.net
+
+
+def eval_model(s: Session, net: nn.Module | None = None) -> nn.Module:
+    """``net`` (default :func:`eval_net`) as the bundle will hold it: adapter, network, TTA."""
+    return full_model(net if net is not None else eval_net(s), s.prep, s.recipe.tta).to(s.device)
 
 
 def train_epoch(s: Session) -> float:
@@ -103,6 +126,8 @@ def train_epoch(s: Session) -> float:
         order = torch.randperm(n, generator=s.gen)
     order = order.to(s.device)
     total, seen = 0.0, 0
+    if cfg.max_batches is not None:
+        n = min(n, cfg.max_batches * cfg.batch_size)
     for i in range(0, n, cfg.batch_size):
         idx = order[i : i + cfg.batch_size]
         if len(idx) < 2 and i > 0:  # BatchNorm cannot train on one sample
@@ -118,16 +143,20 @@ def train_epoch(s: Session) -> float:
         if cfg.grad_clip:
             nn.utils.clip_grad_norm_(s.params, cfg.grad_clip)
         s.opt.step()
-        if s.sched is not None and s.sched_when == "batch":
+        if s.averager is not None:
+            s.averager.after_step(s.net)
+        if s.sched is not None and s.sched_when == "batch" and not (s.averager and s.averager.holds_lr):
             s.sched.step()
         total += float(loss.detach()) * len(idx)
         seen += len(idx)
     return total / max(seen, 1)
 
 
-def evaluate(s: Session, ds: ArrayDataset) -> tuple[float, dict[str, Any], torch.Tensor]:
-    """Loss, metrics and logits of the current model on a split."""
-    logits = predict_logits(s.model, ds.images, s.recipe.train.eval_batch_size, s.device)
+def evaluate(s: Session, ds: ArrayDataset, model: nn.Module | None = None) -> tuple[float, dict[str, Any],
+                                                                                    torch.Tensor]:
+    """Loss, metrics and logits on a split of ``model`` (default: :func:`eval_model`)."""
+    model = model if model is not None else eval_model(s)
+    logits = predict_logits(model, ds.images, s.recipe.train.eval_batch_size, s.device)
     loss = float(compute_loss(logits, ds.labels, s.recipe.loss))
     return loss, compute_metrics(ds.labels.numpy(), to_probs(logits.numpy()), s.splits.labels), logits
 
@@ -138,23 +167,34 @@ def selection_score(metrics: dict[str, Any], loss: float, metric: str) -> float:
 
 
 def end_epoch(s: Session, p: Progress, epoch: int, train_loss: float) -> dict[str, Any]:
-    """Validation, model selection and the scheduler step after epoch ``epoch`` (0-based)."""
+    """Averaging, validation, model selection and the scheduler step after epoch ``epoch`` (0-based)."""
+    if s.averager is not None:
+        s.averager.end_epoch(s.net, epoch, s.prep, s.train_x, s.recipe.train.eval_batch_size)
     val_loss, val, _ = evaluate(s, s.splits.val)
     row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "val_acc": val["acc"],
            "val_auc": val["auc"], "val_macro_f1": val["macro_f1"], "lr": s.opt.param_groups[0]["lr"]}
     p.history.append(row)
     score = selection_score(val, val_loss, s.recipe.train.early_stopping.metric)
-    if score > p.best_score:
+    if score > p.best_score or p.best_state is None:  # an undefined score (NaN AUC) still keeps epoch 1
         p.best_score, p.best_epoch, p.bad_epochs = score, epoch + 1, 0
-        p.best_state = {k: v.detach().clone() for k, v in s.net.state_dict().items()}
+        p.best_state = {k: v.detach().clone() for k, v in eval_net(s).state_dict().items()}
     else:
         p.bad_epochs += 1
-    if s.sched is not None and s.sched_when == "epoch":
-        s.sched.step()
-    elif s.sched is not None and s.sched_when == "metric":
-        s.sched.step(score)
+    _step_scheduler(s, score)
     p.next_epoch = epoch + 1
     return row
 
 
-__all__ = ["EpochCallback", "Session", "end_epoch", "evaluate", "selection_score", "train_epoch"]
+def _step_scheduler(s: Session, score: float) -> None:
+    """The per-epoch scheduler step (per-batch ones step in :func:`train_epoch`); none once SWALR
+    holds the learning rate."""
+    if s.sched is None or (s.averager is not None and s.averager.holds_lr):
+        return
+    if s.sched_when == "epoch":
+        s.sched.step()
+    elif s.sched_when == "metric":
+        s.sched.step(score)
+
+
+__all__ = ["EpochCallback", "Session", "end_epoch", "eval_model", "eval_net", "evaluate", "selection_score",
+           "train_epoch"]

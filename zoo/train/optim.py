@@ -44,7 +44,7 @@ def build_scheduler(
         milestones = sorted({max(1, round(m * epochs)) for m in cfg.milestones})
         return torch.optim.lr_scheduler.MultiStepLR(opt, milestones, cfg.gamma), "epoch"
     if cfg.name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs), "epoch"
+        return _warmup_cosine(opt, cfg, epochs * steps_per_epoch, steps_per_epoch), "batch"
     if cfg.name == "plateau":
         return (
             torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -58,6 +58,18 @@ def build_scheduler(
         ),
         "batch",
     )
+
+
+def _warmup_cosine(opt: torch.optim.Optimizer, cfg: SchedulerCfg, total: int, steps_per_epoch: int) -> object:
+    """Per batch: linear warm-up from ``lr * warmup_start_factor`` over ``warmup_epochs``, then a
+    cosine decay to ``min_lr`` over the remaining steps (the timm / "ResNet strikes back" schedule)."""
+    warm = min(round(cfg.warmup_epochs * steps_per_epoch), total - 1)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total - warm), eta_min=cfg.min_lr)
+    if warm <= 0:
+        return cosine
+    linear = torch.optim.lr_scheduler.LinearLR(opt, start_factor=cfg.warmup_start_factor, end_factor=1.0,
+                                               total_iters=warm)
+    return torch.optim.lr_scheduler.SequentialLR(opt, [linear, cosine], milestones=[warm])
 
 
 def num_outputs(loss: LossCfg, num_classes: int) -> int:
