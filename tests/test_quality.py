@@ -346,3 +346,22 @@ def test_seed_ensemble_exports_with_parity_and_scores(seed_ensemble: dict[str, A
         expected = to_probs(load_bundle(bundle).model(torch.from_numpy(images)).numpy())
     np.testing.assert_allclose(probs, expected, atol=1e-5)
     assert {r["model_id"] for r in rows} == {card.id}
+
+
+def test_resume_keeps_finished_members(seed_ensemble: dict[str, Any], data: Path) -> None:
+    """An interrupted `--seeds` run goes on: finished members are reused, not trained again."""
+    store = seed_ensemble["store"]
+    before = {p.name for p in (store / "bundles").iterdir()}
+    first = read_card(seed_ensemble["bundle"])
+    argv = ["--store", str(store), "train", "breast", "simplecnn", "--recipe", "medzoo-28", "--seeds", "2",
+            "--epochs", "2", "--batch-size", "16", "--data-root", str(data), "--offline", "--json", "--resume"]
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(argv) == 0
+    again = read_card(Path(json.loads(buf.getvalue())["bundle"]))
+    assert [m.id for m in again.ensemble.members] == [m.id for m in first.ensemble.members]
+    assert {p.name for p in (store / "bundles").iterdir()} - before == {again.id}  # only the new ensemble
+    assert again.weights_sha256 == first.weights_sha256

@@ -72,6 +72,14 @@ def test_reproduce_medmnist_v2_quick_on_breastmnist(breast_root: Path, tmp_path:
     md = (folder / "comparison.md").read_text()
     assert "QUICK SMOKE RUN" in md and md.count("| medmnist-v2 |") == 4 and "ResNet-18 (224): 0.891 / 0.833" in md
     assert "4/4 trained" in out
+    # `zoo list` shows each v2 bundle's published number, and the best published one of the dataset
+    assert main(["--store", str(store), "list", "--json"]) == 0
+    listed = {r["id"]: r for r in json.loads(capsys.readouterr().out)}
+    for r in rows:
+        entry = listed[r["bundle"]]
+        assert entry["reported_metric"] == "test_auc"
+        assert entry["reported_value"] == float(published[(r["arch"], int(r["input_px"]))])
+        assert entry["published_best"] == {"method": "Google AutoML Vision", "auc": 0.919, "acc": 0.861}
 
 
 def test_reproduce_000_quick_on_synthetic_dermamnist(synthetic_root: Path, tmp_path: Path,

@@ -59,7 +59,8 @@ class SchedulerCfg(_Strict):
 
 class EarlyStoppingCfg(_Strict):
     patience: int | None = Field(None, ge=1)  # None: run every epoch, still keep the best
-    metric: Literal["acc", "auc", "macro_f1", "loss"] = "acc"
+    # "last": no choice among epochs, the last one is kept (the usual rule for an EMA / cosine recipe)
+    metric: Literal["acc", "auc", "macro_f1", "loss", "last"] = "acc"
 
 
 class AugmentCfg(_Strict):

@@ -192,12 +192,14 @@ def reproduce(
     folders: dict[str, str] | None = None,
     archs: Sequence[str] | None = None,
     sizes: Sequence[int] | None = None,
+    resume: bool = False,
     progress: bool = False,
     say: Callable[[str], None] = print,
 ) -> dict[str, list[Row]]:
     """Train every recipe of ``report`` (or of every report: ``all``) and write its comparison
     tables; returns report → rows. ``folders`` maps an image-folder dataset (``isic2019``) to its
-    folder; ``epochs`` / ``quick`` shorten every run (a smoke run)."""
+    folder; ``epochs`` / ``quick`` shorten every run (a smoke run); ``resume`` continues killed runs
+    and takes the bundles of the recipes already finished (an interrupted reproduction goes on)."""
     from zoo.train import train
 
     reports = list(REPORTS) if report == "all" else [report]
@@ -215,7 +217,7 @@ def reproduce(
             t0 = time.perf_counter()
             try:
                 card = train(recipe, data_root=where, store=store, device=device, download=download,
-                             progress=progress).card
+                             resume=resume, progress=progress).card
                 rows.append(row_of(rep, recipe, card, time_s=time.perf_counter() - t0))
             except (UserError, ValueError, RuntimeError, OSError) as e:  # one recipe's failure is a row
                 msg = (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -118,15 +118,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from zoo.benchmarks import best_published
     from zoo.store import list_bundles
 
     rows = []
     for path, card in list_bundles(store_of(args)):
         test, val, rep = card.metrics.test, card.metrics.val, card.reported
+        best = best_published(card.dataset.name)
         rows.append({"id": card.id, "path": str(path), "dataset": card.dataset.name, "arch": card.arch,
                      "test_acc": test and test.acc, "test_macro_f1": test and test.macro_f1,
                      "test_auc": test and test.auc, "val_auc": val and val.auc, "reported_metric": rep.metric or None,
-                     "reported_value": rep.value, "exports": sorted(card.exports)})
+                     "reported_value": rep.value, "exports": sorted(card.exports),
+                     "published_best": best and {"method": best.method, "auc": best.auc, "acc": best.acc}})
     if args.json:
         print_json(rows)
         return 0
@@ -134,13 +137,15 @@ def cmd_list(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(title="medzoo bundles")
-    for col in ("id", "dataset", "arch", "test ACC %", "macro-F1", "AUC", "reported"):
+    for col in ("id", "dataset", "arch", "test ACC %", "macro-F1", "AUC", "reported", "best published AUC / ACC %"):
         table.add_column(col)
     for r in rows:
         reported = "-" if r["reported_value"] is None else f"{r['reported_metric']} {_fmt(r['reported_value'], True)}"
+        pub = r["published_best"]
+        best = "-" if pub is None else f"{_fmt(pub['auc'])} / {_fmt(pub['acc'], True)} ({pub['method']})"
         table.add_row(r["id"], r["dataset"], r["arch"], _fmt(r["test_acc"], True), _fmt(r["test_macro_f1"]),
-                      _fmt(r["test_auc"]), reported)
-    Console(width=200).print(table)
+                      _fmt(r["test_auc"]), reported, best)
+    Console(width=220).print(table)
     return 0
 
 
@@ -192,7 +197,9 @@ def _train_parser(sub: Any) -> None:
                         "recipes, for any dataset × architecture; `zoo recipes` lists all), or a recipe YAML file")
     t.add_argument("--data-root", help="folder with the data files (default $MEDZOO_DATA or ~/.medmnist)")
     t.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
-    t.add_argument("--resume", action="store_true", help="continue the killed run of the same recipe")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the killed run of the same recipe (a finished one: its bundle; with --seeds: the "
+                        "members not yet finished)")
     t.add_argument("--offline", action="store_true", help="never download")
     for flag, typ in TRAIN_FLAGS:
         t.add_argument(f"--{flag}", type=typ, help=TRAIN_HELP.get(flag))

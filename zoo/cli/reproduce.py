@@ -40,7 +40,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     out = reproduce(args.report, store=store_of(args), data_root=args.data_root, datasets=datasets,
                     epochs=args.epochs, quick=args.quick, download=not args.offline, device=args.device,
                     folders=_folders(args.folder), archs=_list(args.archs), sizes=[int(x) for x in _list(args.sizes)],
-                    progress=not args.json,
+                    resume=args.resume, progress=not args.json,
                     say=(lambda _: None) if args.json else print)
     if args.json:
         print_json({rep: [asdict(r) for r in rows] for rep, rows in out.items()})
@@ -69,6 +69,8 @@ def register(sub: Any) -> None:
     p.add_argument("--quick", action="store_true", help="smoke run: 1 epoch of 2 batches per recipe (not a result)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
     p.add_argument("--offline", action="store_true", help="never download")
+    p.add_argument("--resume", action="store_true",
+                   help="go on with an interrupted reproduction: killed runs continue, finished recipes are kept")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(func=cmd_reproduce)
 

@@ -5,12 +5,14 @@ A run lives in ``<store>/runs/<run id>`` (same recipe and data → same id, whic
 it trains, so two ``zoo train`` of the same recipe at the same time never share one: the second
 takes the next free slot (``<run id>.2``, ``.3`` …). Every epoch ends with an atomic snapshot
 (``state.pt``: weights, optimiser, scheduler, RNGs, history, best weights) that ``--resume``
-continues from; a finished run leaves ``done.json`` and no snapshot.
+continues from; a finished run leaves ``done.json`` (naming its bundle) and no snapshot, which a
+later ``--resume`` of the same recipe returns instead of training again.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,7 @@ from zoo.io import atomic_file, write_json
 
 log = logging.getLogger(__name__)
 STATE = "state.pt"
+DONE = "done.json"
 LOCK = ".lock"
 MAX_SLOTS = 64
 
@@ -84,8 +87,18 @@ class RunDir:
         return torch.load(self.state_file, map_location=device, weights_only=True)
 
     def finish(self, bundle: Path) -> None:
-        write_json(self.path / "done.json", {"bundle": str(bundle)})
+        write_json(self.path / DONE, {"bundle": str(bundle)})
         self.state_file.unlink(missing_ok=True)
+
+    def finished_bundle(self) -> Path | None:
+        """The bundle this run directory finished with, when it did and the bundle is still there."""
+        if self.state_file.is_file() or not (self.path / DONE).is_file():
+            return None
+        try:
+            bundle = Path(json.loads((self.path / DONE).read_text(encoding="utf-8"))["bundle"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return bundle if (bundle / "card.json").is_file() else None
 
     def release(self) -> None:
         if self._lock is not None:

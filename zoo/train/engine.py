@@ -153,8 +153,12 @@ def train(
     seed_everything(recipe.train.seed)
     splits = load_splits(recipe, data_root, download)
     recipe = recipe.for_dataset(splits.name)  # a protocol's augmentation / TTA for this modality
-    s = Session.create(recipe, splits, make_preprocessing(recipe, splits), dev, use_amp)
     with RunDir(runs_dir(store), run_id(recipe, splits), resume) as run:
+        done = run.finished_bundle() if resume else None
+        if done is not None:  # this very recipe on this very data has finished: nothing to resume
+            log.info("%s has finished already: %s", run.path.name, done)
+            return TrainResult(bundle=done, card=read_card(done))
+        s = Session.create(recipe, splits, make_preprocessing(recipe, splits), dev, use_amp)
         p = _start(s, run, resume)
         atomic_write_bytes(run.path / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False).encode())
         t0 = time.perf_counter()

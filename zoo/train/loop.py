@@ -161,7 +161,10 @@ def evaluate(s: Session, ds: ArrayDataset, model: nn.Module | None = None) -> tu
     return loss, compute_metrics(ds.labels.numpy(), to_probs(logits.numpy()), s.splits.labels), logits
 
 
-def selection_score(metrics: dict[str, Any], loss: float, metric: str) -> float:
+def selection_score(metrics: dict[str, Any], loss: float, metric: str, epoch: int = 0) -> float:
+    """The validation score an epoch is selected by (higher is better); ``last``: the epoch itself."""
+    if metric == "last":
+        return float(epoch)
     value = -loss if metric == "loss" else metrics[metric]
     return -math.inf if math.isnan(value) else value
 
@@ -174,7 +177,7 @@ def end_epoch(s: Session, p: Progress, epoch: int, train_loss: float) -> dict[st
     row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "val_acc": val["acc"],
            "val_auc": val["auc"], "val_macro_f1": val["macro_f1"], "lr": s.opt.param_groups[0]["lr"]}
     p.history.append(row)
-    score = selection_score(val, val_loss, s.recipe.train.early_stopping.metric)
+    score = selection_score(val, val_loss, s.recipe.train.early_stopping.metric, epoch)
     if score > p.best_score or p.best_state is None:  # an undefined score (NaN AUC) still keeps epoch 1
         p.best_score, p.best_epoch, p.bad_epochs = score, epoch + 1, 0
         p.best_state = {k: v.detach().clone() for k, v in eval_net(s).state_dict().items()}
