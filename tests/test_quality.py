@@ -77,15 +77,22 @@ def test_medzoo_recipes_validate_and_cite_their_sources(name: str) -> None:
 def test_augmentation_and_tta_follow_the_modality() -> None:
     breast = find_recipe("breast", "resnet18", recipe="medzoo-28").for_dataset("breast")
     assert breast.augment.hflip_p > 0 and breast.augment.vflip_p == 0 and breast.tta == ["hflip"]
-    assert breast.augment.saturation == 0  # grey ultrasound: no colour
+    assert breast.train.balance  # 27 % malignant: class-balanced sampling for this family
+    # 28 px: nothing that resamples the image (rotation, shift, zoom); jitter only for RGB families
+    assert breast.augment.rotation_p == breast.augment.affine_p == breast.augment.jitter_p == 0
     organ = find_recipe("organa", "resnet18", recipe="medzoo-28").for_dataset("organa")
     # OrganAMNIST names sides (kidney-left / kidney-right): never flipped, not in training nor at test time
-    assert organ.augment.hflip_p == organ.augment.vflip_p == 0 and organ.tta == []
+    assert organ.augment.hflip_p == organ.augment.vflip_p == 0 and organ.tta == [] and not organ.train.balance
     path = find_recipe("path", "resnet18", recipe="medzoo-28").for_dataset("path")
     assert path.augment.rot90_p > 0 and path.augment.saturation > 0 and path.tta == ["hflip", "vflip"]
-    assert path.augment.fill == "reflection"
-    mnist = find_recipe("mnist", "lenet", recipe="medzoo-28").for_dataset("mnist")  # no family: no flips
-    assert mnist.augment.hflip_p == 0 and mnist.tta == [] and mnist.augment.rotation_p > 0
+    mnist = find_recipe("mnist", "lenet", recipe="medzoo-28").for_dataset("mnist")  # no family: nothing
+    assert not mnist.augment.enabled and mnist.tta == []
+    # 224 px adds rotations and affine shifts / zooms to the same families, keeping their flips and TTA
+    big = find_recipe("breast", "resnet18", recipe="medzoo-224").for_dataset("breast")
+    assert big.augment.rotation_p > 0 and big.augment.affine_p > 0 and big.augment.hflip_p == 0.5
+    assert big.tta == ["hflip"] and big.train.balance
+    big_path = find_recipe("path", "resnet18", recipe="medzoo-224").for_dataset("path")
+    assert big_path.augment.fill == "reflection" and big_path.augment.rot90_p > 0
 
 
 def test_recipe_names_and_errors() -> None:
@@ -365,3 +372,13 @@ def test_resume_keeps_finished_members(seed_ensemble: dict[str, Any], data: Path
     assert [m.id for m in again.ensemble.members] == [m.id for m in first.ensemble.members]
     assert {p.name for p in (store / "bundles").iterdir()} - before == {again.id}  # only the new ensemble
     assert again.weights_sha256 == first.weights_sha256
+
+
+def test_selection_last_keeps_the_last_epoch(data: Path) -> None:
+    s = _session(data, **{"train.early_stopping.metric": "last"})
+    p = Progress()
+    for epoch in range(2):
+        end_epoch(s, p, epoch, train_epoch(s))
+    assert p.best_epoch == 2
+    for k, v in _state(s.averager.avg.module).items():
+        assert torch.equal(p.best_state[k], v), k

@@ -100,6 +100,7 @@ class FamilyCfg(_Strict):
     note: str = ""  # why these settings suit the modality
     augment: AugmentCfg = AugmentCfg()
     tta: list[Literal["hflip", "vflip"]] | None = None  # None: the recipe's own
+    balance: bool | None = None  # class-balanced sampling (train.balance); None: the recipe's own
 
     @model_validator(mode="after")
     def _check(self) -> FamilyCfg:
@@ -234,14 +235,15 @@ class Recipe(_Strict):
         return None
 
     def for_dataset(self, dataset: str) -> Recipe:
-        """The recipe as it trains ``dataset``: its family's augmentation and TTA in place of the
-        defaults (``families`` itself is kept, so the saved recipe shows both)."""
+        """The recipe as it trains ``dataset``: its family's augmentation, TTA and class balancing in
+        place of the defaults (``families`` itself is kept, so the saved recipe shows both)."""
         name = self.family_of(dataset)
         if name is None:
             return self
         fam = self.families[name]
         tta = self.tta if fam.tta is None else fam.tta
-        return self.model_copy(update={"augment": fam.augment, "tta": list(tta)})
+        train = self.train if fam.balance is None else self.train.model_copy(update={"balance": fam.balance})
+        return self.model_copy(update={"augment": fam.augment, "tta": list(tta), "train": train})
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -1,6 +1,7 @@
 """Training: the engine (``train``), its epoch loop, run directories, optimisers/schedulers/losses,
-batched augmentation."""
+batched augmentation, weight averaging (EMA / SWA), seed ensembles (``ensemble_bundles``)."""
 
 from zoo.train.engine import TrainResult, train
+from zoo.train.ensemble import ensemble_bundles, train_ensemble
 
-__all__ = ["TrainResult", "train"]
+__all__ = ["TrainResult", "ensemble_bundles", "train", "train_ensemble"]
