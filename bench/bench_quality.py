@@ -5,13 +5,19 @@ splits of ``breastmnist.npz`` (28 px): model selection on validation, the test s
 at the end. Results go, one JSON line per run, to ``--results`` (a run already there is not run
 again, so several processes — or an interrupted one — fill the same file); the summary prints every
 run, then per recipe × architecture the mean ± standard deviation (and range) of test AUC and ACC
-over the seeds, the training time per seed, the difference against the v2 protocol measured in the
-same file, and the best published figures (MedMNIST v2, Table 3). With ``--ensemble`` the seeds of
-each medzoo recipe are also combined into one ensemble bundle (``zoo.train.ensemble``) and its test
-metrics are reported.
+over the seeds, the wall and CPU time per seed, and the published figures (MedMNIST v2, Table 3)
+the medzoo recipe is measured against; the v2 protocol, measured in the same file, is the baseline.
+With ``--ensemble`` the seeds of each medzoo recipe are also combined into one ensemble bundle
+(``zoo.train.ensemble_bundles``) and its test metrics reported. ``--variant NAME --set KEY=VALUE``
+records a variant of a recipe (an ablation) under its own name.
+
+On a host shared with other jobs the wall time grows with their load; the CPU time of the process
+(one thread: ``--threads 1``) is what an idle core would take, and is printed beside it.
 
     python bench/bench_quality.py --recipes medmnist-v2 medzoo-28 --archs simplecnn resnet18 \\
-        --seeds 0 1 2 --threads 1 --results bench/results/quality.jsonl
+        --seeds 0 1 2 --threads 1 --ensemble --results bench/results/quality.jsonl
+    python bench/bench_quality.py --recipes medzoo-28 --archs simplecnn --variant no-tta \\
+        --set families.ultrasound.tta=[]
     python bench/bench_quality.py --summary --results bench/results/quality.jsonl
 """
 
@@ -99,6 +105,25 @@ def _stats(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {sd:.3f} ({min(values):.3f}–{max(values):.3f})"
 
 
+def _baseline(groups: dict[tuple[str, str, int], list[dict[str, Any]]], arch: str) -> list[dict[str, Any]]:
+    """The v2 protocol's runs of ``arch`` measured in the same file (the group with most seeds)."""
+    v2 = [(len(rs), ep, rs) for (rec, a, ep), rs in groups.items() if rec == "medmnist-v2" and a == arch]
+    return max(v2, key=lambda t: t[:2])[2] if v2 else []
+
+
+def _versus(rs: list[dict[str, Any]], base: list[dict[str, Any]]) -> str:
+    """Mean differences against the baseline and the ratio of the AUC spreads (< 1: narrower)."""
+    if not base or rs[0]["recipe"] == "medmnist-v2":
+        return "-"
+    d_auc = statistics.mean(r["test_auc"] for r in rs) - statistics.mean(r["test_auc"] for r in base)
+    d_acc = statistics.mean(r["test_acc"] for r in rs) - statistics.mean(r["test_acc"] for r in base)
+    text = f"{d_auc:+.3f}, {d_acc:+.3f}"
+    sd_base = statistics.stdev(r["test_auc"] for r in base) if len(base) > 1 else 0.0
+    if len(rs) > 1 and sd_base > 0:
+        text += f", {statistics.stdev(r['test_auc'] for r in rs) / sd_base:.2f}"
+    return text + f" (v2 {base[0]['epochs']} ep, {len(base)} seeds)"
+
+
 def _minutes(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds / 60:.1f} min"
 
@@ -117,13 +142,15 @@ def summary(rows: list[dict[str, Any]]) -> str:
     for r in seeds:
         groups.setdefault((_name(r), r["arch"], r["epochs"]), []).append(r)
     out += ["", "| recipe | arch | epochs | seeds | test AUC mean ± sd (range) | test ACC mean ± sd (range) | "
-                "wall / CPU time per seed |", "|---|---|---:|---:|---|---|---:|"]
+                "wall / CPU time per seed | vs v2: Δ AUC, Δ ACC, sd AUC ratio |",
+            "|---|---|---:|---:|---|---|---:|---|"]
     for (rec, arch, ep), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2])):
         wall = statistics.mean(r["train_time_s"] for r in rs)
         cpus = [r["cpu_s"] for r in rs if r.get("cpu_s") is not None]
         cpu = statistics.mean(cpus) if cpus else None
         out.append(f"| {rec} | {arch} | {ep} | {len(rs)} | {_stats([r['test_auc'] for r in rs])} | "
-                   f"{_stats([r['test_acc'] for r in rs])} | {_minutes(wall)} / {_minutes(cpu)} |")
+                   f"{_stats([r['test_acc'] for r in rs])} | {_minutes(wall)} / {_minutes(cpu)} | "
+                   f"{_versus(rs, _baseline(groups, arch))} |")
     ens = [r for r in rows if r.get("kind") == "ensemble"]
     if ens:
         out += ["", "| ensemble (one bundle) | arch | seeds | test AUC | test ACC |", "|---|---|---|---:|---:|"]

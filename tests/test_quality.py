@@ -382,3 +382,26 @@ def test_selection_last_keeps_the_last_epoch(data: Path) -> None:
     assert p.best_epoch == 2
     for k, v in _state(s.averager.avg.module).items():
         assert torch.equal(p.best_state[k], v), k
+
+
+def test_a_recipe_file_extends_a_built_in_one(tmp_path: Path) -> None:
+    mine = tmp_path / "my-recipe.yaml"
+    mine.write_text("extends: medzoo-28\nname: my-recipe\ntrain: {epochs: 7}\n"
+                    "families: {ultrasound: {augment: {hflip_p: 0.25}}}\n")
+    recipe = load_recipe_file(mine)
+    base = load_recipe_file(recipe_dir() / "medzoo-28.yaml")
+    assert recipe.name == "my-recipe" and recipe.train.epochs == 7
+    assert recipe.train.batch_size == base.train.batch_size and recipe.optimizer == base.optimizer  # merged
+    assert recipe.families["ultrasound"].augment.hflip_p == 0.25
+    assert recipe.families["ultrasound"].tta == ["hflip"] and recipe.families["ct"] == base.families["ct"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("extends: medzoo-29\nname: bad\n")
+    with pytest.raises(RecipeError, match="medzoo-28"):
+        load_recipe_file(bad)
+    # `zoo train … --recipe FILE` takes it for any dataset × architecture
+    from zoo.cli import build_parser
+    from zoo.cli.commands import recipe_from_args
+
+    args = build_parser().parse_args(["train", "breast", "simplecnn", "--recipe", str(mine), "--seeds", "3"])
+    r = recipe_from_args(args)
+    assert (r.name, r.arch, r.dataset, r.train.seeds) == ("my-recipe:simplecnn", "simplecnn", "breast", 3)
