@@ -39,6 +39,13 @@ class Bundle:
     card: Card
     net: nn.Module
     model: nn.Module
+    # ``(logits, ood_score)`` when the card carries an out-of-distribution detector: what is exported
+    scored: nn.Module | None = None
+
+    @property
+    def exported_model(self) -> nn.Module:
+        """The module every export is made from (with the detector's output when there is one)."""
+        return self.scored if self.scored is not None else self.model
 
     @property
     def preprocessing(self) -> Any:
@@ -119,7 +126,21 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     except RuntimeError as e:
         raise BundleError(f"{p / WEIGHTS} does not fit {card.arch}: {str(e)[:200]}") from None
     model = full_model(net, card.preprocessing).to(device).eval()
-    return Bundle(path=p, card=card, net=net, model=model)
+    return Bundle(path=p, card=card, net=net, model=model, scored=_scored(p, card, model, device))
+
+
+def _scored(path: Path, card: Card, model: nn.Module, device: str | torch.device) -> nn.Module | None:
+    """``ScoredModel`` of a bundle with a detector, its statistics verified against the card."""
+    info = card.ood
+    if info is None:
+        return None
+    from zoo.trust.ood import OODScorer, ScoredModel, stats_from_tensors
+
+    stats_path = path / info.stats_file
+    if not stats_path.is_file() or sha256_of(stats_path) != info.stats_sha256:
+        raise BundleError(f"{stats_path} is missing or does not match its card; run `zoo calibrate {path}`")
+    stats = stats_from_tensors(load_file(str(stats_path)), len(info.layers))
+    return ScoredModel(model, info.layers, OODScorer(stats)).to(device).eval()
 
 
 __all__ = ["CARD", "RECIPE", "WEIGHTS", "Bundle", "build_net", "load_bundle", "reserve_dir", "save_bundle",

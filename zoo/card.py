@@ -113,6 +113,31 @@ class ExportRecord(_Open):
     checked: str | None = None
 
 
+class CalibrationInfo(_Open):
+    """Temperature scaling fitted on the validation split (Guo et al. 2017): probabilities are
+    ``softmax(logits / T)`` (``sigmoid(z / T)`` for a single logit)."""
+
+    method: str = "temperature scaling (Guo et al., ICML 2017), fitted on the validation split"
+    temperature: float = Field(gt=0)
+    # binary tasks: the P(class 1) threshold maximising Youden's J on validation (reported, not applied)
+    threshold: float | None = None
+    # {"val" | "test": {"before" | "after": {"ece", "brier", "nll"}}}
+    metrics: dict[str, dict[str, dict[str, float]]] = {}
+
+
+class OODInfo(_Open):
+    """The out-of-distribution detector: its score is an output of the exported model."""
+
+    method: str = ""
+    layers: list[str] = []
+    threshold: float  # scores above it are flagged (fitted so that ~95 % of validation images pass)
+    target_tpr: float = 0.95
+    # {"val_flagged", "test_flagged"}: fractions of in-distribution images flagged
+    rates: dict[str, float] = {}
+    stats_file: str = "ood.safetensors"
+    stats_sha256: str = ""
+
+
 class ModelInfo(_Open):
     """What every user of a model needs; carried by bundles, exported files and the service."""
 
@@ -124,6 +149,8 @@ class ModelInfo(_Open):
     num_outputs: int = Field(ge=1)
     preprocessing: Preprocessing
     weights_sha256: str
+    calibration: CalibrationInfo | None = None
+    ood: OODInfo | None = None
 
     @property
     def num_classes(self) -> int:
@@ -235,5 +262,6 @@ def _plain(v: Any) -> Any:
 
 
 __all__ = ["CARD", "EXPORT_FILES", "ONNX_FILE", "ONNX_FP16_FILE", "README", "RECIPE", "SCHEMA", "TORCHSCRIPT_FILE",
-           "WEIGHTS", "Card", "DatasetInfo", "ExportMeta", "ExportRecord", "Metrics", "ModelInfo", "Reported",
-           "SplitMetrics", "TrainingInfo", "parse_card", "read_card", "update_card", "write_card"]
+           "WEIGHTS", "CalibrationInfo", "Card", "DatasetInfo", "ExportMeta", "ExportRecord", "Metrics", "ModelInfo",
+           "OODInfo", "Reported", "SplitMetrics", "TrainingInfo", "parse_card", "read_card", "update_card",
+           "write_card"]

@@ -76,10 +76,24 @@ class Predictions:
         return len(self.classes)
 
 
-def interpret(logits: Any, info: ModelInfo | None = None) -> Predictions:
-    """The answer of one model for a batch of logits (N, K'), with what its card knows."""
-    probs = to_probs(logits)
-    return Predictions(probs=probs, classes=probs.argmax(axis=1).astype(np.int64))
+def calibrated_probs(logits: Any, temperature: float | None) -> np.ndarray:
+    """:func:`to_probs` of ``logits / T`` (temperature scaling; ``None``: uncalibrated)."""
+    x = np.asarray(logits, dtype=np.float32)
+    return to_probs(x if temperature is None else x / np.float32(temperature))
 
 
-__all__ = ["Predictions", "interpret", "predicted_class", "sigmoid", "softmax", "to_probs", "top_classes"]
+def interpret(logits: Any, info: ModelInfo | None = None, ood_score: Any = None) -> Predictions:
+    """The answer of one model for a batch of logits (N, K'), with what its card knows: the
+    temperature of its calibration, and the threshold of its out-of-distribution score (an output
+    of the exported model, ``ood_score``: above the threshold the image is flagged)."""
+    calibration = info.calibration if info is not None else None
+    probs = calibrated_probs(logits, calibration.temperature if calibration is not None else None)
+    out = Predictions(probs=probs, classes=probs.argmax(axis=1).astype(np.int64), calibrated=calibration is not None)
+    if ood_score is not None and info is not None and info.ood is not None:
+        out.ood_score = np.asarray(ood_score, dtype=np.float32).reshape(-1)
+        out.in_distribution = out.ood_score <= info.ood.threshold
+    return out
+
+
+__all__ = ["Predictions", "calibrated_probs", "interpret", "predicted_class", "sigmoid", "softmax", "to_probs",
+           "top_classes"]

@@ -24,12 +24,13 @@ USER_ERRORS = (UserError, ValueError, FileNotFoundError)
 
 def _plugins() -> list[Callable[[Any], None]]:
     """Every sub-command's ``register(subparsers)``."""
+    from zoo.cli.calibrate import register as calibrate_cmd
     from zoo.cli.commands import register as core_cmds
     from zoo.cli.export import register as export_cmd
     from zoo.cli.score import register as score_cmd
     from zoo.cli.serve import register as serve_cmd
 
-    return [core_cmds, export_cmd, score_cmd, serve_cmd]
+    return [core_cmds, calibrate_cmd, export_cmd, score_cmd, serve_cmd]
 
 
 def _common(p: argparse.ArgumentParser, top: bool) -> None:

@@ -4,7 +4,8 @@
 directory (:mod:`zoo.train.checkpoint`: lock, snapshots, resume), runs the epochs
 (:mod:`zoo.train.loop`), then evaluates the best weights — chosen on validation — once on the
 test split and writes the bundle with its card, plots and Markdown model card
-(:mod:`zoo.train.report`, :mod:`zoo.modelcard`).
+(:mod:`zoo.train.report`), fits the calibration and the out-of-distribution detector on the
+validation split (:mod:`zoo.trust.fit`) and writes the Markdown model card (:mod:`zoo.modelcard`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from zoo.card import Card, read_card
 from zoo.data import DataSplits
 from zoo.inference import load_splits, pick_device
 from zoo.io import atomic_write_bytes
-from zoo.modelcard import write_model_card
 from zoo.names import short_name
 from zoo.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from zoo.preprocess.adapter import normalisation_stats
@@ -38,6 +38,7 @@ from zoo.train.checkpoint import Progress, RunDir, progress_of
 from zoo.train.loop import EpochCallback, Session, end_epoch, evaluate, train_epoch
 from zoo.train.precision import use_bf16_autocast
 from zoo.train.report import card_fields, plots
+from zoo.trust.fit import fit_bundle
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ def _finish(s: Session, p: Progress, run: RunDir, store: Path | None, train_time
     path = reserve_dir(bundles_dir(store), name)
     save_bundle(path, s.net.cpu(), fields, yaml.safe_dump(s.recipe.to_dict(), sort_keys=False))
     plots(path, p.history, p.best_epoch, test["confusion"], s.splits.labels)
-    write_model_card(path)
+    fit_bundle(path, s.splits)  # calibration and the OOD detector (validation only), README.md
     run.finish(path)
     return path
 
