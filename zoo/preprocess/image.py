@@ -114,10 +114,9 @@ def _open_source(src: str | os.PathLike[str] | bytes | bytearray | memoryview | 
         if Path(src).stat().st_size == 0:
             raise ImageError("empty file", "empty")
         return src
-    if not getattr(src, "seekable", lambda: False)() or src.tell() != 0:
-        # a pipe, or a file positioned inside: read the rest (byte limits are the caller's)
-        return _open_source(src.read())
-    return src
+    if not getattr(src, "seekable", lambda: False)():
+        return _open_source(src.read())  # a pipe or socket: read it (byte limits are the caller's)
+    return src  # read from its start, whatever its position (as Pillow's Image.open does)
 
 
 def _head(fp: Any, n: int = 132) -> bytes:
