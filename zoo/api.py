@@ -143,8 +143,6 @@ class _Predictor:
                 arrays.append(transform(item))
             except ImageError as e:
                 raise ImageError(f"{_name(item, i)}: {e}", e.kind) from e
-            except FileNotFoundError as e:
-                raise FileNotFoundError(f"{_name(item, i)}: no such file") from e
         c, s = self.preprocessing.in_channels, self.preprocessing.image_size
         return np.stack(arrays) if arrays else np.zeros((0, c, s, s), np.uint8)
 

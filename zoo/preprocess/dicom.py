@@ -242,7 +242,7 @@ def grey_to_8bit(arr: np.ndarray, ds: Dataset, window: Window | None = None) -> 
     if ds.get("VOILUTSequence"):
         lo, hi = _voi_lut_range(ds)
         return _per_strip(arr, lambda a: _scale(apply_voi(np.rint(modality(a)).astype(np.int64), ds), lo, hi))
-    if int(ds.get("BitsStored", 8)) == 8 and int(ds.get("PixelRepresentation", 0)) == 0 and not _has_modality(ds):
+    if arr.dtype.kind == "u" and int(ds.get("BitsStored") or 0) == 8 and not _has_modality(ds):
         return _per_strip(arr, lambda a: a.astype(np.uint8))
     step = max(1, _STRIP_PIXELS // max(arr.shape[1], 1))
     ranges = [(float(v.min()), float(v.max())) for v in (modality(arr[t : t + step]) for t in range(0, len(arr), step))]
