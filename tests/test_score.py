@@ -4,7 +4,8 @@ What is checked: predictions on lossless PNGs equal ``zoo eval``'s; JPEG rows ar
 unreadable files land in the errors file with a reason; CSV, JSON Lines and Parquet carry the
 same content; a run killed with SIGKILL resumes without losing or repeating anything and writes
 the same bytes as an uninterrupted run; resumes refuse a journal of other inputs; ensembles
-average logits; a decoder crash in a worker costs only the guilty file.
+average logits; a decoder crash in a worker costs only the guilty file; DICOM files are scored and the
+ones that cannot be decoded are listed with the reason.
 """
 
 from __future__ import annotations
@@ -394,3 +395,42 @@ def test_a_file_that_crashes_the_decoder_costs_only_itself(bundle: Path, scored:
     s = score_folder(folder, [bundle], tmp_path / "crash.csv", workers=1, chunk_size=16, progress=False)
     assert _read_csv(s.errors_out) == [{"path": "0/poison.png", "reason": CRASH_REASON}]
     assert s.scored == s.files - 1
+
+
+def test_dicom_files_are_scored(bundle: Path, tmp_path: Path) -> None:
+    """A folder of pydicom's real DICOM files (CT, MR, RLE, JPEG 2000, a MONOCHROME1 radiograph named
+    without extension, YBR colour JPEG): one row each, with the probabilities of the model on
+    ``load_image`` of that file; a transfer syntax no handler decodes and a multi-frame file go
+    to the errors file with the reason."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import JPEG2000MC
+
+    good = {"ct/CT_small.dcm": "CT_small.dcm", "mr/MR_small.dcm": "MR_small.dcm",
+            "mr/MR_small_RLE.dcm": "MR_small_RLE.dcm", "mr/MR_small_jp2k.dcm": "MR_small_jp2klossless.dcm",
+            "cr/6154": "6154", "sc/rgb_ybr_jpeg.dcm": "SC_rgb_jpeg_dcmtk.dcm"}
+    folder = tmp_path / "dicom"
+    for rel, name in good.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(get_testdata_file(name), folder / rel)
+    ds = pydicom.dcmread(get_testdata_file("MR_small_jp2klossless.dcm"))
+    ds.file_meta.TransferSyntaxUID = JPEG2000MC  # JPEG 2000 Part 2: pydicom has no decoder for it
+    (folder / "bad").mkdir()
+    ds.save_as(folder / "bad" / "part2.dcm")
+    shutil.copy(get_testdata_file("SC_rgb_rle_2frame.dcm"), folder / "bad" / "two_frames.dcm")
+
+    out = tmp_path / "scores.csv"
+    summary = score_folder(folder, [str(bundle)], out, workers=2, chunk_size=3, progress=False)
+    rows = {r["path"]: r for r in _read_csv(out)}
+    assert sorted(rows) == sorted(good) and summary.scored == len(good)
+    card = read_card(bundle)
+    model = OnnxModel.open(ensure_onnx(bundle))
+    for rel in good:
+        probs = to_probs(model.predict(load_image(folder / rel, card.preprocessing)[None]))[0]
+        got = np.array([float(rows[rel][f"prob_{lab}"]) for lab in card.labels])
+        np.testing.assert_allclose(got, probs, atol=1e-5)
+        assert rows[rel]["top_class"] == card.labels[int(probs.argmax())]
+    errors = {e["path"]: e["reason"] for e in _read_csv(summary.errors_out)}
+    assert set(errors) == {"bad/part2.dcm", "bad/two_frames.dcm"}
+    assert "JPEG 2000 Part 2" in errors["bad/part2.dcm"] and "not supported" in errors["bad/part2.dcm"]
+    assert "multi-frame DICOM (2 frames)" in errors["bad/two_frames.dcm"]

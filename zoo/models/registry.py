@@ -13,6 +13,7 @@ and return a module that maps ``(N, in_channels, input_size, input_size)`` float
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
 import inspect
 import os
@@ -108,9 +109,15 @@ def _load_catalog() -> None:
         _add(spec)
 
 
-def list_models() -> list[str]:
-    """Names of all registered architectures, sorted."""
-    return sorted(_REGISTRY)
+def list_models(filter: str = "", pretrained: bool = False) -> list[str]:  # noqa: A002 - timm's name
+    """Names of the registered architectures, sorted; as ``timm.list_models``: ``filter`` is a
+    shell-style pattern (``"resnet*"``), ``pretrained=True`` keeps those with ImageNet weights."""
+    names = sorted(_REGISTRY)
+    if filter:
+        names = fnmatch.filter(names, filter)
+    if pretrained:
+        names = [n for n in names if _REGISTRY[n].supports_pretrained]
+    return names
 
 
 def get_spec(name: str) -> ModelSpec:
