@@ -179,7 +179,7 @@ class Model(_Predictor):
     ``"torch"``; ``provider``: where it runs (ONNX Runtime's provider, or the torch device).
     """
 
-    def __init__(self, card: Card | ExportMeta, run: Callable[[np.ndarray], np.ndarray], backend: Backend,
+    def __init__(self, card: Card | ExportMeta, run: Callable[[np.ndarray], dict[str, np.ndarray]], backend: Backend,
                  path: Path, provider: str, window: Window | None = None, max_pixels: int = MAX_PIXELS) -> None:
         self.card, self.backend, self.path, self.provider = card, backend, path, provider
         self.labels = list(card.labels)
@@ -195,17 +195,23 @@ class Model(_Predictor):
     def id(self) -> str:
         return self.card.id
 
-    def predict_logits(self, batch: np.ndarray) -> np.ndarray:
-        """Raw logits ``(N, K')`` for a decoded uint8 batch ``(N, C, H, W)`` (see :meth:`decode`)."""
+    def outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """``logits`` ``(N, K')`` (raw) and, with a detector, ``ood_score`` ``(N,)`` for a decoded uint8
+        batch ``(N, C, H, W)`` (see :meth:`decode`)."""
         batch = np.ascontiguousarray(batch)
         if batch.dtype != np.uint8 or batch.shape[1:] != self.preprocessing.shape:
             shape = ", ".join(map(str, self.preprocessing.shape))
             raise ValueError(f"{self.id} takes uint8 batches of shape (N, {shape}), not {batch.dtype} {batch.shape}; "
                              "decode images with model.decode() or model.transforms()")
-        return np.asarray(self._run(batch), dtype=np.float32)
+        return {k: np.asarray(v, dtype=np.float32) for k, v in self._run(batch).items()}
+
+    def predict_logits(self, batch: np.ndarray) -> np.ndarray:
+        """Raw logits ``(N, K')`` for a decoded uint8 batch ``(N, C, H, W)``."""
+        return self.outputs(batch)["logits"]
 
     def _answer(self, batch: np.ndarray, top_k: int) -> list[Prediction]:
-        return _predictions(interpret(self.predict_logits(batch), self.card), self.labels, top_k)
+        out = self.outputs(batch)
+        return _predictions(interpret(out["logits"], self.card, out.get("ood_score")), self.labels, top_k)
 
     def __repr__(self) -> str:
         p = self.preprocessing
@@ -233,8 +239,10 @@ class Ensemble(_Predictor):
         return [m.id for m in self.members]
 
     def _answer(self, batch: np.ndarray, top_k: int) -> list[Prediction]:
-        out = combine([m.predict_logits(batch) for m in self.members])
-        answer = Predictions(probs=out.probs, classes=out.classes)
+        outs = [m.outputs(batch) for m in self.members]
+        out = combine([o["logits"] for o in outs], [m.card for m in self.members], [o.get("ood_score") for o in outs])
+        answer = Predictions(probs=out.probs, classes=out.classes, calibrated=out.calibrated, ood_score=out.ood_score,
+                             in_distribution=out.in_distribution)
         return _predictions(answer, self.labels, top_k, out.agreement)
 
     def __repr__(self) -> str:
@@ -262,7 +270,7 @@ def _onnx_model(target: Path, providers: Sequence[str] | None, threads: int | No
         ensure_exported(target, ("onnx",))
     onnx = OnnxModel.open(target, providers=providers, threads=threads)  # verified against the card
     card: Card | ExportMeta = read_card(target) if target.is_dir() else (bundle_card(onnx.path) or onnx.meta)
-    return Model(card, onnx.predict, "onnx", onnx.path, onnx.provider, window, max_pixels)
+    return Model(card, onnx.outputs, "onnx", onnx.path, onnx.provider, window, max_pixels)
 
 
 def _torch_model(target: Path, device: str | None, window: Window | None, max_pixels: int) -> Model:
@@ -277,8 +285,13 @@ def _torch_model(target: Path, device: str | None, window: Window | None, max_pi
     dev = pick_device(device)
     bundle = load_bundle(target, dev)
 
-    def run(batch: np.ndarray) -> np.ndarray:
-        return predict_logits(bundle.model, torch.from_numpy(batch), batch_size=len(batch), device=dev).numpy()
+    def run(batch: np.ndarray) -> dict[str, np.ndarray]:
+        x = torch.from_numpy(batch)
+        if bundle.scored is None:
+            return {"logits": predict_logits(bundle.model, x, batch_size=len(batch), device=dev).numpy()}
+        with torch.no_grad():
+            logits, score = bundle.scored(x.to(dev))
+        return {"logits": logits.float().cpu().numpy(), "ood_score": score.float().cpu().numpy()}
 
     return Model(bundle.card, run, "torch", target, str(dev), window, max_pixels)
 
