@@ -279,6 +279,6 @@ def test_explain_files_predicted_class_and_target_errors(breast_bundle: Path, br
     assert report.method == GRAD_CAM and report.layer == "conv3.ReLU[0]" and report.feature_size == [7, 7]
     with pytest.raises(UnknownNameError, match="did you mean 'malignant'"):
         explain_files(breast_bundle, files, tmp_path / "out2", target="malignent")
-    with pytest.raises(ExplainError, match="classes 0 to 1"):
+    with pytest.raises(ExplainError, match="class 2 does not exist: the model has classes 0 to 1"):
         explain_files(breast_bundle, files, tmp_path / "out2", target=2)
     assert not (tmp_path / "out2").exists(), "a wrong target fails before anything is written"

@@ -9,9 +9,9 @@ The ONNX prediction path never imports this package; the service explains in a w
 own (``serving.explainer``).
 """
 
-from zoo.explain.files import ExplainedImage, explain_files
+from zoo.explain.files import ExplainedImage, describe_image, explain_files
 from zoo.explain.maps import GRAD_CAM, SALIENCY, BinaryLogitTarget, Explainer, Explanation, resolve_target
 from zoo.explain.render import colour_map, overlay, png_bytes, view_size
 
 __all__ = ["GRAD_CAM", "SALIENCY", "BinaryLogitTarget", "ExplainedImage", "Explainer", "Explanation", "colour_map",
-           "explain_files", "overlay", "png_bytes", "resolve_target", "view_size"]
+           "describe_image", "explain_files", "overlay", "png_bytes", "resolve_target", "view_size"]

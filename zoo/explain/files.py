@@ -94,11 +94,11 @@ def _class(probs: np.ndarray, labels: Sequence[str], c: int) -> dict[str, Any]:
     return {"class": int(c), "label": labels[int(c)], "prob": float(probs[int(c)])}
 
 
-def _record(exp: Explanation, n: int, source: Path, labels: Sequence[str], top_k: int) -> ExplainedImage:
-    """The answer of image ``n`` of ``exp`` (files not written yet)."""
+def describe_image(exp: Explanation, n: int, source: str, labels: Sequence[str], top_k: int) -> ExplainedImage:
+    """The answer for image ``n`` of ``exp`` (without its pictures)."""
     pred = exp.predictions
     probs = pred.probs[n]
-    item = ExplainedImage(source=str(source), predicted=_class(probs, labels, pred.classes[n]),
+    item = ExplainedImage(source=source, predicted=_class(probs, labels, pred.classes[n]),
                           explained=_class(probs, labels, exp.targets[n]), top=top_classes(probs, labels, top_k))
     if pred.in_distribution is not None:
         item.in_distribution = bool(pred.in_distribution[n])
@@ -126,7 +126,7 @@ def explain_files(bundle: str | Path, images: Sequence[str | Path], out: str | P
     exp = explainer(np.stack(arrays), target_index) if arrays else None
     stems = output_stems(paths)
     for n, i in enumerate(good if exp is not None else []):
-        item = _record(exp, n, paths[i], labels, top_k)
+        item = describe_image(exp, n, str(paths[i]), labels, top_k)
         heat_file, over_file = out_dir / f"{stems[i]}{HEATMAP_SUFFIX}", out_dir / f"{stems[i]}{OVERLAY_SUFFIX}"
         atomic_write_bytes(heat_file, png_bytes(colour_map(exp.heatmaps[n])))
         atomic_write_bytes(over_file, png_bytes(overlay(arrays[n], exp.heatmaps[n])))
@@ -140,5 +140,5 @@ def explain_files(bundle: str | Path, images: Sequence[str | Path], out: str | P
     return report
 
 
-__all__ = ["HEATMAP_SUFFIX", "OVERLAY_SUFFIX", "SUMMARY", "ExplainReport", "ExplainedImage", "explain_files",
-           "output_stems"]
+__all__ = ["HEATMAP_SUFFIX", "OVERLAY_SUFFIX", "SUMMARY", "ExplainReport", "ExplainedImage", "describe_image",
+           "explain_files", "output_stems"]

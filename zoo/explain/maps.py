@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from zoo.card import ModelInfo
-from zoo.errors import ExplainError, unknown
+from zoo.errors import ExplainError
 from zoo.explain.layers import resolve_layer
 from zoo.models import get_spec
-from zoo.postprocess import Predictions, interpret
+from zoo.postprocess import Predictions, class_index, interpret
 
 GRAD_CAM = "grad-cam"
 SALIENCY = "saliency"
@@ -53,22 +53,8 @@ def class_target(num_outputs: int, category: int) -> Any:
 
 
 def resolve_target(target: int | str | None, labels: Sequence[str]) -> int | None:
-    """A class index from an index or a label name (exact, then case-insensitive); None stays None."""
-    if target is None:
-        return None
-    text = str(target).strip()
-    if text.lstrip("-").isdigit():
-        index = int(text)
-        if not 0 <= index < len(labels):
-            raise ExplainError(f"target class {index} does not exist: the model has classes 0 to {len(labels) - 1}")
-        return index
-    if text in labels:
-        return list(labels).index(text)
-    lowered = [label.lower() for label in labels]
-    if text.lower() in lowered:
-        return lowered.index(text.lower())
-    raise unknown("target class", text, labels, hint="classes: " + ", ".join(f"{i} {lab}" for i, lab in
-                                                                           enumerate(labels)))
+    """The class to explain: None (the predicted one) or :func:`zoo.postprocess.class_index`."""
+    return None if target is None else class_index(target, labels)
 
 
 @dataclass
@@ -82,6 +68,7 @@ class Explanation:
     method: str  # GRAD_CAM or SALIENCY
     layer: str | None  # the registry's cam_layer (None for saliency)
     feature_size: tuple[int, int] | None  # resolution of the map before upsampling (None: per pixel)
+    logits: np.ndarray | None = None  # (N, K') the model's raw outputs
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -143,6 +130,13 @@ class Explainer:
         """For a loaded :class:`zoo.bundle.Bundle`."""
         return cls(bundle.model, bundle.card)
 
+    @classmethod
+    def load(cls, path: Any, device: str = "cpu") -> Explainer:
+        """For the bundle at ``path`` (loaded and verified by :func:`zoo.bundle.load_bundle`)."""
+        from zoo.bundle import load_bundle
+
+        return cls.from_bundle(load_bundle(path, device))
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -153,23 +147,33 @@ class Explainer:
         n = len(logits)
         if target is None:
             return interpret(logits, self.info).classes
-        if isinstance(target, (int, str)):
-            return np.full(n, resolve_target(target, self.info.labels), dtype=np.int64)
+        if isinstance(target, (int, str, np.integer)):
+            return np.full(n, class_index(target, self.info.labels), dtype=np.int64)
         if len(target) != n:
             raise ExplainError(f"{len(target)} target classes for {n} images")
-        return np.array([resolve_target(t, self.info.labels) for t in target], dtype=np.int64)
+        return np.array([class_index(t, self.info.labels) for t in target], dtype=np.int64)
 
-    def __call__(self, images: np.ndarray, target: int | str | Sequence[int] | None = None) -> Explanation:
-        """Explain uint8 images (N, C, H, W) at the model's image size."""
+    def _tensor(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 (N, C, H, W) at the model's image size → floats in [0, 1] on the model's device."""
         prep = self.info.preprocessing
         images = np.asarray(images)
         expected = (prep.in_channels, prep.image_size, prep.image_size)
         if images.ndim != 4 or images.dtype != np.uint8 or tuple(images.shape[1:]) != expected or not len(images):
             raise ExplainError(f"images must be uint8 (N, {', '.join(map(str, expected))}), "
                                f"not {images.dtype} {tuple(images.shape)}")
-        x = torch.from_numpy(images).to(self.device).float().div_(255.0)
+        return torch.from_numpy(images).to(self.device).float().div_(255.0)
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """The model's logits (N, K) for uint8 images (N, C, H, W)."""
+        x = self._tensor(images)
         with self._lock, torch.no_grad():
-            logits = self.model(x).float().cpu().numpy()
+            return self.model(x).float().cpu().numpy()
+
+    def __call__(self, images: np.ndarray, target: int | str | Sequence[int] | None = None) -> Explanation:
+        """Explain uint8 images (N, C, H, W) at the model's image size: the predicted class of
+        each, or ``target`` (an index or label for all, or one index per image)."""
+        x = self._tensor(images)
+        logits = self.logits(images)
         targets = self.targets_for(logits, target)
         maps, feature = [], None
         with self._lock, _frozen(self.model):
@@ -178,7 +182,7 @@ class Explainer:
                 maps.append(part)
         return Explanation(heatmaps=np.concatenate(maps).astype(np.float32), targets=targets,
                            predictions=interpret(logits, self.info), method=self.method, layer=self.layer_path,
-                           feature_size=feature)
+                           feature_size=feature, logits=logits)
 
     def _maps(self, x: torch.Tensor, targets: list[int]) -> tuple[np.ndarray, tuple[int, int] | None]:
         if self.method == GRAD_CAM:
