@@ -282,3 +282,33 @@ def test_explain_files_predicted_class_and_target_errors(breast_bundle: Path, br
     with pytest.raises(ExplainError, match="class 2 does not exist: the model has classes 0 to 1"):
         explain_files(breast_bundle, files, tmp_path / "out2", target=2)
     assert not (tmp_path / "out2").exists(), "a wrong target fails before anything is written"
+
+
+def test_explanation_worker_in_process(breast_bundle: Path, breast_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """serving.explainer's table (what the MedZooExplainer worker runs), without a server."""
+    import base64
+    import io
+
+    from serving.config import ServeConfig
+    from serving.explainer import ExplainTable
+
+    cfg = ServeConfig(tasks={"breast": str(breast_bundle)})
+    table = ExplainTable(cfg)
+    described = table.describe()
+    assert described["breast"]["status"] == "ok" and described["breast"]["layer"] == "conv3.ReLU[0]"
+    assert described["breast"]["labels"] == ["malignant", "normal, benign"]
+    assert described["skin"]["status"] == "missing" and described["pathology_ensemble"]["status"] == "missing"
+    images = np.load(breast_root / "breastmnist.npz")["test_images"][:2, None]
+    out = table.explain("breast", images, None, 2)
+    assert out["method"] == GRAD_CAM and len(out["results"]) == 2
+    for r in out["results"]:
+        with Image.open(io.BytesIO(base64.b64decode(r["overlay_png"]))) as pic:
+            assert pic.size == (224, 224)
+        assert r["explained"] == r["predicted"] and len(r["top"]) == 2
+    assert table.explain("breast", images, "nope", 2)["status"] == 400
+    assert table.explain("skin", images, None, 2)["status"] == 503
+
+    monkeypatch.setattr("serving.explainer.NEEDS", ("torch", "no_such_module_for_medzoo"))
+    bare = ExplainTable(cfg)
+    assert "no_such_module_for_medzoo" in bare.status("breast")
+    assert bare.explain("breast", images, None, 2)["status"] == 503
