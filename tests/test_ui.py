@@ -4,7 +4,8 @@ Playwright; no browser download).
 
 The server serves the real BreastMNIST bundle as the task ``breast`` and a copy of it without
 ``model.safetensors`` as ``noweights`` (predictions work, explanations answer 503); skin, organ,
-pathology and the ensemble have no bundle (503). Screenshots go to ``tests/artifacts/``
+pathology and the ensemble have no bundle (503). That importing ``serving.service`` loads neither
+torch nor the explanation libraries is checked in test_architecture.py. Screenshots go to ``tests/artifacts/``
 (git-ignored; the path is printed). Run alone: ``pytest tests/test_ui.py -s``.
 """
 
@@ -186,17 +187,6 @@ def test_sync_http_client_calls_explain(server: Server) -> None:
         out = client.explain_breast(images=[server.images[0]], target="1")
     out = out if isinstance(out, dict) else out.model_dump()
     assert out["results"][0]["explained"]["class"] == 1 and _png_size(out["results"][0]["overlay_png"]) == (224, 224)
-
-
-def test_service_module_imports_no_torch() -> None:
-    """The API worker and the ONNX path: importing the service loads neither torch nor the explainers'
-    libraries (the explanation worker imports them in its own process)."""
-    code = ("import sys, serving.service; heavy = sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('torch', 'torchvision', 'pytorch_grad_cam', 'captum', 'cv2', 'sklearn', 'medmnist')); print(heavy)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": str(REPO), "BENTOML_DO_NOT_TRACK": "true"})
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
 # --------------------------------------------------------------------------- the page, in a browser
