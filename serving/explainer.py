@@ -139,13 +139,16 @@ def _ensemble(explainers: list[Any], images: np.ndarray, target: str | None) -> 
     from zoo.explain import Explanation
     from zoo.postprocess import Predictions
 
-    out = combine([e.logits(images) for e in explainers])
+    outputs = [e.outputs(images) for e in explainers]
+    out = combine([o[0] for o in outputs], [e.info for e in explainers], [o[1] for o in outputs])
     wanted = target if target is not None else [int(c) for c in out.classes]
     maps = [e(images, wanted) for e in explainers]
     first = maps[0]
+    answer = Predictions(probs=out.probs, classes=out.classes, calibrated=out.calibrated, ood_score=out.ood_score,
+                         in_distribution=out.in_distribution)
     return Explanation(heatmaps=np.mean([m.heatmaps for m in maps], axis=0).astype(np.float32),
-                       targets=first.targets, predictions=Predictions(probs=out.probs, classes=out.classes),
-                       method=first.method, layer=first.layer, feature_size=first.feature_size, logits=out.logits)
+                       targets=first.targets, predictions=answer, method=first.method, layer=first.layer,
+                       feature_size=first.feature_size, logits=out.logits)
 
 
 def _answer(exp: Any, images: np.ndarray, explainers: list[Any], top_k: int) -> dict[str, Any]:

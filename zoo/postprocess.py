@@ -115,5 +115,5 @@ def interpret(logits: Any, info: ModelInfo | None = None, ood_score: Any = None)
     return out
 
 
-__all__ = ["Predictions", "calibrated_probs", "class_index", "interpret", "predicted_class", "sigmoid", "softmax", "to_probs",
-           "top_classes"]
+__all__ = ["Predictions", "calibrated_probs", "class_index", "interpret", "predicted_class", "sigmoid", "softmax",
+           "to_probs", "top_classes"]

@@ -114,11 +114,15 @@ def _scale_saliency(maps: np.ndarray) -> np.ndarray:
 class Explainer:
     """Explains one model, ``Sequential(InputAdapter, net)`` with the card ``info``: Grad-CAM at
     the registry's ``cam_layer`` of ``info.arch`` inside ``net``, gradient saliency when it is None.
-    Calls are serialised (Grad-CAM hooks the layer for the duration of a call)."""
+    Its answer is the served one (:func:`zoo.postprocess.interpret`: calibrated probabilities and the
+    out-of-distribution flag when the card has them). Calls are serialised (Grad-CAM hooks the
+    layer for the duration of a call)."""
 
-    def __init__(self, model: nn.Module, info: ModelInfo) -> None:
+    def __init__(self, model: nn.Module, info: ModelInfo, scored: nn.Module | None = None) -> None:
         self.model = model.eval()
         self.info = info
+        # ``(logits, ood_score)`` of the same model when its card carries an OOD detector (zoo.trust)
+        self.scored = scored.eval() if scored is not None else None
         self.layer_path = get_spec(info.arch).cam_layer
         net = model[1] if isinstance(model, nn.Sequential) and len(model) == 2 else model
         self.layer = resolve_layer(net, self.layer_path) if self.layer_path is not None else None
@@ -128,7 +132,7 @@ class Explainer:
     @classmethod
     def from_bundle(cls, bundle: Any) -> Explainer:
         """For a loaded :class:`zoo.bundle.Bundle`."""
-        return cls(bundle.model, bundle.card)
+        return cls(bundle.model, bundle.card, getattr(bundle, "scored", None))
 
     @classmethod
     def load(cls, path: Any, device: str = "cpu") -> Explainer:
@@ -163,17 +167,28 @@ class Explainer:
                                f"not {images.dtype} {tuple(images.shape)}")
         return torch.from_numpy(images).to(self.device).float().div_(255.0)
 
-    def logits(self, images: np.ndarray) -> np.ndarray:
-        """The model's logits (N, K) for uint8 images (N, C, H, W)."""
-        x = self._tensor(images)
+    def _forward(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits (N, K') and, with a detector, the OOD scores (N,)."""
         with self._lock, torch.no_grad():
-            return self.model(x).float().cpu().numpy()
+            if self.scored is None:
+                return self.model(x).float().cpu().numpy(), None
+            logits, ood = self.scored(x)
+            return logits.float().cpu().numpy(), ood.float().cpu().numpy().reshape(-1)
+
+    def outputs(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The model's logits (N, K') for uint8 images (N, C, H, W), and its OOD scores (N,) when
+        the card carries a detector (else None)."""
+        return self._forward(self._tensor(images))
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """The model's logits (N, K') for uint8 images (N, C, H, W)."""
+        return self.outputs(images)[0]
 
     def __call__(self, images: np.ndarray, target: int | str | Sequence[int] | None = None) -> Explanation:
         """Explain uint8 images (N, C, H, W) at the model's image size: the predicted class of
         each, or ``target`` (an index or label for all, or one index per image)."""
         x = self._tensor(images)
-        logits = self.logits(images)
+        logits, ood = self._forward(x)
         targets = self.targets_for(logits, target)
         maps, feature = [], None
         with self._lock, _frozen(self.model):
@@ -181,7 +196,7 @@ class Explainer:
                 part, feature = self._maps(x[start:start + CHUNK], targets[start:start + CHUNK].tolist())
                 maps.append(part)
         return Explanation(heatmaps=np.concatenate(maps).astype(np.float32), targets=targets,
-                           predictions=interpret(logits, self.info), method=self.method, layer=self.layer_path,
+                           predictions=interpret(logits, self.info, ood), method=self.method, layer=self.layer_path,
                            feature_size=feature, logits=logits)
 
     def _maps(self, x: torch.Tensor, targets: list[int]) -> tuple[np.ndarray, tuple[int, int] | None]:
