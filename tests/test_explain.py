@@ -292,12 +292,13 @@ def test_explanation_worker_in_process(breast_bundle: Path, breast_root: Path, m
     from serving.config import ServeConfig
     from serving.explainer import ExplainTable
 
-    cfg = ServeConfig(tasks={"breast": str(breast_bundle)})
+    cfg = ServeConfig(tasks={"breast": str(breast_bundle)},
+                      ensemble={"members": [str(breast_bundle), str(breast_bundle)]})
     table = ExplainTable(cfg)
     described = table.describe()
     assert described["breast"]["status"] == "ok" and described["breast"]["layer"] == "conv3.ReLU[0]"
     assert described["breast"]["labels"] == ["malignant", "normal, benign"]
-    assert described["skin"]["status"] == "missing" and described["pathology_ensemble"]["status"] == "missing"
+    assert described["skin"]["status"] == "missing" and described["pathology_ensemble"]["status"] == "ok"
     images = np.load(breast_root / "breastmnist.npz")["test_images"][:2, None]
     out = table.explain("breast", images, None, 2)
     assert out["method"] == GRAD_CAM and len(out["results"]) == 2
@@ -305,6 +306,11 @@ def test_explanation_worker_in_process(breast_bundle: Path, breast_root: Path, m
         with Image.open(io.BytesIO(base64.b64decode(r["overlay_png"]))) as pic:
             assert pic.size == (224, 224)
         assert r["explained"] == r["predicted"] and len(r["top"]) == 2
+    # an ensemble of two copies of one model: its answer and its (mean) map are that model's
+    ens = table.explain("pathology_ensemble", images, None, 2)
+    assert [r["top"] for r in ens["results"]] == [r["top"] for r in out["results"]]
+    assert [r["overlay_png"] for r in ens["results"]] == [r["overlay_png"] for r in out["results"]]
+    assert len(ens["models"]) == 2
     assert table.explain("breast", images, "nope", 2)["status"] == 400
     assert table.explain("skin", images, None, 2)["status"] == 503
 
