@@ -49,7 +49,8 @@ def baselines(logits: np.ndarray) -> dict[str, np.ndarray]:
     """Logit-based OOD scores (higher = more out of distribution)."""
     from zoo.postprocess import to_probs
 
-    return {"MSP": -to_probs(logits).max(axis=1), "energy": -logsumexp(logits, axis=1), "max-logit": -logits.max(axis=1)}
+    return {"MSP": -to_probs(logits).max(axis=1), "energy": -logsumexp(logits, axis=1),
+            "max-logit": -logits.max(axis=1)}
 
 
 def train_and_export(arch: str, store: Path) -> Path:

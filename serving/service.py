@@ -4,7 +4,9 @@ Two services, two processes:
 
 * :data:`MedZoo` (the API worker) answers HTTP: ``POST /<task>`` for every served task
   (``/skin``, ``/organ``, ``/pathology`` and any extra task of the config), ``POST
-  /pathology_ensemble``, ``GET /models`` and ``GET /stats``. It reads and decodes the uploads
+  /pathology_ensemble``, ``GET /models`` and ``GET /stats``; ``POST /<task>/explain`` (typed,
+  in ``/docs.json``), answered by the explanation worker ``MedZooExplainer``
+  (``serving.explainer``, torch, a process of its own); the upload page at ``/ui``. It reads and decodes the uploads
   of each request itself (``serving.frontend``) and sends only ``uint8 (N, C, H, W)`` arrays on.
 * :data:`MedZooInference` holds one ONNX Runtime session per model (GPU provider when there is
   one, CPU otherwise) and exposes one ``batchable=True`` method per task plus one for the
@@ -27,7 +29,9 @@ import bentoml
 import numpy as np
 
 from serving.config import ENSEMBLE_ROUTE, load_config
+from serving.explain_api import explain_routes
 from serving.frontend import Frontend, build_app
+from serving.pages import UI_PATH, ui_app
 
 log = logging.getLogger("serving")
 if not log.handlers:
@@ -148,8 +152,11 @@ def _current_frontend() -> Frontend:
 @bentoml.service(name="MedZoo", workers=CONFIG.api_workers, traffic={"timeout": INFERENCE_TIMEOUT_S + 30},
                  logging={"access": {"enabled": CONFIG.access_log}})
 @bentoml.asgi_app(build_app(_current_frontend, TASK_NAMES), path="/")
-class MedZoo:
-    """API worker: per-request decoding, JSON answers; inference in :data:`MedZooInference`."""
+@bentoml.asgi_app(ui_app(), path=UI_PATH)
+class MedZoo(explain_routes(TASK_NAMES, CONFIG.top_k, CONFIG.limits)):  # type: ignore[misc]
+    """API worker: per-request decoding, JSON answers; inference in :data:`MedZooInference`,
+    explanations (``POST /<task>/explain``, :mod:`serving.explain_api`) in ``MedZooExplainer``,
+    the upload page at ``/ui``."""
 
     inference = bentoml.depends(MedZooInference)
 

@@ -614,7 +614,9 @@ def test_bentoml_build_packs_models_and_service(served: Served, tmp_path: Path) 
     info = yaml.safe_load(next(p for p in bentos.glob("*/bento.yaml")).read_text())
     assert [m["tag"] for m in info["models"]] == [tag]
     assert info["service"] == "serving.service:MedZoo"
-    assert {s["name"] for s in info["services"]} == {"MedZoo", "MedZooInference"}
+    assert {s["name"] for s in info["services"]} == {"MedZoo", "MedZooInference", "MedZooExplainer"}
+    src = next(p for p in bentos.glob("*/bento.yaml")).parent / "src"
+    assert (src / "serving" / "ui" / "index.html").is_file() and (src / "serving" / "ui" / "app.js").is_file()
     model_dir = tmp_path / "bentoml_home" / "models" / tag.split(":")[0] / tag.split(":")[1]
     manifest = json.loads((model_dir / "serving.json").read_text())
     for task, bundle in served.bundles.items():

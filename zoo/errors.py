@@ -54,6 +54,11 @@ class EnsembleError(UserError, ValueError):
     """Ensemble members that cannot be combined, or too few of them."""
 
 
+class ExplainError(UserError, ValueError):
+    """A model that cannot be explained as asked (a Grad-CAM layer that does not exist, a target
+    class the model does not have); the message says why."""
+
+
 class UnknownNameError(UserError, ValueError):
     """A dataset, architecture, bundle, task or recipe name that does not exist."""
 
@@ -128,6 +133,6 @@ def describe_validation_error(err: Any, model: Any = None, prefix: str = "") -> 
     return "\n".join(lines)
 
 
-__all__ = ["BundleError", "ConfigError", "DataUnavailableError", "EnsembleError", "ExportError", "ImageError",
-           "ModelFileError", "ParityError", "RecipeError", "UnknownNameError", "UserError",
+__all__ = ["BundleError", "ConfigError", "DataUnavailableError", "EnsembleError", "ExplainError", "ExportError",
+           "ImageError", "ModelFileError", "ParityError", "RecipeError", "UnknownNameError", "UserError",
            "WeightsUnavailableError", "describe_validation_error", "did_you_mean", "unknown"]

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from zoo.errors import ExplainError, unknown
+
 if TYPE_CHECKING:
     from zoo.card import ModelInfo
 
@@ -57,6 +59,24 @@ def top_classes(probs: np.ndarray, labels: Sequence[str], k: int) -> list[dict[s
     return [{"class": int(i), "label": labels[int(i)], "prob": float(probs[int(i)])} for i in order]
 
 
+def class_index(target: int | str, labels: Sequence[str]) -> int:
+    """A class given by index (``2``, ``"2"``) or label name (exact, then case-insensitive); an
+    :class:`~zoo.errors.ExplainError` or :class:`~zoo.errors.UnknownNameError` ("did you mean")
+    when the model has no such class."""
+    text = str(target).strip()
+    if text.lstrip("-").isdigit():
+        index = int(text)
+        if not 0 <= index < len(labels):
+            raise ExplainError(f"class {index} does not exist: the model has classes 0 to {len(labels) - 1}")
+        return index
+    if text in labels:
+        return list(labels).index(text)
+    lowered = [label.lower() for label in labels]
+    if text.lower() in lowered:
+        return lowered.index(text.lower())
+    raise unknown("class", text, labels, hint="classes: " + ", ".join(f"{i} {lab}" for i, lab in enumerate(labels)))
+
+
 @dataclass
 class Predictions:
     """What a model says about N images, as every front end reports it (HTTP, scoring, Python API).
@@ -95,5 +115,5 @@ def interpret(logits: Any, info: ModelInfo | None = None, ood_score: Any = None)
     return out
 
 
-__all__ = ["Predictions", "calibrated_probs", "interpret", "predicted_class", "sigmoid", "softmax", "to_probs",
-           "top_classes"]
+__all__ = ["Predictions", "calibrated_probs", "class_index", "interpret", "predicted_class", "sigmoid", "softmax",
+           "to_probs", "top_classes"]

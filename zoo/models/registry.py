@@ -40,7 +40,7 @@ class ModelSpec:
     summary: str = ""
     supports_pretrained: bool = False
     # Grad-CAM target: dotted path of the module inside the network whose activations are read
-    # (None: no convolutional feature map; MLPs are explained by gradient saliency).
+    # (syntax in zoo.models.catalog; None: no convolutional feature map, gradient saliency instead).
     cam_layer: str | None = None
     _builder: Callable[..., Any] | None = field(default=None, compare=False, repr=False)
 
