@@ -23,7 +23,7 @@ import zoo
 from zoo.api import Ensemble, Model, Prediction
 from zoo.card import ONNX_FILE, Card, ExportMeta, read_card
 from zoo.errors import BundleError, EnsembleError, ImageError, ModelFileError
-from zoo.postprocess import to_probs
+from zoo.postprocess import calibrated_probs, interpret
 from zoo.preprocess import load_image
 from zoo.runtime import OnnxModel
 
@@ -83,10 +83,11 @@ def test_readme_example_runs(in_home: Path, files: Path, monkeypatch: pytest.Mon
 
 
 def _onnx_answer(bundle: Path, images: list[Any]) -> np.ndarray:
-    """Probabilities through the pieces the service and `zoo score` use: load_image, ONNX, to_probs."""
+    """Probabilities through the pieces the service and `zoo score` use: load_image, ONNX, interpret."""
     onnx = OnnxModel.open(bundle)
     batch = np.stack([load_image(x, onnx.preprocessing) for x in images])
-    return to_probs(onnx.predict(batch))
+    out = onnx.outputs(batch)
+    return interpret(out["logits"], onnx.meta, out.get("ood_score")).probs
 
 
 def test_every_input_kind(in_home: Path, files: Path) -> None:
@@ -104,7 +105,9 @@ def test_every_input_kind(in_home: Path, files: Path) -> None:
         np.testing.assert_allclose(a.probs, p, atol=1e-6)
         assert a.index == int(p.argmax()) and a.label == model.labels[a.index] and a.prob == pytest.approx(p.max())
         assert [c.index for c in a.top] == list(np.argsort(-p, kind="stable")) and len(a.top) == 7
-        assert a.probs.sum() == pytest.approx(1, abs=1e-5) and a.calibrated is False and a.ood_score is None
+        assert a.probs.sum() == pytest.approx(1, abs=1e-5)
+        assert a.calibrated is (model.card.calibration is not None)
+        assert (a.ood_score is None) is (model.card.ood is None)
         json.dumps(a.as_dict())
     for i in range(1, 4):  # the same file however it is given
         np.testing.assert_array_equal(answers[i].probs, answers[0].probs)
@@ -185,7 +188,8 @@ def test_transforms_are_the_one_preprocessing(in_home: Path, files: Path) -> Non
     np.testing.assert_array_equal(transform(png), load_image(png, model.preprocessing))
     np.testing.assert_array_equal(model.decode([png]), transform(png)[None])
     logits = model.predict_logits(model.decode(png))
-    np.testing.assert_allclose(to_probs(logits)[0], model.predict(png)[0].probs)
+    temperature = model.card.calibration.temperature if model.card.calibration else None
+    np.testing.assert_allclose(calibrated_probs(logits, temperature)[0], model.predict(png)[0].probs, rtol=1e-6)
     with pytest.raises(ValueError, match="takes uint8 batches of shape"):
         model.predict_logits(np.zeros((1, 3, 64, 64), np.uint8))
 

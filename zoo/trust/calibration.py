@@ -17,7 +17,11 @@ from sklearn.calibration import CalibratedClassifierCV
 from sklearn.frozen import FrozenEstimator
 from sklearn.metrics import log_loss, roc_curve
 
+from zoo.postprocess import to_probs
+
 ECE_BINS = 15
+IDENTITY = ("identity (temperature 1): every validation image is classified correctly, so the NLL has no "
+            "finite minimum (T → 0 would only make every answer 0 or 1)")
 
 
 class _FrozenLogits(ClassifierMixin, BaseEstimator):
@@ -49,6 +53,8 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, n_classes: int) -> f
     """
     logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(labels).reshape(-1)
+    if separable(logits, labels):
+        return 1.0
     binary = n_classes == 2
     if binary:
         logits = logits if logits.shape[1] == 1 else (logits[:, 1] - logits[:, 0])[:, None]
@@ -56,6 +62,11 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, n_classes: int) -> f
     calibrated = CalibratedClassifierCV(frozen, method="temperature").fit(logits, labels)
     beta = float(calibrated.calibrated_classifiers_[0].calibrators[0].beta_)
     return 1.0 / (2.0 * beta) if binary else 1.0 / beta
+
+
+def separable(logits: np.ndarray, labels: np.ndarray) -> bool:
+    """Every image classified correctly: temperature scaling is then unidentifiable (kept at 1)."""
+    return bool((to_probs(logits).argmax(axis=1) == np.asarray(labels).reshape(-1)).all())
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
@@ -112,5 +123,5 @@ def reliability_diagram(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarr
     plt.close(fig)
 
 
-__all__ = ["ECE_BINS", "calibration_metrics", "decision_threshold",
+__all__ = ["ECE_BINS", "IDENTITY", "calibration_metrics", "separable", "decision_threshold",
            "expected_calibration_error", "fit_temperature", "reliability_diagram"]

@@ -26,7 +26,14 @@ from zoo.inference import bundle_splits
 from zoo.io import atomic_file, sha256_of
 from zoo.modelcard import write_model_card
 from zoo.postprocess import calibrated_probs
-from zoo.trust.calibration import calibration_metrics, decision_threshold, fit_temperature, reliability_diagram
+from zoo.trust.calibration import (
+    IDENTITY,
+    calibration_metrics,
+    decision_threshold,
+    fit_temperature,
+    reliability_diagram,
+    separable,
+)
 from zoo.trust.ood import (
     MAX_FIT_IMAGES,
     METHOD,
@@ -63,7 +70,10 @@ def fit_calibration(val: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, 
     threshold = None
     if num_classes == 2:
         threshold = decision_threshold(calibrated_probs(val_logits, temperature), val_y)
-    return CalibrationInfo(temperature=temperature, threshold=threshold, metrics=metrics), curves
+    info = CalibrationInfo(temperature=temperature, threshold=threshold, metrics=metrics)
+    if separable(val_logits, val_y):
+        info.method = IDENTITY
+    return info, curves
 
 
 def fit_ood(feats: dict[str, list[np.ndarray]], layers: list[str]) -> tuple[OODInfo, list[LayerStats]]:
