@@ -151,8 +151,8 @@ class Server:
     log: Path
     proc: subprocess.Popen  # type: ignore[type-arg]
 
-    def client(self, **kw: Any) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60, **kw)
+    def client(self, timeout: float = 60, **kw: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=timeout, **kw)
 
     def api_worker(self) -> Any:
         """The API worker process (psutil): the one that reads and decodes the uploads."""
