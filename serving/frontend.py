@@ -210,11 +210,12 @@ class Frontend:
         self._batchers: dict[str, Coalescer] = {}
 
     async def table(self) -> dict[str, Any]:
-        """The inference worker's description of the served models (fetched once)."""
+        """The inference worker's description of the served models (fetched once); 503 while it
+        cannot be reached."""
         if self._table is None:
             async with self._lock:
                 if self._table is None:
-                    table = await self.backend.describe()
+                    table = await self._infer(self.backend.describe())
                     _log_table(table)
                     self._table = table
         return self._table
@@ -247,16 +248,16 @@ class Frontend:
                 await self._thread(decode_item, it, prep, self.limits.max_image_pixels)
         return items
 
-    async def _infer(self, call: Awaitable[np.ndarray]) -> np.ndarray:
+    async def _infer(self, call: Awaitable[Any]) -> Any:
+        """The inference worker's answer, or 503 when it cannot give one."""
         import aiohttp
         from bentoml.exceptions import BentoMLException
 
         try:
-            out = await call
+            return await call
         except (BentoMLException, aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
             log.warning("inference failed: %s", e)
             raise Problem(503, f"inference backend unavailable: {str(e)[:200]}") from None
-        return np.asarray(out, dtype=np.float32)
 
     async def classify(self, task: str, uploads: list[Upload], top_k: int | None) -> tuple[int, Any]:
         """Status and answer of ``POST /<task>``."""
@@ -296,7 +297,7 @@ class Frontend:
         members = [ModelRef(id=m["id"], weights_sha256=m["weights_sha256"]) for m in info["members"]]
         if good:
             batcher = self._batcher(ENSEMBLE_ROUTE, self.backend.predict_members)
-            member_logits = await self._infer(batcher(_stack(good)))  # (N, M, K)
+            member_logits = np.asarray(await self._infer(batcher(_stack(good))), dtype=np.float32)  # (N, M, K)
             out = combine(member_logits.transpose(1, 0, 2))
             for n, it in enumerate(good):
                 results[it.index] = self._ensemble_result(it, out, n, members, info["labels"], top_k or self.top_k)
@@ -327,5 +328,5 @@ class Frontend:
         return ModelsAnswer.model_validate({"models": models, "ensemble": ensemble, "config": table["config"]})
 
     async def stats(self) -> StatsAnswer:
-        batches = await self.backend.stats()
+        batches = await self._infer(self.backend.stats())
         return StatsAnswer.model_validate({"batches": batches, "requests": dict(self.requests)})

@@ -102,11 +102,12 @@ def _inference_namespace() -> dict[str, Any]:
 # runner_connection: the API worker's client session to this service is never renewed; BentoML's
 # default renews it every 100 requests and closes the old one under requests still in flight.
 # Timeouts: a request may wait up to max_latency_ms in the batching queue, then run.
+# No access log here: its calls are internal (one per batch of user requests, which the API worker logs).
 INFERENCE_TIMEOUT_S = CONFIG.max_latency_ms / 1000 + 60
 MedZooInference = bentoml.service(
     name="MedZooInference", workers=1, threads=1, traffic={"timeout": INFERENCE_TIMEOUT_S},
     runner_connection={"max_requests": 10**9, "max_age": 1e9},
-    logging={"access": {"enabled": CONFIG.access_log}},
+    logging={"access": {"enabled": False}},
 )(
     type("MedZooInference", (), _inference_namespace())
 )
@@ -207,13 +208,10 @@ def _api_namespace() -> dict[str, Any]:
 
     async def __is_ready__(self: Any) -> bool:
         """Ready once the inference worker has described its models."""
-        import aiohttp
-        from bentoml.exceptions import BentoMLException
-
         try:
             await self.frontend.table()
-        except (BentoMLException, aiohttp.ClientError, OSError) as e:
-            log.info("waiting for the inference worker: %s", e)
+        except Problem as p:
+            log.info("waiting for the inference worker: %s", p.message)
             return False
         return True
 
