@@ -1006,3 +1006,43 @@ def test_package_with_a_task_unserved(served: Served, tmp_path: Path) -> None:
     assert manifest["settings"]["max_request_megapixels"] == MAX_REQUEST_MEGAPIXELS
     info = yaml.safe_load((model_dir / "model.yaml").read_text())
     assert json.loads(info["metadata"]["manifest"]) == manifest
+
+
+# --------------------------------------------------------------------------- API-side coalescing (no server)
+
+
+def test_coalescer_sends_waiting_arrays_together_and_splits_the_answers() -> None:
+    """While ``depth`` calls are in flight, arrays wait and go together; each caller gets the rows
+    of its own array; a caller cancelled while waiting sends nothing; a failure reaches every waiter."""
+    from serving.batching import Coalescer
+
+    sent: list[int] = []
+
+    async def call(x: np.ndarray) -> np.ndarray:
+        sent.append(len(x))
+        await asyncio.sleep(0.05)
+        if (x == 99).any():
+            raise RuntimeError("backend down")
+        return x[:, :1].astype(np.float32) * 10  # one row per image, tied to the image
+
+    async def run() -> None:
+        co = Coalescer(call, max_batch=8, depth=1)
+        arrays = [np.full((n, 3), i, np.uint8) for i, n in enumerate((1, 2, 3, 1, 4))]
+        first = asyncio.ensure_future(co(arrays[0]))
+        await asyncio.sleep(0.01)  # the first call is in flight: the next ones wait
+        rest = [asyncio.ensure_future(co(a)) for a in arrays[1:]]
+        doomed = asyncio.ensure_future(co(np.full((5, 3), 7, np.uint8)))
+        await asyncio.sleep(0)
+        doomed.cancel()
+        outs = await asyncio.gather(first, *rest)
+        for i, (a, out) in enumerate(zip(arrays, outs, strict=True)):
+            assert out.shape == (len(a), 1) and (out == i * 10).all()
+        assert sent == [1, 6, 4]  # 2+3+1 fit in max_batch 8, the 4 go next; the cancelled 5 never
+        busy = asyncio.ensure_future(co(np.full((1, 3), 1, np.uint8)))
+        await asyncio.sleep(0.01)
+        failing = [asyncio.ensure_future(co(np.full((1, 3), v, np.uint8))) for v in (99, 2)]  # sent together
+        results = await asyncio.gather(busy, *failing, return_exceptions=True)
+        assert not isinstance(results[0], Exception)
+        assert all(isinstance(r, RuntimeError) for r in results[1:])
+
+    asyncio.run(run())
