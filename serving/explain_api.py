@@ -4,8 +4,9 @@ overlay of each uploaded image as a base64 PNG in JSON.
 
 The API service gets them by inheriting :func:`explain_routes`: a base class holding the
 explanation worker (``bentoml.depends(MedZooExplainer)``) and one endpoint per route. Uploads are
-checked and decoded here, in the API worker, with the prediction endpoints' rules
-(``serving.frontend.decode_one``: the same limits and status codes per image); the worker gets
+read by :class:`serving.uploads.UploadGuard` (byte limits, body timeout, no URL fetching) and
+checked and decoded in the API worker by :meth:`serving.frontend.Frontend.decode`, exactly as for
+the prediction endpoints (the same limits and status codes per image); the worker gets
 ``uint8 (N, C, H, W)`` arrays. Nothing here imports torch.
 """
 
@@ -14,17 +15,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import anyio
 import bentoml
 import numpy as np
 from pydantic import BaseModel, Field
 from typing_extensions import TypedDict
 
-from serving.config import ENSEMBLE_ROUTE, Limits
+from serving.config import ENSEMBLE_ROUTE
 from serving.explainer import MedZooExplainer
-from serving.frontend import Item, Upload, decode_one
+from serving.frontend import Frontend, Item
+from serving.schemas import FORMATS, ExplainInput
+from serving.uploads import Problem, Upload, as_uploads
 from zoo.errors import UserError
 from zoo.postprocess import class_index
 from zoo.preprocess import Preprocessing
@@ -51,7 +53,7 @@ class ExplainedItem(BaseModel):
     ood_score: float | None = None
 
 
-class ExplainAnswer(BaseModel):
+class ExplainAnswer(bentoml.IODescriptor):
     """Classes and heat maps of the uploaded images."""
 
     task: str
@@ -64,34 +66,7 @@ class ExplainAnswer(BaseModel):
     error: str | None = None
 
 
-def upload_name(path: Path) -> str:
-    """The client's file name: BentoML stores an upload as ``tmp`` + 8 random characters + the
-    original name (``tempfile.NamedTemporaryFile(suffix=filename)``)."""
-    name = path.name
-    return name[11:] if name.startswith("tmp") and len(name) > 11 else name
-
-
-def read_items(paths: list[Path], prep: Preprocessing, limits: Limits) -> list[Item]:
-    """Each upload checked against the per-file limit and decoded as the prediction endpoints do."""
-    items = []
-    for i, path in enumerate(paths):
-        up = Upload(i, upload_name(path))
-        size = path.stat().st_size
-        if size > limits.max_file_bytes:
-            up.status, up.error = 413, (f"file of {size / 2**20:.1f} MB is larger than the "
-                                        f"{limits.max_file_bytes / 2**20:g} MB limit")
-        else:
-            up.data = path.read_bytes()
-        items.append(decode_one(up, prep))
-    return items
-
-
-def _refuse(ctx: bentoml.Context, route: str, status: int, message: str) -> ExplainAnswer:
-    ctx.response.status_code = status
-    return ExplainAnswer(task=route, error=message)
-
-
-def _merge(route: str, items: list[Item], answer: dict[str, Any]) -> tuple[ExplainAnswer, int]:
+def _merge(route: str, items: list[Item], answer: dict[str, Any]) -> tuple[int, ExplainAnswer]:
     """The worker's answers for the decoded images and the refusals, in upload order."""
     good = iter(answer.get("results", []))
     results = [ExplainedItem(index=it.index, filename=it.filename, **next(good)) if it.array is not None else
@@ -99,10 +74,10 @@ def _merge(route: str, items: list[Item], answer: dict[str, Any]) -> tuple[Expla
     body = ExplainAnswer(task=route, results=results,
                          **{k: answer[k] for k in ("models", "method", "layer", "feature_size", "note") if k in answer})
     if any(it.array is not None for it in items):
-        return body, 200
+        return 200, body
     statuses = {it.status for it in items}
     body.error = "; ".join(f"{it.filename}: {it.error}" for it in items)
-    return body, statuses.pop() if len(statuses) == 1 else 400
+    return statuses.pop() if len(statuses) == 1 else 400, body
 
 
 async def _worker(call: Any) -> Any:
@@ -113,62 +88,65 @@ async def _worker(call: Any) -> Any:
         return await call
     except (BentoMLException, aiohttp.ClientError, OSError) as e:
         log.warning("explanation worker: %s", e)
-        raise ConnectionError(f"explanation worker unavailable: {str(e)[:200]}") from None
+        raise Problem(503, f"explanation worker unavailable: {str(e)[:200]}") from None
 
 
-async def answer(explainer: Any, ctx: bentoml.Context, route: str, images: list[Path], target: str | None,
-                 top_k: int, limits: Limits) -> ExplainAnswer:
-    """What ``POST /<route>/explain`` answers (``explainer``: the worker, remote or local)."""
+async def explain(frontend: Frontend, explainer: Any, route: str, uploads: list[Upload], target: str | None,
+                  top_k: int) -> tuple[int, ExplainAnswer]:
+    """Status and answer of ``POST /<route>/explain`` (``explainer``: the worker, remote or local).
+    Uploads are checked and decoded by the prediction endpoints' rules (:meth:`Frontend.decode`)."""
+    info = (await _worker(explainer.to_async.describe())).get(route, {"status": "missing",
+                                                                      "message": f"unknown task {route!r}"})
+    if info["status"] != "ok":
+        return 503, ExplainAnswer(task=route, error=info["message"])
     try:
-        info = (await _worker(explainer.to_async.describe())).get(route, {"status": "missing",
-                                                                          "message": f"unknown task {route!r}"})
-        if info["status"] != "ok":
-            return _refuse(ctx, route, 503, info["message"])
-        if len(images) > limits.max_images:
-            return _refuse(ctx, route, 413, f"more than {limits.max_images} images in one request")
         if target:
             class_index(target, info["labels"])  # a class the model does not have is refused before any work
-        items = await anyio.to_thread.run_sync(read_items, images, Preprocessing.from_dict(info["preprocessing"]),
-                                               limits)
-        good = [it.array for it in items if it.array is not None]
-        result: dict[str, Any] = {}
-        if good:
-            result = await _worker(explainer.to_async.explain(route=route, images=np.stack(good),
-                                                              target=target or "", top_k=top_k))
-        if "error" in result:
-            return _refuse(ctx, route, int(result.get("status", 500)), result["error"])
     except UserError as e:
-        return _refuse(ctx, route, 400, str(e))
-    except ConnectionError as e:
-        return _refuse(ctx, route, 503, str(e))
-    body, status = _merge(route, items, result)
-    ctx.response.status_code = status
-    return body
+        return 400, ExplainAnswer(task=route, error=str(e))
+    items = await frontend.decode(uploads, Preprocessing.from_dict(info["preprocessing"]))
+    good = [it.array for it in items if it.array is not None]
+    result: dict[str, Any] = {}
+    if good:
+        result = await _worker(explainer.to_async.explain(route=route, images=np.stack(good), target=target or "",
+                                                          top_k=top_k))
+    if "error" in result:
+        return int(result.get("status", 500)), ExplainAnswer(task=route, error=result["error"])
+    return _merge(route, items, result)
 
 
-def explain_endpoint(route: str, default_top_k: int, limits: Limits) -> Callable[..., Any]:
-    """The typed endpoint of one route."""
+def explain_endpoint(route: str, default_top_k: int, respond: Callable[..., Any]) -> Callable[..., Any]:
+    """The typed endpoint of one route; ``respond`` turns (status, answer) into the HTTP response."""
 
-    async def explain(self: Any, ctx: bentoml.Context, images: list[Path], target: str | None = None,
-                      top_k: Annotated[int, Field(ge=1)] = default_top_k) -> ExplainAnswer:
-        return await answer(self.explainer, ctx, route, images, target, top_k, limits)
+    async def endpoint(self: Any, images: list[Path], target: str | None = None, top_k: int | None = None) -> Any:
+        uploads = as_uploads(images, self.frontend.limits.max_file_bytes)
+        return await respond(explain(self.frontend, self.explainer, route, uploads, target, top_k or default_top_k))
 
     what = "the pathology ensemble (the mean of its members' maps)" if route == ENSEMBLE_ROUTE else f"the {route} model"
-    explain.__name__ = explain.__qualname__ = f"explain_{route}"
-    explain.__doc__ = (f"Where {what} looked: for each uploaded image (multipart field `images`, PNG, JPEG, "
-                       "TIFF or BMP) the top classes and a Grad-CAM overlay (gradient saliency for MLPs) as a "
-                       "base64 PNG, for the predicted class or `target` (class index or label).")
-    return explain
+    endpoint.__name__ = endpoint.__qualname__ = f"explain_{route}"
+    endpoint.__doc__ = (f"Where {what} looked: for each uploaded image ({FORMATS}, multipart field `images`) the top "
+                        "classes and a Grad-CAM overlay (gradient saliency for MLPs) as a base64 PNG, for the "
+                        "predicted class or `target` (class index or label). Refusals per image as in the "
+                        "prediction endpoints; 503 while the task has no model or the explanation worker cannot "
+                        "answer.")
+    return endpoint
 
 
-def explain_routes(tasks: tuple[str, ...], top_k: int, limits: Limits) -> type:
+def explain_routes(tasks: tuple[str, ...], top_k: int, respond: Callable[..., Any]) -> type:
     """Base class of the API service: the explanation worker and ``POST /<route>/explain`` for every
-    task and the ensemble."""
+    task and the ensemble (their uploads read by :class:`serving.uploads.UploadGuard`)."""
     namespace: dict[str, Any] = {"__module__": __name__, "explainer": bentoml.depends(MedZooExplainer),
                                  "__doc__": "Explanation endpoints, answered by MedZooExplainer."}
-    for route in (*tasks, ENSEMBLE_ROUTE):
-        namespace[f"explain_{route}"] = bentoml.api(route=f"/{route}/explain")(explain_endpoint(route, top_k, limits))
+    for route in explain_paths(tasks):
+        name = route.strip("/").split("/")[0]
+        namespace[f"explain_{name}"] = bentoml.api(route=route, input_spec=ExplainInput, output_spec=ExplainAnswer)(
+            explain_endpoint(name, top_k, respond))
     return type("ExplainRoutes", (), namespace)
 
 
-__all__ = ["ExplainAnswer", "ExplainedItem", "answer", "explain_routes", "read_items", "upload_name"]
+def explain_paths(tasks: tuple[str, ...]) -> list[str]:
+    """``/<task>/explain`` for every task and the ensemble."""
+    return [f"/{route}/explain" for route in (*tasks, ENSEMBLE_ROUTE)]
+
+
+__all__ = ["ExplainAnswer", "ExplainedItem", "explain", "explain_paths", "explain_routes"]

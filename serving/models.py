@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from serving.config import (
     resolve_ensemble,
     resolve_task,
 )
-from zoo.card import Card, read_card
+from zoo.card import Card, ModelInfo, read_card
 from zoo.ensemble import check_compatible
 from zoo.errors import BundleError, EnsembleError, ModelFileError
 from zoo.runtime import GPU_PROVIDERS, OnnxModel
@@ -72,14 +73,21 @@ class ServedModel:
             "provider": self.model.provider,
             "onnx": self.model.path.name,
             "path": str(self.path),
+            # what zoo.postprocess.interpret reads of the card (calibration, OOD detector once there)
+            "model_info": self.card.model_dump(mode="json", include=set(ModelInfo.model_fields)),
         }
 
-    def warm_up(self) -> None:
-        """Run once at batch 1 and 2: ONNX Runtime's first runs (allocations, kernel choice) are
-        slow, and BentoML's batching estimates its per-image cost from the first calls it sees."""
+    def warm_up(self, max_batch: int = 64, budget_s: float = 2.0) -> None:
+        """Run at batch sizes 1, 2, 4, … up to ``max_batch`` (while the runs stay within ``budget_s``):
+        ONNX Runtime's first run at a batch size allocates and picks kernels, and adaptive batching
+        sends batches of every size under load, so the first requests should not pay for it."""
         prep = self.model.preprocessing
-        for n in (1, 2):
+        n, spent = 1, 0.0
+        while n <= max_batch and spent < budget_s:
+            t0 = time.perf_counter()
             self.run(np.zeros((n, prep.in_channels, prep.image_size, prep.image_size), dtype=np.uint8))
+            spent += time.perf_counter() - t0
+            n *= 2
 
     def run(self, images: np.ndarray) -> np.ndarray:
         """Logits (N, K) of a uint8 batch; device-bound inputs on a GPU provider."""
@@ -88,7 +96,7 @@ class ServedModel:
         return self.model.predict(images)
 
 
-def open_bundle(task: str, path: Path, threads: int | None = None) -> ServedModel:
+def open_bundle(task: str, path: Path, threads: int | None = None, max_batch: int = 64) -> ServedModel:
     """Open a bundle's ``model.onnx`` on the best provider."""
     card = read_card(path)
     model = OnnxModel.open(path, threads=threads)  # checks the file against the sha256 the card recorded
@@ -96,7 +104,7 @@ def open_bundle(task: str, path: Path, threads: int | None = None) -> ServedMode
     if model.provider not in GPU_PROVIDERS:
         log.info("%s: no GPU provider in this ONNX Runtime; running on the CPU", task)
     served = ServedModel(task=task, path=path, card=card, model=model)
-    served.warm_up()
+    served.warm_up(max_batch)
     return served
 
 
@@ -147,7 +155,7 @@ class ModelTable:
             log.warning("%s: not served: %s", r.task, r.message)
             return
         try:
-            self.models[r.task] = open_bundle(r.task, r.path, self.cfg.ort_threads)
+            self.models[r.task] = open_bundle(r.task, r.path, self.cfg.ort_threads, self.cfg.max_batch_size)
         except (BundleError, ModelFileError) as e:
             self.missing[r.task] = f"{e}"
             log.warning("%s: not served: %s", r.task, e)
@@ -158,7 +166,7 @@ class ModelTable:
         for r in found:
             assert r.path is not None
             try:
-                m = open_bundle(ENSEMBLE_ROUTE, r.path, self.cfg.ort_threads)
+                m = open_bundle(ENSEMBLE_ROUTE, r.path, self.cfg.ort_threads, self.cfg.max_batch_size)
             except (BundleError, ModelFileError) as e:
                 notes.append(str(e))
                 continue
