@@ -23,6 +23,7 @@ YAML layout (every key optional)::
     body_timeout_s: 10                    # an upload pausing longer is answered 408
     request_timeout_s: 60                 # a request taking longer is stopped (504), decoding included
     decode_threads: 2                     # images decoded at once per API worker (bounds its memory)
+    refuse_ood: false                     # true: an image flagged out of distribution is answered 422, not classified
     api_workers: 1                        # processes decoding requests (the API layer)
     access_log: true                      # BentoML's per-request access log lines
     ort_threads: null                     # ONNX Runtime intra-op threads (null: its default)
@@ -32,7 +33,8 @@ Environment: ``MEDZOO_SERVE_<TASK>`` (e.g. ``MEDZOO_SERVE_SKIN``) sets a task's 
 ``MEDZOO_TOP_K``, ``MEDZOO_MAX_BATCH_SIZE``, ``MEDZOO_MAX_LATENCY_MS``, ``MEDZOO_MAX_FILE_MB``,
 ``MEDZOO_MAX_REQUEST_MB``, ``MEDZOO_MAX_IMAGES``, ``MEDZOO_MAX_IMAGE_MEGAPIXELS``,
 ``MEDZOO_MAX_REQUEST_MEGAPIXELS``, ``MEDZOO_BODY_TIMEOUT_S``, ``MEDZOO_REQUEST_TIMEOUT_S``,
-``MEDZOO_DECODE_THREADS``, ``MEDZOO_API_WORKERS``, ``MEDZOO_ACCESS_LOG``, ``MEDZOO_ORT_THREADS`` the settings,
+``MEDZOO_DECODE_THREADS``, ``MEDZOO_REFUSE_OOD``, ``MEDZOO_API_WORKERS``, ``MEDZOO_ACCESS_LOG``,
+``MEDZOO_ORT_THREADS`` the settings,
 ``MEDZOO_HOME`` the store and
 ``MEDZOO_SERVE_SOURCE`` (``auto``, ``store`` or ``bento``) where the bundles are read from.
 """
@@ -75,7 +77,7 @@ RESERVED_ROUTES = frozenset(
 )
 SETTINGS = ("top_k", "max_batch_size", "max_latency_ms", "max_file_mb", "max_request_mb", "max_images",
             "max_image_megapixels", "max_request_megapixels", "body_timeout_s", "request_timeout_s", "decode_threads",
-            "api_workers", "access_log", "ort_threads")
+            "refuse_ood", "api_workers", "access_log", "ort_threads")
 TASK_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 
 
@@ -148,6 +150,7 @@ class ServeConfig(BaseSettings):
     body_timeout_s: float = Field(10, gt=0)
     request_timeout_s: float = Field(60, gt=0)
     decode_threads: int = Field(2, ge=1)
+    refuse_ood: bool = False  # flagged images answered 422 (per image) instead of classified
     api_workers: int = Field(1, ge=1)
     access_log: bool = True
     ort_threads: int | None = Field(None, ge=1)  # None: ONNX Runtime's default (one per physical core)

@@ -34,6 +34,7 @@ import numpy as np
 
 from serving.batching import Coalescer
 from serving.config import ENSEMBLE_ROUTE, Limits
+from serving.outputs import unpack
 from serving.schemas import (
     ClassScore,
     EnsembleAnswer,
@@ -196,8 +197,9 @@ class Frontend:
     """Request handling shared by every endpoint; ``backend`` does the inference."""
 
     def __init__(self, backend: Backend, limits: Limits, top_k: int, decode_threads: int = 2,
-                 max_batch: int = 64) -> None:
+                 max_batch: int = 64, refuse_ood: bool = False) -> None:
         self.backend = backend
+        self.refuse_ood = refuse_ood
         self.limits = limits
         self.top_k = top_k
         self.decode_threads = decode_threads
@@ -274,8 +276,12 @@ class Frontend:
         ref = ModelRef(id=info["id"], weights_sha256=info["weights_sha256"])
         if good:
             batcher = self._batcher(task, lambda x: self.backend.predict(task, x))
-            pred = interpret(await self._infer(batcher(_stack(good))), card)
+            logits, ood = unpack(await self._infer(batcher(_stack(good))), info.get("has_ood", False))
+            pred = interpret(logits, card, ood)
             for n, it in enumerate(good):
+                if self._refused_as_ood(it, pred, n, card):
+                    results[it.index] = _refused(it)
+                    continue
                 results[it.index] = ImageResult(index=it.index, filename=it.filename, model=ref,
                                                 top=_scores(pred.probs[n], info["labels"], top_k or self.top_k),
                                                 **_extras(pred, n))
@@ -297,14 +303,29 @@ class Frontend:
         members = [ModelRef(id=m["id"], weights_sha256=m["weights_sha256"]) for m in info["members"]]
         if good:
             batcher = self._batcher(ENSEMBLE_ROUTE, self.backend.predict_members)
-            member_logits = np.asarray(await self._infer(batcher(_stack(good))), dtype=np.float32)  # (N, M, K)
-            out = combine(member_logits.transpose(1, 0, 2))
+            packed = np.asarray(await self._infer(batcher(_stack(good))), dtype=np.float32)  # (N, M, K'[+1])
+            logits, ood = unpack(packed.transpose(1, 0, 2), info.get("has_ood", False))
+            cards = [self._model(f"{ENSEMBLE_ROUTE}:{m['id']}", m)[1] for m in info["members"]]
+            out = combine(logits, cards if all(cards) else None, list(ood) if ood is not None else None)
             for n, it in enumerate(good):
+                if self._refused_as_ood(it, out, n, None):
+                    results[it.index] = _refused(it)
+                    continue
                 results[it.index] = self._ensemble_result(it, out, n, members, info["labels"], top_k or self.top_k)
         status, error = _overall(items)
         model = EnsembleModel(ensemble=members, arch=info["arch"], combine=COMBINE)
         return status, EnsembleAnswer(task=ENSEMBLE_ROUTE, model=model, error=error,
                                       results=[results[i] for i in sorted(results)])
+
+    def _refused_as_ood(self, it: Item, pred: Any, n: int, card: ModelInfo | None) -> bool:
+        """With ``refuse_ood``, an image flagged out of distribution is refused (422), not answered."""
+        if not self.refuse_ood or pred.in_distribution is None or bool(pred.in_distribution[n]):
+            return False
+        threshold = f"{card.ood.threshold:.3f}" if card is not None and card.ood is not None else "0 (ensemble margin)"
+        it.refuse(422, f"refused: the image looks unlike the model's training images (out-of-distribution score "
+                       f"{float(pred.ood_score[n]):.3f} above {threshold}); this service answers no such image")
+        it.array = None
+        return True
 
     @staticmethod
     def _ensemble_result(it: Item, out: Any, n: int, members: list[ModelRef], labels: list[str],

@@ -25,6 +25,7 @@ from serving.config import (
     resolve_ensemble,
     resolve_task,
 )
+from serving.outputs import pack
 from zoo.card import Card, ModelInfo, read_card
 from zoo.ensemble import check_compatible
 from zoo.errors import BundleError, EnsembleError, ModelFileError
@@ -73,6 +74,7 @@ class ServedModel:
             "provider": self.model.provider,
             "onnx": self.model.path.name,
             "path": str(self.path),
+            "has_ood": self.has_ood,
             # what zoo.postprocess.interpret reads of the card (calibration, OOD detector once there)
             "model_info": self.card.model_dump(mode="json", include=set(ModelInfo.model_fields)),
         }
@@ -89,11 +91,17 @@ class ServedModel:
             spent += time.perf_counter() - t0
             n *= 2
 
-    def run(self, images: np.ndarray) -> np.ndarray:
-        """Logits (N, K) of a uint8 batch; device-bound inputs on a GPU provider."""
-        if self.model.provider in GPU_PROVIDERS:
-            return self.model.predict_bound(images)
-        return self.model.predict(images)
+    @property
+    def has_ood(self) -> bool:
+        """The file returns an out-of-distribution score and the card has its threshold."""
+        return self.model.has_ood and self.model.meta.ood is not None
+
+    def run(self, images: np.ndarray, with_ood: bool | None = None) -> np.ndarray:
+        """Logits (N, K') of a uint8 batch, plus the OOD score as a last column when the model has
+        one (:func:`serving.outputs.pack`); device-bound inputs on a GPU provider."""
+        gpu = self.model.provider in GPU_PROVIDERS
+        outputs = self.model.outputs_bound(images) if gpu else self.model.outputs(images)
+        return pack(outputs, self.has_ood if with_ood is None else with_ood)
 
 
 def open_bundle(task: str, path: Path, threads: int | None = None, max_batch: int = 64) -> ServedModel:
@@ -192,17 +200,23 @@ class ModelTable:
         raise NotServed(self.missing.get(task, f"unknown task {task!r}"))
 
     def predict(self, task: str, images: np.ndarray) -> np.ndarray:
-        """Logits (N, K) of ``task``'s model; the batch size is recorded."""
+        """Logits (N, K') of ``task``'s model (and its OOD score, :func:`serving.outputs.pack`); the batch
+        size is recorded."""
         model = self.get(task)
         self.stats.record(task, len(images))
         return model.run(images)
 
     def predict_members(self, images: np.ndarray) -> np.ndarray:
-        """Member logits (N, M, K) for the ensemble."""
+        """Member logits (N, M, K'), with each member's OOD score as a last column when all have one."""
         if len(self.members) < 2:
             raise NotServed(self.ensemble_message)
         self.stats.record(ENSEMBLE_ROUTE, len(images))
-        return np.stack([m.run(images) for m in self.members], axis=1)
+        with_ood = self.members_have_ood
+        return np.stack([m.run(images, with_ood) for m in self.members], axis=1)
+
+    @property
+    def members_have_ood(self) -> bool:
+        return bool(self.members) and all(m.has_ood for m in self.members)
 
     def describe(self) -> dict[str, Any]:
         """What the API layer needs to decode and answer: cards, preprocessing, what is missing."""
@@ -220,6 +234,7 @@ class ModelTable:
             "members": [m.info() for m in self.members],
             "message": self.ensemble_message,
         }
+        ensemble["has_ood"] = self.members_have_ood
         if self.members:
             ensemble["labels"] = self.members[0].model.labels
             ensemble["preprocessing"] = self.members[0].model.meta.preprocessing.to_dict()

@@ -187,7 +187,7 @@ def _api_namespace() -> dict[str, Any]:
 
     def __init__(self: Any) -> None:
         self.frontend = Frontend(DependencyBackend(self.inference), CONFIG.limits, CONFIG.top_k,
-                                 CONFIG.decode_threads, CONFIG.max_batch_size)
+                                 CONFIG.decode_threads, CONFIG.max_batch_size, CONFIG.refuse_ood)
         log.info("endpoints: %s", ", ".join(f"/{t}" for t in (*TASK_NAMES, ENSEMBLE_ROUTE, "models", "stats")))
 
     async def __is_ready__(self: Any) -> bool:

@@ -76,9 +76,13 @@ def files(*items: tuple[str, bytes]) -> list[tuple[str, tuple[str, bytes, str]]]
     return [("images", (name, data, "application/octet-stream")) for name, data in items]
 
 
-def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+def answer_of(model: Any, x: np.ndarray) -> Any:
+    """What the service answers for decoded images: the exported model's outputs under the one rule
+    (zoo.postprocess.interpret: calibrated probabilities, the OOD flag)."""
+    from zoo.postprocess import interpret
+
+    out = model.outputs(x)
+    return interpret(out["logits"], model.meta, out.get("ood_score"))
 
 
 def free_port() -> int:
@@ -316,7 +320,7 @@ def test_concurrent_requests_are_batched(server: Server, served: Served) -> None
     model = _onnx(served.bundles["pathology"])
     images = np.concatenate([_test_images(served, "pathology", s) for s in ("test", "val", "train")])[:200]
     pngs = [encode(array_to_image(a)) for a in images]
-    expected = softmax(model.predict(np.stack([load_image(p, model.preprocessing) for p in pngs])))
+    expected = answer_of(model, np.stack([load_image(p, model.preprocessing) for p in pngs])).probs
     before = server.client().get("/stats").json()["batches"].get("pathology", {}).get("sizes", {})
 
     async def run() -> list[httpx.Response]:
@@ -485,7 +489,7 @@ def test_every_image_mode_is_converted_by_the_documented_rule(server: Server, se
 
     data = _mode_cases()[case]
     model = _onnx(served.bundles[task])
-    expected = softmax(model.predict(load_image(data, model.preprocessing)[None]))[0]
+    expected = answer_of(model, load_image(data, model.preprocessing)[None]).probs[0]
     r = server.client().post(f"/{task}", files=files((case, data)), params={"top_k": "2"})
     assert r.status_code == 200, r.text
     top = r.json()["results"][0]["top"]
@@ -513,16 +517,24 @@ def test_ensemble_averages_member_logits(server: Server, served: Served) -> None
     assert sorted(m["id"] for m in body["model"]["ensemble"]) == sorted(m.model_id for m in members)
     order = [m["id"] for m in body["model"]["ensemble"]]
     by_id = {m.model_id: m for m in members}
+    from zoo.ensemble import combine
+
     x = np.stack([load_image(p, members[0].preprocessing) for p in pngs])
-    member_logits = np.stack([by_id[i].predict(x) for i in order], axis=1)  # (N, M, K)
+    outs = [by_id[i].outputs(x) for i in order]
+    # each member's logits divided by its own temperature, then averaged (zoo.ensemble.combine)
+    temps = np.array([by_id[i].meta.calibration.temperature if by_id[i].meta.calibration else 1.0 for i in order])
+    member_logits = np.stack([o["logits"] for o in outs], axis=1) / temps[None, :, None]  # (N, M, K)
     mean = member_logits.mean(axis=1)
+    expected = combine([o["logits"] for o in outs], [by_id[i].meta for i in order], [o.get("ood_score") for o in outs])
     for n, res in enumerate(body["results"]):
         np.testing.assert_allclose(res["logits"], mean[n], atol=1e-5)
-        np.testing.assert_allclose(res["probs"], softmax(mean[n]), atol=1e-5)
+        np.testing.assert_allclose(res["probs"], expected.probs[n], atol=1e-5)
         top = int(mean[n].argmax())
         assert res["top"][0]["class"] == top
         assert [m["class"] for m in res["members"]] == member_logits[n].argmax(1).tolist()
         assert res["agreement"] == pytest.approx(float((member_logits[n].argmax(1) == top).mean()))
+        if expected.in_distribution is not None:
+            assert res["in_distribution"] == bool(expected.in_distribution[n])
 
 
 def _local_frontend(cfg: Any) -> Any:
@@ -530,7 +542,7 @@ def _local_frontend(cfg: Any) -> Any:
     from serving.frontend import Frontend
     from serving.models import LocalBackend, ModelTable
 
-    return Frontend(LocalBackend(ModelTable(cfg)), cfg.limits, cfg.top_k)
+    return Frontend(LocalBackend(ModelTable(cfg)), cfg.limits, cfg.top_k, refuse_ood=cfg.refuse_ood)
 
 
 @pytest.mark.parametrize("members", ["default arch", "one member"])
@@ -615,7 +627,7 @@ def test_sync_client_calls_every_endpoint_by_name(server: Server, served: Served
     jpeg = tmp_path / f"{task}.jpg"
     array_to_image(arrays[0]).save(jpeg, quality=95)
     model = _onnx(served.bundles[task])
-    expected = softmax(model.predict(np.stack([load_image(p, model.preprocessing) for p in (*paths, jpeg)])))
+    expected = answer_of(model, np.stack([load_image(p, model.preprocessing) for p in (*paths, jpeg)])).probs
     with bentoml.SyncHTTPClient(server.url, timeout=60) as client:
         assert {*served.bundles, "chest", "pathology_ensemble", "models", "stats"} <= set(client.endpoints)
         out = client.call(task, images=[*paths, jpeg], top_k=2)
@@ -695,7 +707,7 @@ def test_dicom_uploads_answer_what_the_decoder_and_model_say(server: Server, ser
         (tmp_path / name).write_bytes(data)
         paths.append(tmp_path / name)
     model = _onnx(served.bundles[task])
-    expected = softmax(model.predict(np.stack([load_image(d, model.preprocessing) for d in dicoms.values()])))
+    expected = answer_of(model, np.stack([load_image(d, model.preprocessing) for d in dicoms.values()])).probs
     with bentoml.SyncHTTPClient(server.url, timeout=60) as client:
         out = client.call(task, images=paths, top_k=1)
     for res, probs in zip(out["results"], expected, strict=True):
@@ -1048,3 +1060,73 @@ def test_coalescer_sends_waiting_arrays_together_and_splits_the_answers() -> Non
         assert all(isinstance(r, RuntimeError) for r in results[1:])
 
     asyncio.run(run())
+
+
+# --------------------------------------------------------------------------- calibration and the OOD flag (issue 11)
+
+
+def _photographs(n: int) -> np.ndarray:
+    from zoo.data.shifted import natural_photographs
+
+    return natural_photographs(28, 1, crops=2)[:n]
+
+
+def test_served_scored_and_python_api_answers_are_identical(server: Server, served: Served, tmp_path: Path) -> None:
+    """The same PNG files through HTTP, `zoo score` and `zoo.load().predict`: the same calibrated
+    float32 probabilities and the same out-of-distribution flags (photographs flagged)."""
+    import zoo
+    from zoo.score import score_folder
+
+    if "breast" not in served.bundles:
+        pytest.skip("the real BreastMNIST is not available")
+    bundle = served.bundles["breast"]
+    folder = tmp_path / "images"
+    paths = write_pngs(_test_images(served, "breast")[:6], folder, "scan")
+    paths += write_pngs(_photographs(3), folder, "photo")
+    r = server.client().post("/breast", files=files(*[(p.name, p.read_bytes()) for p in paths]), params={"top_k": 2})
+    assert r.status_code == 200, r.text
+    labels = zoo.load(bundle).labels
+    http = {}
+    for res in r.json()["results"]:
+        by_label = {t["label"]: t["prob"] for t in res["top"]}
+        http[res["filename"]] = (np.float32([by_label[lab] for lab in labels]), res["in_distribution"],
+                                 res["calibrated"])
+    summary = score_folder(folder, [bundle], tmp_path / "scores.csv", workers=0, progress=False)
+    import csv
+
+    with open(summary.out, newline="") as f:
+        scored = {row["path"]: (np.float32([row[f"prob_{lab}"] for lab in labels]), row["in_distribution"] == "True")
+                  for row in csv.DictReader(f)}
+    api = {p.name: a for p, a in zip(paths, zoo.load(bundle).predict(paths), strict=True)}
+    for p in paths:
+        probs, flag, calibrated = http[p.name]
+        assert calibrated is True
+        np.testing.assert_array_equal(probs, scored[p.name][0])
+        np.testing.assert_array_equal(probs, np.float32(api[p.name].probs))
+        assert flag == scored[p.name][1] == api[p.name].in_distribution
+    assert not any(http[p.name][1] for p in paths if p.name.startswith("photo"))  # photographs are flagged
+
+
+def test_refuse_ood_answers_422_for_flagged_images_only(served: Served, monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path) -> None:
+    """With `refuse_ood`, a flagged image is refused with 422 and a reason; the others are answered."""
+    from serving.config import load_config
+    from serving.uploads import Upload
+
+    if "breast" not in served.bundles:
+        pytest.skip("the real BreastMNIST is not available")
+    monkeypatch.setenv("MEDZOO_SERVE_SOURCE", "store")
+    monkeypatch.setenv("MEDZOO_REFUSE_OOD", "true")
+    monkeypatch.setenv("MEDZOO_SERVE_BREAST", str(served.bundles["breast"]))
+    cfg = load_config().model_copy(update={"store": served.root})
+    assert cfg.refuse_ood
+    fe = _local_frontend(cfg)
+    scan = encode(array_to_image(_test_images(served, "breast")[0]))
+    photo = encode(array_to_image(_photographs(1)[0]))
+    status, body = asyncio.run(fe.classify("breast", [Upload(0, "scan.png", scan), Upload(1, "photo.png", photo)],
+                                           None))
+    results = {r.filename: r for r in body.results}
+    assert status == 200 and results["scan.png"].top and results["photo.png"].status == 422
+    assert "unlike the model's training images" in results["photo.png"].error
+    status, body = asyncio.run(fe.classify("breast", [Upload(0, "photo.png", photo)], None))
+    assert status == 422 and "out-of-distribution score" in body.error
