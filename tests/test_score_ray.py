@@ -168,7 +168,8 @@ def test_a_file_that_crashes_the_decoder_costs_only_itself(ray_address: str, bun
     assert s.scored == 78 and s.errors == 1
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="SIGKILL and /proc")
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="SIGKILL")
 def test_killed_ray_job_resumes_without_loss_or_duplicates(ray_address: str, bundle: Path,
                                                            breast_images: np.ndarray, tmp_path: Path) -> None:
     folder = tmp_path / "many"

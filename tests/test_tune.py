@@ -137,6 +137,7 @@ def _dashboard_trials(storage: str) -> list[tuple[int, str]]:
     return [(t["number"], t["state"]) for t in call(f"/api/studies/{study_id}")["trials"]]
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_study(breast_root: Path, tmp_path: Path) -> None:
     recipe_file, store = _recipe_file(tmp_path), tmp_path / "store"
     storage = str(tmp_path / "shared" / "study.journal")  # a journal file: what a shared filesystem holds
@@ -184,7 +185,9 @@ def test_two_workers_share_one_study(breast_root: Path, tmp_path: Path) -> None:
     assert card.metrics.test is not None and card.metrics.val is not None  # evaluated once, selected on val
     bundle = load_bundle(path)
     assert bundle.card.id == card.id and "## Tuning" in (path / "README.md").read_text()
-    assert all(s["best"]["number"] == best.number for s in summaries)
+    # each worker reports the study as it stood when it ended: the last one to end, the final best
+    assert best.number in [s["best"]["number"] for s in summaries]
+    assert all(s["best"]["value"] >= best.value for s in summaries)  # (loss: minimised)
     assert not any((store / "studies" / "breast-mlp" / "trials").iterdir()), "trial folders are removed"
     assert _dashboard_trials(storage) == [(0, "Complete"), (1, "Pruned"), (2, "Complete"), (3, "Pruned")]
 
