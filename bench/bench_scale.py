@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -57,13 +58,15 @@ def timed(fn: Any) -> tuple[Any, float]:
 
 
 def score_round(folder: Path, bundle: Path, out: Path, args: argparse.Namespace) -> dict[str, float]:
-    """Seconds of one local and one Ray run of the same folder (the Ray instance already up)."""
+    """Seconds of local runs (ONNX Runtime's default threads, and 1 thread as each Ray actor runs) and
+    of one Ray run of the same folder (the Ray instance already up)."""
     opts = {"batch_size": args.batch_size, "chunk_size": args.chunk_size, "overwrite": True, "progress": False}
     local, t_local = timed(lambda: score_folder(folder, [bundle], out / "local.csv", **opts))
     ray, t_ray = timed(lambda: score_folder_ray(folder, [bundle], out / "ray.csv", **opts))
+    _, t_local1 = timed(lambda: score_folder(folder, [bundle], out / "local1.csv", threads=1, **opts))
     assert (out / "local.csv").read_bytes() == (out / "ray.csv").read_bytes(), "Ray's output differs"
     assert local.scored == ray.scored == local.files
-    return {"local_s": t_local, "ray_s": t_ray, "local_loop_s": local.seconds, "ray_loop_s": ray.seconds}
+    return {"local_s": t_local, "local_t1_s": t_local1, "ray_s": t_ray}
 
 
 def bench_score(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -85,16 +88,20 @@ def bench_score(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     _, init_s = timed(lambda: ray.init(address="local", **opts))  # left up: score_folder_ray joins it
     try:
         fixed = score_round(small, bundle, out, args)
+        print(f"  Ray start {init_s:.1f} s; one chunk: local {fixed['local_s']:.1f} s, Ray {fixed['ray_s']:.1f} s",
+              flush=True)
         rounds = [score_round(folder, bundle, out, args) for _ in range(args.repeat)]
         for r in rounds:
-            print(f"  round: local {r['local_s']:.1f} s, Ray {r['ray_s']:.1f} s for {args.images} images", flush=True)
+            print(f"  round: local {r['local_s']:.1f} s (1 ORT thread: {r['local_t1_s']:.1f} s), "
+                  f"Ray {r['ray_s']:.1f} s for {args.images} images", flush=True)
         resources = ray.cluster_resources()
     finally:
         ray.shutdown()
-    best_local = min(r["local_s"] for r in rounds)
-    best_ray = min(r["ray_s"] for r in rounds)
+    best_local, best_ray = min(r["local_s"] for r in rounds), min(r["ray_s"] for r in rounds)
+    best_local1 = min(r["local_t1_s"] for r in rounds)
     return {"images": args.images, "ray_init_s": init_s, "local_images_per_s": args.images / best_local,
-            "ray_images_per_s": args.images / best_ray, "ray_vs_local": best_local / best_ray,
+            "local_t1_images_per_s": args.images / best_local1, "ray_images_per_s": args.images / best_ray,
+            "ray_vs_local": best_local / best_ray, "ray_vs_local_t1": best_local1 / best_ray,
             "one_chunk_local_s": fixed["local_s"], "one_chunk_ray_s": fixed["ray_s"],
             "ray_job_overhead_s": fixed["ray_s"] - fixed["local_s"], "ray_cpus": resources.get("CPU")}
 
@@ -115,13 +122,15 @@ def tune_recipe(work: Path, epochs: int) -> Path:
 
 def run_workers(n_workers: int, trials: int, recipe: Path, data: Path, work: Path, threads: int | None) -> float:
     """Seconds from launching ``n_workers`` `zoo tune` processes on one fresh study to the last exit."""
-    storage, name = str(work / f"tune_{n_workers}w.journal"), f"bench-{n_workers}w"
-    study = open_study(load_recipe_file(recipe), name, storage)
+    storage, name = work / f"tune_{n_workers}w.journal", f"bench-{n_workers}w"
+    storage.unlink(missing_ok=True)  # a fresh study each time
+    shutil.rmtree(work / f"store_{n_workers}w", ignore_errors=True)
+    study = open_study(load_recipe_file(recipe), name, str(storage))
     for k in range(trials):  # the same learning rates for every configuration
         study.enqueue_trial({"optimizer.lr": 10 ** (-4 + 3 * k / max(trials - 1, 1))})
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     cmd = [sys.executable, "-m", "zoo.cli", "tune", "derma", "mlp", "--recipe", str(recipe), "--study", name,
-           "--storage", storage, "--store", str(work / f"store_{n_workers}w"), "--data-root", str(data),
+           "--storage", str(storage), "--store", str(work / f"store_{n_workers}w"), "--data-root", str(data),
            "--offline", "--json", "--trials"]
     t0 = time.perf_counter()
     procs = [subprocess.Popen([*cmd, str(trials // n_workers)], cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -154,8 +163,9 @@ def report(score: dict[str, Any] | None, tune: dict[str, Any] | None, args: argp
         print(f"Scoring: {args.arch} (stem small), 28 px PNGs, batch {args.batch_size}, chunk {args.chunk_size}; "
               f"local Ray with {score['ray_cpus']:.0f} CPUs")
         print(f"  local zoo score          {score['local_images_per_s']:8.1f} images/s  ({score['images']} images)")
+        print(f"  local, --threads 1       {score['local_t1_images_per_s']:8.1f} images/s")
         print(f"  zoo score --ray (local)  {score['ray_images_per_s']:8.1f} images/s  "
-              f"= {score['ray_vs_local']:.2f} x local")
+              f"= {score['ray_vs_local']:.2f} x local, {score['ray_vs_local_t1']:.2f} x local --threads 1")
         print(f"  Ray start (ray.init)     {score['ray_init_s']:8.1f} s")
         print(f"  one chunk ({min(args.chunk_size, 64)} images): local {score['one_chunk_local_s']:.1f} s, "
               f"Ray {score['one_chunk_ray_s']:.1f} s: {score['ray_job_overhead_s']:.1f} s of fixed cost per Ray job")

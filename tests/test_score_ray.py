@@ -63,22 +63,23 @@ if decode is not None:
 
 
 @pytest.fixture(scope="module")
-def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A local Ray of 2 CPUs for the module; its GCS address lets a subprocess driver join it."""
+def bundle(breast_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    dst = tmp_path_factory.mktemp("ray_bundle") / breast_bundle.name
+    shutil.copytree(breast_bundle, dst)
+    ensure_onnx(dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def ray_address(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A local Ray of 2 CPUs for the module; its GCS address lets a subprocess driver join it.
+    (After ``bundle``: the session's BreastMNIST model trains before Ray's daemons take their share.)"""
     hooks = tmp_path_factory.mktemp("ray_hooks")
     (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
     ctx = ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.ERROR,
                    runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(hooks), str(REPO)])}})
     yield ctx.address_info["gcs_address"]
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def bundle(breast_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    dst = tmp_path_factory.mktemp("ray_bundle") / breast_bundle.name
-    shutil.copytree(breast_bundle, dst)
-    ensure_onnx(dst)
-    return dst
 
 
 def _write_png(path: Path, arr: np.ndarray) -> None:
@@ -113,6 +114,17 @@ def test_plan_pool_sizes_to_the_cluster() -> None:
     gpu = plan_pool({"CPU": 16, "GPU": 4})
     assert (gpu.size, gpu.num_gpus) == (4, 1.0)
     assert plan_pool({"CPU": 8}, actors=3, threads=2).size == 3
+
+
+def test_cli_refuses_options_of_the_other_mode(folder: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from zoo.cli import main
+
+    base = ["score", str(folder), "--model", "breast", "--out", str(tmp_path / "x.csv")]
+    assert main([*base, "--ray", "--workers", "2"]) == 2
+    assert "--workers" in capsys.readouterr().err
+    assert main([*base, "--actors", "2"]) == 2
+    assert "go with --ray" in capsys.readouterr().err
 
 
 def test_ray_output_is_byte_identical_to_local(ray_address: str, bundle: Path, folder: Path,
