@@ -98,6 +98,24 @@ class TrainingInfo(_Open):
     trainable_params: int = 0
 
 
+class Tuning(_Open):
+    """How ``zoo tune`` chose this bundle: its Optuna study, the storage that holds it, and the best
+    trial (the one this bundle was trained by), selected on the validation metric."""
+
+    study: str
+    storage: str  # RDB URL (password hidden) or journal file path: `optuna-dashboard <storage>` opens it
+    trial: int  # the trial's number in the study
+    params: dict[str, Any]  # recipe path -> value chosen
+    metric: str  # e.g. "val_acc": the validation metric of the selected epoch
+    value: float
+    direction: str = "maximize"
+    sampler: str = ""
+    pruner: str = ""
+    trials: dict[str, int] = {}  # the study's trials by state (complete, pruned …) when a worker last finished
+    host: str = ""  # the machine that trained it
+    selected: str = ""  # ISO time it became the study's best
+
+
 class ExportRecord(_Open):
     """One exported file: where, its sha256, and how its parity check went."""
 
@@ -185,6 +203,7 @@ class Card(ModelInfo):
     training: TrainingInfo = TrainingInfo()
     created: str = ""
     exports: dict[str, ExportRecord] = {}
+    tuning: Tuning | None = None  # set by `zoo tune` on the best trial's bundle
 
     def to_json_dict(self) -> dict[str, Any]:
         """The JSON object written to ``card.json`` (NaN kept as in Python's json)."""
@@ -263,5 +282,5 @@ def _plain(v: Any) -> Any:
 
 __all__ = ["CARD", "EXPORT_FILES", "ONNX_FILE", "ONNX_FP16_FILE", "README", "RECIPE", "SCHEMA", "TORCHSCRIPT_FILE",
            "WEIGHTS", "CalibrationInfo", "Card", "DatasetInfo", "ExportMeta", "ExportRecord", "Metrics", "ModelInfo",
-           "OODInfo", "Reported", "SplitMetrics", "TrainingInfo", "parse_card", "read_card", "update_card",
+           "OODInfo", "Reported", "SplitMetrics", "TrainingInfo", "Tuning", "parse_card", "read_card", "update_card",
            "write_card"]

@@ -137,6 +137,22 @@ def _training(card: Card) -> str:
     ])
 
 
+def _tuning(card: Card) -> str:
+    t = card.tuning
+    if t is None:
+        return ""
+    params = ", ".join(f"`{k}` = {v}" for k, v in t.params.items())
+    counts = ", ".join(f"{n} {state}" for state, n in t.trials.items())
+    return "\n".join([
+        "## Tuning", "",
+        f"- Best trial #{t.trial} of the Optuna study `{t.study}` ({counts or 'counts not recorded'}), "
+        f"{t.direction} {t.metric} on the validation split: {_num(t.value)}",
+        f"- Chosen: {params}",
+        f"- Sampler {t.sampler or '?'}, pruner {t.pruner or '?'}; trained on {t.host or '?'}",
+        f"- The study: `optuna-dashboard {t.storage}`",
+    ])
+
+
 def _exports(card: Card) -> str:
     if not card.exports:
         return "## Exports\n\nNone yet: `zoo export BUNDLE` writes ONNX and TorchScript with a parity check."
@@ -170,8 +186,8 @@ def _limitations(card: Card) -> str:
 def render(card: Card) -> str:
     """The Markdown model card of a bundle's card."""
     sections = [_overview(card), _intended_use(card), _data(card), _metrics(card), _trust(card), _training(card),
-                _exports(card), _limitations(card)]
-    return "\n\n".join(sections) + "\n"
+                _tuning(card), _exports(card), _limitations(card)]
+    return "\n\n".join(s for s in sections if s) + "\n"
 
 
 def write_model_card(path: str | Path) -> Path:

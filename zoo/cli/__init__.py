@@ -1,9 +1,10 @@
 """The ``zoo`` command: a thin layer over functions that tests call directly.
 
 Sub-commands: ``zoo/cli/commands.py`` (train, eval, list, models, recipes, card),
-``zoo/cli/export.py``, ``zoo/cli/explain.py``, ``zoo/cli/score.py``, ``zoo/cli/serve.py``. Each
-imports the package it drives only when it runs, so ``zoo --help``, ``zoo list``, ``zoo models``
-and ``zoo recipes`` never import torch. Errors a user can act on print one line per mistake on
+``zoo/cli/export.py``, ``zoo/cli/explain.py``, ``zoo/cli/score.py``, ``zoo/cli/serve.py``,
+``zoo/cli/tune.py``, ``zoo/cli/calibrate.py``. Each imports the package it drives only when it runs, so
+``zoo --help``, ``zoo list``, ``zoo models`` and ``zoo recipes`` never import torch. Errors a user can act on
+print one line per mistake on
 stderr and exit 2; output piped into a closed pipe (``zoo eval … | head -1``) ends quietly.
 """
 
@@ -30,8 +31,9 @@ def _plugins() -> list[Callable[[Any], None]]:
     from zoo.cli.export import register as export_cmd
     from zoo.cli.score import register as score_cmd
     from zoo.cli.serve import register as serve_cmd
+    from zoo.cli.tune import register as tune_cmd
 
-    return [core_cmds, calibrate_cmd, export_cmd, explain_cmd, score_cmd, serve_cmd]
+    return [core_cmds, calibrate_cmd, export_cmd, explain_cmd, score_cmd, serve_cmd, tune_cmd]
 
 
 def _common(p: argparse.ArgumentParser, top: bool) -> None:
