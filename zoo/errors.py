@@ -50,6 +50,10 @@ class ParityError(UserError, RuntimeError):
     """An exported file whose outputs (or metadata) differ from the PyTorch model's."""
 
 
+class TrainingError(UserError, RuntimeError):
+    """A training run that cannot produce a model (diverged, no epoch run); the message says why."""
+
+
 class EnsembleError(UserError, ValueError):
     """Ensemble members that cannot be combined, or too few of them."""
 
@@ -134,5 +138,5 @@ def describe_validation_error(err: Any, model: Any = None, prefix: str = "") -> 
 
 
 __all__ = ["BundleError", "ConfigError", "DataUnavailableError", "EnsembleError", "ExplainError", "ExportError",
-           "ImageError", "ModelFileError", "ParityError", "RecipeError", "UnknownNameError", "UserError",
-           "WeightsUnavailableError", "describe_validation_error", "did_you_mean", "unknown"]
+           "ImageError", "ModelFileError", "ParityError", "RecipeError", "TrainingError", "UnknownNameError",
+           "UserError", "WeightsUnavailableError", "describe_validation_error", "did_you_mean", "unknown"]

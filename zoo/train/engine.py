@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from zoo.bundle import reserve_dir, save_bundle
 from zoo.card import Card, read_card
 from zoo.data import DataSplits
+from zoo.errors import TrainingError
 from zoo.inference import load_splits, pick_device
 from zoo.io import atomic_write_bytes
 from zoo.names import short_name
@@ -110,7 +111,11 @@ def _run_epochs(s: Session, p: Progress, run: RunDir, progress: bool, on_epoch: 
 
 def _finish(s: Session, p: Progress, run: RunDir, store: Path | None, train_time: float) -> Path:
     """Best weights → validation and (once) test metrics → bundle, plots, Markdown card."""
-    assert p.best_state is not None, "no epoch was run"
+    if p.best_state is None:  # every validation score was NaN (a diverged run), or no epoch ran
+        metric = s.recipe.train.early_stopping.metric
+        raise TrainingError(f"no epoch had a finite validation {metric} ({len(p.history)} run, last train loss "
+                            f"{p.history[-1]['train_loss'] if p.history else 'none'}): the run diverged or "
+                            "ran no epoch; lower the learning rate or check the data")
     s.net.load_state_dict(p.best_state)
     s.model.eval()
     _, val, _ = evaluate(s, s.splits.val)
