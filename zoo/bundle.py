@@ -74,13 +74,20 @@ def reserve_dir(parent: Path, name: str) -> Path:
     raise BundleError(f"cannot create a bundle directory for {name} in {parent}")
 
 
+WEIGHT_BOUND = ("calibration", "ood", "exports")  # card sections that belong to one set of weights
+
+
 def save_bundle(path: Path, net: nn.Module, card: dict[str, Any] | Card, recipe_yaml: str) -> Path:
     """Write weights, recipe and card (card last: a directory without one is not a bundle);
-    fills ``weights_sha256``, ``schema`` and ``id`` (the directory name) in the card."""
+    fills ``weights_sha256``, ``schema`` and ``id`` (the directory name) in the card and drops
+    the sections fitted on other weights (:data:`WEIGHT_BOUND`)."""
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     atomic_file(path / WEIGHTS, lambda tmp: save_file(state, str(tmp)))
     raw = card.to_json_dict() if isinstance(card, Card) else dict(card)
+    # what was fitted or exported from other weights does not describe these ones
+    for key in WEIGHT_BOUND:
+        raw.pop(key, None)
     raw.update({"schema": 1, "id": path.name, "weights_sha256": sha256_of(path / WEIGHTS)})
     typed = parse_card(raw, path / CARD)
     atomic_write_bytes(path / RECIPE, recipe_yaml.encode())
