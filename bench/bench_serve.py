@@ -14,7 +14,9 @@ Both servers get the same PNG uploads (one image per request, loopback only) at 
 ``ratio vs ORT`` = served req/s ÷ raw ORT img/s (the cost of HTTP, decoding and batching);
 ``served / naive`` = served req/s ÷ naive req/s. The machine is shared, so both servers run at once
 and each round measures raw ORT, the service and the naive server back to back; the figures are
-medians over the rounds.
+medians over the rounds. Where the service's time goes: the CPU time each of its processes (API
+worker, inference worker) and the load client spent per request (``/proc``), and the batch sizes
+the model saw (``/stats``).
 
     python bench/bench_serve.py [--requests 200] [--concurrency 1 16 64] [--rounds 2] [--markdown]
 """
@@ -95,9 +97,12 @@ def sample_pngs(n: int) -> list[bytes]:
 
 
 def raw_ort(bundle: Path, batch: int = 64, seconds: float = 4.0) -> float:
-    """Images/s of ONNX Runtime on already-decoded uint8 batches (the ceiling)."""
+    """Images/s of ONNX Runtime on already-decoded uint8 batches (the ceiling), with the session
+    options the service's inference worker uses (idle intra-op threads sleep rather than spin:
+    on this shared 2-core machine that is also the faster setting, see docs/BENCHMARKS.md)."""
     from zoo.runtime import OnnxModel
 
+    os.environ["MEDZOO_ORT_SPINNING"] = "0"
     model = OnnxModel.open(bundle)
     x = (np.random.default_rng(0).random((batch, 3, SIZE, SIZE)) * 255).astype(np.uint8)
     model.predict(x)
@@ -161,13 +166,28 @@ class Level:
     p50_ms: float
     p99_ms: float
     errors: int
+    cpu_ms: dict[str, float] | None = None  # CPU time per request of each server process and the client
+    mean_batch: float | None = None  # images per model call during this run (the service's /stats)
+
+
+def multipart_bodies(pngs: list[bytes]) -> list[tuple[bytes, str]]:
+    """Each PNG as a ready multipart body (field ``images``) and its Content-Type, encoded once:
+    the load client shares the CPU with the servers it measures, so it does as little as it can."""
+    import httpx
+
+    out = []
+    for i, png in enumerate(pngs):
+        req = httpx.Request("POST", "http://x/", files=[("images", (f"{i}.png", png, "image/png"))])
+        out.append((req.read(), req.headers["content-type"]))
+    return out
 
 
 async def _load(url: str, pngs: list[bytes], concurrency: int, n: int) -> Level:
     """``n`` one-image requests, at most ``concurrency`` in flight (aiohttp: a light client, since it
-    shares the CPU with the servers it measures)."""
+    shares the CPU with the servers it measures; the multipart bodies are encoded beforehand)."""
     import aiohttp
 
+    bodies = multipart_bodies(pngs)
     sem = asyncio.Semaphore(concurrency)
     lat: list[float] = []
     errors = 0
@@ -175,21 +195,20 @@ async def _load(url: str, pngs: list[bytes], concurrency: int, n: int) -> Level:
     async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as client:
         async def one(i: int) -> None:
             nonlocal errors
-            form = aiohttp.FormData()
-            form.add_field("images", pngs[i % len(pngs)], filename=f"{i}.png", content_type="image/png")
+            body, ctype = bodies[i % len(bodies)]
             async with sem:
                 t = time.perf_counter()
                 try:
-                    async with client.post("/pathology", data=form) as r:
-                        body = await r.json()
+                    async with client.post("/pathology", data=body, headers={"content-type": ctype}) as r:
+                        answer = await r.json()
                         status = r.status
                 except aiohttp.ClientError as e:
                     print(f"request {i}: {e!r}", file=sys.stderr)
                     errors += 1
                     return
                 lat.append(time.perf_counter() - t)
-                if status != 200 or not body["results"][0].get("top"):
-                    print(f"request {i}: HTTP {status} {str(body)[:200]}", file=sys.stderr)
+                if status != 200 or not answer["results"][0].get("top"):
+                    print(f"request {i}: HTTP {status} {str(answer)[:200]}", file=sys.stderr)
                     errors += 1
 
         await asyncio.gather(*[one(i) for i in range(min(n, 2 * concurrency))])  # warm-up
@@ -199,6 +218,43 @@ async def _load(url: str, pngs: list[bytes], concurrency: int, n: int) -> Level:
         wall = time.perf_counter() - t0
     ms = np.array(lat) * 1000
     return Level(concurrency, n, n / wall, float(np.percentile(ms, 50)), float(np.percentile(ms, 99)), errors)
+
+
+def worker_processes(proc: subprocess.Popen) -> dict[str, Any]:  # type: ignore[type-arg]
+    """The BentoML server's API worker and inference worker (psutil processes)."""
+    import psutil
+
+    out = {}
+    for p in psutil.Process(proc.pid).children(recursive=True):
+        cmd = " ".join(p.cmdline())
+        if "--service-name MedZooInference" in cmd:
+            out["inference"] = p
+        elif "--service-name MedZoo " in cmd + " ":
+            out["api"] = p
+    return out
+
+
+def _calls(url: str) -> tuple[int, int]:
+    import httpx
+
+    stats = httpx.get(url + "/stats", timeout=30).json()["batches"].get("pathology", {})
+    return stats.get("calls", 0), stats.get("images", 0)
+
+
+def measured_load(url: str, pngs: list[bytes], concurrency: int, n: int, procs: dict[str, Any]) -> Level:
+    """``_load`` with the CPU time each process (and this client) spent per request, and the mean
+    batch the model saw."""
+    calls0, images0 = _calls(url)
+    before = {k: sum(p.cpu_times()[:2]) for k, p in procs.items()}
+    me = os.times()
+    level = asyncio.run(_load(url, pngs, concurrency, n))
+    me2 = os.times()
+    calls1, images1 = _calls(url)
+    level.mean_batch = (images1 - images0) / max(1, calls1 - calls0)
+    total = n + min(n, 2 * concurrency)  # the warm-up requests are counted too
+    level.cpu_ms = {k: (sum(p.cpu_times()[:2]) - before[k]) * 1000 / total for k, p in procs.items()}
+    level.cpu_ms["client"] = (me2.user + me2.system - me.user - me.system) * 1000 / total
+    return level
 
 
 def free_port() -> int:
@@ -239,9 +295,13 @@ def stop(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
 
 def median_level(runs: list[Level]) -> Level:
     """The median of each figure over the rounds of one concurrency level."""
+    cpu = None
+    if runs[0].cpu_ms:
+        cpu = {k: float(np.median([r.cpu_ms[k] for r in runs if r.cpu_ms])) for k in runs[0].cpu_ms}
+    batch = float(np.median([r.mean_batch for r in runs])) if runs[0].mean_batch is not None else None
     return Level(runs[0].concurrency, runs[0].requests, float(np.median([r.rps for r in runs])),
                  float(np.median([r.p50_ms for r in runs])), float(np.median([r.p99_ms for r in runs])),
-                 sum(r.errors for r in runs))
+                 sum(r.errors for r in runs), cpu, batch)
 
 
 def bench(levels: list[int], n_requests: int, rounds: int) -> dict[str, Any]:
@@ -275,13 +335,17 @@ def _bench(work: Path, levels: list[int], n_requests: int, rounds: int) -> dict[
             procs.append(start(cmd, env, work / f"{name}.log"))
             wait_ready(urls[name], procs[-1], "/readyz" if name == "bentoml" else "/pathology")
         ort: dict[int, list[float]] = {c: [] for c in levels}
+        ort_1: list[float] = []
         runs: dict[str, dict[int, list[Level]]] = {"bentoml": {c: [] for c in levels}, "naive": {c: [] for c in levels}}
+        served_procs = worker_processes(procs[0])
         for c in levels:
             for _ in range(rounds):
                 ort[c].append(raw_ort(bundle, seconds=2.0))
-                for name in ("bentoml", "naive"):
-                    runs[name][c].append(asyncio.run(_load(urls[name], pngs, c, max(n_requests, 2 * c))))
-        ort_1 = raw_ort(bundle, batch=1, seconds=2.0)
+                if c == 1:  # the ceiling where nothing can be batched
+                    ort_1.append(raw_ort(bundle, batch=1, seconds=2.0))
+                n = max(n_requests, 2 * c)
+                runs["bentoml"][c].append(measured_load(urls["bentoml"], pngs, c, n, served_procs))
+                runs["naive"][c].append(asyncio.run(_load(urls["naive"], pngs, c, n)))
         stats = httpx.get(urls["bentoml"] + "/stats", timeout=30).json()["batches"].get("pathology", {})
     finally:
         for proc in procs:
@@ -289,7 +353,8 @@ def _bench(work: Path, levels: list[int], n_requests: int, rounds: int) -> dict[
     ratios = {c: float(np.median([s.rps / o for s, o in zip(runs["bentoml"][c], ort[c], strict=True)])) for c in levels}
     vs_naive = {c: float(np.median([s.rps / n.rps for s, n in zip(runs["bentoml"][c], runs["naive"][c], strict=True)]))
                 for c in levels}
-    return {"ort": {c: float(np.median(v)) for c, v in ort.items()}, "ort_1": ort_1, "ratios": ratios,
+    return {"ort": {c: float(np.median(v)) for c, v in ort.items()},
+            "ort_1": float(np.median(ort_1)) if ort_1 else raw_ort(bundle, batch=1, seconds=2.0), "ratios": ratios,
             "vs_naive": vs_naive, "rounds": rounds,
             "results": {k: [median_level(v[c]) for c in levels] for k, v in runs.items()},
             "stats": stats, "load": os.getloadavg(), "cpus": os.cpu_count()}
@@ -304,33 +369,33 @@ def report(out: dict[str, Any], markdown: bool) -> str:
     ort_all = list(out["ort"].values())
     head = (f"ResNet-18 (28 px, small stem, {NUM_CLASSES} classes, untrained), one PNG per request, loopback; "
             f"raw ONNX Runtime {min(ort_all):.0f}-{max(ort_all):.0f} img/s at batch 64 (measured before each "
-            f"round), {out['ort_1']:.0f} img/s at batch 1. Medians of {out['rounds']} interleaved rounds. "
+            f"round), {out['ort_1']:.0f} img/s at batch 1 (measured in the concurrency-1 rounds); ONNX Runtime's "
+            f"session options as in the service. Medians of {out['rounds']} interleaved rounds. "
             f"Machine: {out['cpus']} CPU cores ({platform.processor() or platform.machine()}), shared with other "
             f"jobs (load average {out['load'][0]:.1f} at the end), no GPU; bentoml {bentoml.__version__}, "
             f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}.")
     rows = []
     for s, n in zip(served, naive, strict=True):
         c = s.concurrency
-        rows.append((c, s.requests, s.rps, s.p50_ms, s.p99_ms, out["ort"][c], out["ratios"][c],
-                     n.rps, n.p50_ms, n.p99_ms, out["vs_naive"][c], s.errors + n.errors))
+        rows.append([f"{c}", f"{s.requests}", f"{s.rps:.1f}", f"{s.p50_ms:.0f}", f"{s.p99_ms:.0f}",
+                     f"{out['ort'][c]:.0f}", f"{out['ratios'][c]:.2f}", f"{s.mean_batch or 0:.1f}", f"{n.rps:.1f}",
+                     f"{n.p50_ms:.0f}", f"{n.p99_ms:.0f}", f"{out['vs_naive'][c]:.2f}", f"{s.errors + n.errors}"])
     hist = out["stats"].get("sizes", {})
-    batches = (f"Batch sizes the served model saw over the whole run (images per call: calls): "
-               f"{', '.join(f'{k}: {v}' for k, v in hist.items())}; mean {out['stats'].get('mean', 0):.1f}.")
+    notes = [f"Batch sizes the served model saw over the whole run (images per call: calls): "
+             f"{', '.join(f'{k}: {v}' for k, v in hist.items())}; mean {out['stats'].get('mean', 0):.1f}.",
+             "CPU ms per request (service processes and the load client): " + "; ".join(
+                 f"concurrency {s.concurrency}: " + ", ".join(f"{k} {v:.2f}" for k, v in s.cpu_ms.items())
+                 for s in served if s.cpu_ms) + "."]
+    names = ["concurrency", "requests", "served req/s", "p50 ms", "p99 ms", "raw ORT img/s", "served / ORT",
+             "mean batch", "naive req/s", "naive p50 ms", "naive p99 ms", "served / naive", "errors"]
     if markdown:
-        lines = [head, "", ("| concurrency | requests | served req/s | p50 ms | p99 ms | raw ORT img/s | served / ORT"
-                            " | "
-                 "naive req/s | naive p50 ms | naive p99 ms | served / naive | errors |"),
-                 "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        lines += ["| " + " | ".join([f"{r[0]}", f"{r[1]}", f"{r[2]:.1f}", f"{r[3]:.0f}", f"{r[4]:.0f}", f"{r[5]:.0f}",
-                                     f"{r[6]:.2f}", f"{r[7]:.1f}", f"{r[8]:.0f}", f"{r[9]:.0f}", f"{r[10]:.2f}",
-                                     f"{r[11]}"]) + " |"
-                  for r in rows]
-        return "\n".join(lines + ["", batches])
-    lines = [head, (f"{'conc':>4} {'n':>5} {'req/s':>7} {'p50':>6} {'p99':>6} {'ORT':>5} {'/ORT':>5} | {'naive':>7} "
-                   f"{'p50':>6} {'p99':>6} {'/naive':>6} {'err':>4}")]
-    lines += [f"{r[0]:>4} {r[1]:>5} {r[2]:>7.1f} {r[3]:>6.0f} {r[4]:>6.0f} {r[5]:>5.0f} {r[6]:>5.2f} | {r[7]:>7.1f} "
-              f"{r[8]:>6.0f} {r[9]:>6.0f} {r[10]:>6.2f} {r[11]:>4}" for r in rows]
-    return "\n".join(lines + [batches])
+        lines = [head, "", "| " + " | ".join(names) + " |", "|" + "---:|" * len(names)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join([*lines, "", *notes])
+    widths = [max(len(h), 6) for h in names]
+    lines = [head, " ".join(h.rjust(w) for h, w in zip(names, widths, strict=True))]
+    lines += [" ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join([*lines, *notes])
 
 
 def main() -> None:

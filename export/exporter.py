@@ -82,19 +82,21 @@ def export_bundle(
     bundle = load_bundle(path, "cpu")
     prep = bundle.preprocessing
     inputs = parity.parity_inputs(bundle, data_root, batch_sizes or parity.BATCH_SIZES)
-    reference = parity.Reference.of(bundle.model, inputs)
+    reference = parity.Reference.of(bundle, inputs)
+    outputs = onnx_export.output_names(bundle)
     tmp = Path(tempfile.mkdtemp(dir=bundle.path, prefix=".export-"))
     try:
         records: dict[str, dict[str, Any]] = {}
         reports: dict[str, dict[str, Any]] = {}
         proto = None
         if "onnx" in fmts or "onnx_fp16" in fmts:
-            proto = onnx_export.to_onnx(bundle.model, prep, opset)
+            proto = onnx_export.to_onnx(bundle.exported_model, prep, opset, outputs)
         for fmt in fmts:
             dest = tmp / EXPORT_FILES[fmt]
             meta = bundle.card.export_meta(fmt)
             if fmt == "torchscript":
-                torchscript_export.save_torchscript(torchscript_export.to_torchscript(bundle.model, prep), meta, dest)
+                traced = torchscript_export.to_torchscript(bundle.exported_model, prep)
+                torchscript_export.save_torchscript(traced, meta, dest)
                 extra: dict[str, Any] = {"opset": None, "precision": "fp32"}
             else:
                 assert proto is not None
@@ -138,7 +140,7 @@ def check_bundle(
         if not fmts:
             raise ModelFileError(f"{bundle.path} has no exported model; run `zoo export {bundle.path}` first")
     inputs = parity.parity_inputs(bundle, data_root, batch_sizes or parity.BATCH_SIZES)
-    reference = parity.Reference.of(bundle.model, inputs)
+    reference = parity.Reference.of(bundle, inputs)
     reports = {
         fmt: parity.check_file(fmt, bundle.path / EXPORT_FILES[fmt], bundle.card, inputs, reference, providers)
         for fmt in fmts

@@ -16,7 +16,9 @@ import heapq
 import io
 import json
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -26,7 +28,7 @@ from zoo.card import ExportMeta
 from zoo.errors import ExportError, ModelFileError
 from zoo.io import atomic_write_bytes
 from zoo.preprocess import Preprocessing
-from zoo.runtime import METADATA_KEY, check_onnx
+from zoo.runtime import METADATA_KEY, OOD_OUTPUT, check_onnx
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 18
@@ -47,8 +49,10 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-def to_onnx(model: nn.Module, prep: Preprocessing, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
-    """Export the full model (adapter + net, eval mode) with a dynamic batch axis."""
+def to_onnx(model: nn.Module, prep: Preprocessing, opset: int = DEFAULT_OPSET,
+            outputs: Sequence[str] = (OUTPUT_NAME,)) -> onnx.ModelProto:
+    """Export the full model (adapter + net, eval mode) with a dynamic batch axis; ``outputs``
+    names the model's outputs (``logits``, and ``ood_score`` for a model with a detector)."""
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} is too old: medzoo exports use opset {MIN_OPSET} or newer")
     model = model.eval()
@@ -63,7 +67,7 @@ def to_onnx(model: nn.Module, prep: Preprocessing, opset: int = DEFAULT_OPSET) -
                 dynamo=True,
                 opset_version=opset,
                 input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
+                output_names=list(outputs),
                 dynamic_shapes=({0: batch},),
                 external_data=False,
                 optimize=True,
@@ -80,13 +84,23 @@ def to_onnx(model: nn.Module, prep: Preprocessing, opset: int = DEFAULT_OPSET) -
     return proto
 
 
+def output_names(bundle: Any) -> tuple[str, ...]:
+    """``logits``, plus ``ood_score`` when the bundle has an out-of-distribution detector."""
+    return (OUTPUT_NAME, OOD_OUTPUT) if bundle.scored is not None else (OUTPUT_NAME,)
+
+
 def opset_of(proto: onnx.ModelProto) -> int:
     """The default-domain opset of a model."""
     return max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
 
 
+# Module scopes kept in float32 by the fp16 export: the InputAdapter (child 0 of the Sequential, or
+# of ScoredModel.model) and the out-of-distribution scorer (Mahalanobis distances lose too much in fp16).
+_FP32_SCOPES = (("0",), ("model", "model.0"), ("scorer",))
+
+
 def adapter_nodes(proto: onnx.ModelProto) -> list[str]:
-    """Names of the nodes exported from the ``InputAdapter`` (child ``0`` of the Sequential).
+    """Names of the nodes kept in float32: the ``InputAdapter``'s and the OOD scorer's.
 
     Read from the module scopes the torch exporter records in each node's metadata; an exporter
     that records none gives an empty list (the adapter then runs in float16 too).
@@ -101,13 +115,13 @@ def adapter_nodes(proto: onnx.ModelProto) -> list[str]:
             parsed = ast.literal_eval(scopes)
         except (ValueError, SyntaxError):
             continue
-        if isinstance(parsed, list) and len(parsed) > 1 and parsed[1] == "0":
+        if isinstance(parsed, list) and any(tuple(parsed[1 : 1 + len(sc)]) == sc for sc in _FP32_SCOPES):
             names.append(node.name)
     return names
 
 
 def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """float16 weights and compute; uint8 input and float32 logits kept; adapter kept float32."""
+    """float16 weights and compute; uint8 input and float32 outputs kept; adapter and OOD scorer kept float32."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     src = onnx.ModelProto()
@@ -136,6 +150,7 @@ def _drop_round_trip_casts(graph: onnx.GraphProto, blocked: set[str]) -> None:
     producer = {o: i for i, n in enumerate(nodes) for o in n.output}
     blocked_outputs = {o for n in nodes if n.name in blocked for o in n.output}
     float_initializers = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    graph_outputs = {o.name for o in graph.output}
     rename: dict[str, str] = {}
     dropped: set[int] = set()
     for i, node in enumerate(nodes):
@@ -149,10 +164,11 @@ def _drop_round_trip_casts(graph: onnx.GraphProto, blocked: set[str]) -> None:
         if first is None or cast_to(nodes[first]) != onnx.TensorProto.FLOAT16:
             continue
         if nodes[first].input[0] in blocked_outputs:
+            if node.output[0] in graph_outputs:  # keep the output's name: cast the float32 value itself
+                node.input[0] = nodes[first].input[0]
+                continue
             rename[node.output[0]] = nodes[first].input[0]  # the float32 value before the round trip
             dropped.add(i)
-    if not rename:
-        return
     for i, n in enumerate(nodes):
         if i not in dropped:
             for k, name in enumerate(n.input):
@@ -225,5 +241,5 @@ def write_onnx(proto: onnx.ModelProto, meta: ExportMeta, dest: Path) -> None:
     atomic_write_bytes(dest, data)
 
 
-__all__ = ["DEFAULT_OPSET", "INPUT_NAME", "OUTPUT_NAME", "adapter_nodes", "attach_metadata", "example_input",
-           "opset_of", "to_fp16", "to_onnx", "write_onnx"]
+__all__ = ["DEFAULT_OPSET", "INPUT_NAME", "OOD_OUTPUT", "OUTPUT_NAME", "adapter_nodes", "attach_metadata",
+           "example_input", "opset_of", "output_names", "to_fp16", "to_onnx", "write_onnx"]

@@ -34,14 +34,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from export.torchscript_export import load_torchscript
 from zoo.card import Card
 from zoo.errors import DataUnavailableError, ParityError
 from zoo.inference import bundle_splits, predict_logits
 from zoo.postprocess import predicted_class
-from zoo.runtime import OnnxModel
+from zoo.runtime import OOD_OUTPUT, OnnxModel
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +52,7 @@ BATCH_SIZES: tuple[int, ...] = (1, 7, 64)
 RANDOM_SEED = 0
 CHUNK = 256  # images per call when a whole split is run
 _EPS = 1e-12
+LOGITS = "logits"
 # metadata entries that must equal the card's (labels, preprocessing, identity)
 _META_KEYS = ("id", "arch", "labels", "task", "num_outputs", "preprocessing", "weights_sha256", "dataset")
 
@@ -69,17 +69,23 @@ class ParityInputs:
 
 @dataclass
 class Reference:
-    """PyTorch eager logits for the parity inputs."""
+    """PyTorch eager logits (and out-of-distribution scores, for a bundle with a detector) for the
+    parity inputs."""
 
     batches: list[np.ndarray]
     split: np.ndarray | None
+    ood_batches: list[np.ndarray] | None = None
 
     @classmethod
-    def of(cls, model: nn.Module, inputs: ParityInputs) -> Reference:
+    def of(cls, bundle: Any, inputs: ParityInputs) -> Reference:
         def run(x: np.ndarray) -> np.ndarray:
-            return predict_logits(model, torch.from_numpy(x), CHUNK, "cpu").numpy()
+            return predict_logits(bundle.model, torch.from_numpy(x), CHUNK, "cpu").numpy()
 
-        return cls([run(x) for x in inputs.batches], None if inputs.split is None else run(inputs.split))
+        ood = None
+        if bundle.scored is not None:
+            with torch.no_grad():
+                ood = [bundle.scored(torch.from_numpy(x))[1].numpy() for x in inputs.batches]
+        return cls([run(x) for x in inputs.batches], None if inputs.split is None else run(inputs.split), ood)
 
 
 def _test_images(bundle: Any, data_root: str | Path | None) -> tuple[np.ndarray, str] | None:
@@ -163,13 +169,15 @@ def compare(out: np.ndarray, ref: np.ndarray) -> dict[str, Any]:
 
 
 Predict = Callable[[np.ndarray], np.ndarray]
+Outputs = Callable[[np.ndarray], dict[str, np.ndarray]]
 
 
-def _open(fmt: str, path: Path, providers: Sequence[str] | None) -> tuple[Predict, str, dict[str, Any], list[str]]:
-    """predict function, provider, metadata and interface problems of an exported file."""
+def _open(fmt: str, path: Path, providers: Sequence[str] | None,
+          n_outputs: int) -> tuple[Outputs, str, dict[str, Any], list[str]]:
+    """outputs function, provider, metadata and interface problems of an exported file."""
     if fmt == "torchscript":
         ts = load_torchscript(path)
-        return ts.predict, ts.provider, ts.meta.model_dump(), []
+        return ts.outputs, ts.provider, ts.meta.model_dump(), []
     model = OnnxModel.open(path, providers=providers)
     problems = []
     inp, out = model.session.get_inputs(), model.session.get_outputs()
@@ -177,9 +185,25 @@ def _open(fmt: str, path: Path, providers: Sequence[str] | None) -> tuple[Predic
         problems.append(f"input is {[i.type for i in inp]}, not one tensor(uint8)")
     elif isinstance(inp[0].shape[0], int):
         problems.append(f"batch axis is fixed at {inp[0].shape[0]}, not dynamic")
-    if len(out) != 1 or out[0].type != "tensor(float)":
-        problems.append(f"output is {[o.type for o in out]}, not one tensor(float)")
-    return model.predict, model.provider, model.meta.model_dump(), problems
+    if len(out) != n_outputs or any(o.type != "tensor(float)" for o in out):
+        problems.append(f"outputs are {[o.type for o in out]}, not {n_outputs} tensor(float)")
+    return model.outputs, model.provider, model.meta.model_dump(), problems
+
+
+def _check_ood(outputs: Outputs, inputs: ParityInputs, reference: Reference,
+               fp16: bool) -> tuple[dict[str, Any], list[str]]:
+    """The exported ``ood_score`` against eager: same tolerance rule as the logits (fp16: the
+    fp16 relative bound), on the parity batches."""
+    assert reference.ood_batches is not None
+    got = [outputs(x).get(OOD_OUTPUT) for x in inputs.batches]
+    if any(g is None for g in got):
+        return {"passed": False}, ["no ood_score output, though the bundle has a detector"]
+    diff = max(float(np.abs(g.astype(np.float64) - r).max()) for g, r in zip(got, reference.ood_batches, strict=True))
+    scale = max(float(np.abs(r).max()) for r in reference.ood_batches)
+    rel = diff / max(scale, _EPS)
+    ok = rel <= FP16_REL_TOL if fp16 else (diff <= ABS_TOL or rel <= REL_TOL)
+    report = {"max_abs_diff": diff, "max_rel_diff": rel, "max_abs_score": scale, "passed": ok}
+    return report, [] if ok else [f"ood_score differs from eager (max abs {diff:.3g}, rel {rel:.3g})"]
 
 
 def _run_all(run: Predict, images: np.ndarray) -> np.ndarray:
@@ -207,7 +231,12 @@ def _overall(parts: list[dict[str, Any]]) -> dict[str, Any]:
 def check_file(fmt: str, path: Path, card: Card, inputs: ParityInputs, reference: Reference,
                providers: Sequence[str] | None = None) -> dict[str, Any]:
     """Open one exported file (with all of its load-time checks) and measure it against eager."""
-    run, provider, meta, problems = _open(fmt, Path(path), providers)
+    scored = reference.ood_batches is not None
+    outputs, provider, meta, problems = _open(fmt, Path(path), providers, 2 if scored else 1)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return outputs(x)[LOGITS]
+
     expected = card.export_meta(fmt).model_dump()
     problems += [f"metadata {k} differs from the card" for k in _META_KEYS if meta.get(k) != expected.get(k)]
     batches = {str(b): compare(run(x), ref)
@@ -243,6 +272,10 @@ def check_file(fmt: str, path: Path, card: Card, inputs: ParityInputs, reference
         {"abs_tol": ABS_TOL, "rel_tol": REL_TOL, "min_argmax_agreement": 1.0,
          "rule": "max_abs_diff <= abs_tol or max_rel_diff <= rel_tol; near ties excepted from agreement"}
     )
+    ood = None
+    if scored:
+        ood, ood_problems = _check_ood(outputs, inputs, reference, fp16)
+        problems += ood_problems
     parity = {
         "reference": "PyTorch eager float32 on cpu",
         "inputs": inputs.source,
@@ -250,6 +283,7 @@ def check_file(fmt: str, path: Path, card: Card, inputs: ParityInputs, reference
         **{k: overall[k] for k in ("max_abs_diff", "max_rel_diff", "max_abs_logit", "argmax_agreement", "near_ties")},
         "batches": batches,
         "split": split,
+        "ood_score": ood,
         "relative": "max|exported - eager| / max|eager| over the logits compared",
         "criterion": criterion,
         "problems": problems,

@@ -22,13 +22,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.onnx_export import example_input
+from export.onnx_export import OUTPUT_NAME, example_input
 from zoo.card import TORCHSCRIPT_FILE, ExportMeta
 from zoo.errors import ExportError, ModelFileError
 from zoo.io import atomic_write_bytes
 from zoo.preprocess import Preprocessing
 from zoo.runtime import (
     METADATA_KEY,
+    OOD_OUTPUT,
     ExportedModel,
     bundle_card,
     check_origin,
@@ -78,13 +79,18 @@ class TorchScriptModel(ExportedModel):
     def provider(self) -> str:
         return "TorchScript (cpu)"
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        """Logits (N, K) float32 for a uint8 batch (N, C, H, W)."""
+    def outputs(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """``logits`` (N, K) and, for a model with a detector, ``ood_score`` (N,), for uint8 (N, C, H, W)."""
         if images.dtype != np.uint8:
-            raise ValueError("TorchScriptModel.predict takes uint8 images")
+            raise ValueError("TorchScriptModel takes uint8 images")
         with torch.inference_mode():
             out = self.module(torch.from_numpy(np.ascontiguousarray(images)))
-        return out.float().numpy()
+        values = out if isinstance(out, tuple) else (out,)
+        return {name: v.float().numpy() for name, v in zip((OUTPUT_NAME, OOD_OUTPUT), values, strict=False)}
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """Logits (N, K) float32 for a uint8 batch (N, C, H, W)."""
+        return self.outputs(images)[OUTPUT_NAME]
 
 
 def load_torchscript(path: str | Path) -> TorchScriptModel:

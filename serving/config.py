@@ -15,9 +15,15 @@ YAML layout (every key optional)::
     top_k: 3
     max_batch_size: 64
     max_latency_ms: 60000                 # a request queued longer is shed with 503
-    max_file_mb: 20
-    max_request_mb: 100
-    max_images: 64
+    max_file_mb: 20                       # one uploaded file
+    max_request_mb: 100                   # one request body
+    max_images: 64                        # files in one request
+    max_image_megapixels: 64              # one image, read from its header before decoding
+    max_request_megapixels: 256           # all the images of one request, idem
+    body_timeout_s: 10                    # an upload pausing longer is answered 408
+    request_timeout_s: 60                 # a request taking longer is stopped (504), decoding included
+    decode_threads: 2                     # images decoded at once per API worker (bounds its memory)
+    refuse_ood: false                     # true: an image flagged out of distribution is answered 422, not classified
     api_workers: 1                        # processes decoding requests (the API layer)
     access_log: true                      # BentoML's per-request access log lines
     ort_threads: null                     # ONNX Runtime intra-op threads (null: its default)
@@ -25,8 +31,11 @@ YAML layout (every key optional)::
 Environment: ``MEDZOO_SERVE_<TASK>`` (e.g. ``MEDZOO_SERVE_SKIN``) sets a task's bundle,
 ``MEDZOO_ENSEMBLE_MEMBERS`` (comma-separated) and ``MEDZOO_ENSEMBLE_ARCH`` the ensemble,
 ``MEDZOO_TOP_K``, ``MEDZOO_MAX_BATCH_SIZE``, ``MEDZOO_MAX_LATENCY_MS``, ``MEDZOO_MAX_FILE_MB``,
-``MEDZOO_MAX_REQUEST_MB``, ``MEDZOO_MAX_IMAGES``, ``MEDZOO_API_WORKERS``, ``MEDZOO_ACCESS_LOG``,
-``MEDZOO_ORT_THREADS`` the settings, ``MEDZOO_HOME`` the store and
+``MEDZOO_MAX_REQUEST_MB``, ``MEDZOO_MAX_IMAGES``, ``MEDZOO_MAX_IMAGE_MEGAPIXELS``,
+``MEDZOO_MAX_REQUEST_MEGAPIXELS``, ``MEDZOO_BODY_TIMEOUT_S``, ``MEDZOO_REQUEST_TIMEOUT_S``,
+``MEDZOO_DECODE_THREADS``, ``MEDZOO_REFUSE_OOD``, ``MEDZOO_API_WORKERS``, ``MEDZOO_ACCESS_LOG``,
+``MEDZOO_ORT_THREADS`` the settings,
+``MEDZOO_HOME`` the store and
 ``MEDZOO_SERVE_SOURCE`` (``auto``, ``store`` or ``bento``) where the bundles are read from.
 """
 
@@ -64,20 +73,24 @@ MANIFEST = "serving.json"  # inside that model: task → bundle directory, ensem
 RESERVED_ROUTES = frozenset(
     {"models", "stats", "readyz", "livez", "healthz", "metrics", "docs", "docs.json", "schema.json",
      "static_content", "assets", ENSEMBLE_ROUTE, "ensemble", "describe", "config", "source",
-     "to_async", "to_sync", "bento_service", "table", "ui", "explain"}
+     "to_async", "to_sync", "bento_service", "table", "ui", "explain", "frontend", "inference"}
 )
 SETTINGS = ("top_k", "max_batch_size", "max_latency_ms", "max_file_mb", "max_request_mb", "max_images",
-            "api_workers", "access_log", "ort_threads")
+            "max_image_megapixels", "max_request_megapixels", "body_timeout_s", "request_timeout_s", "decode_threads",
+            "refuse_ood", "api_workers", "access_log", "ort_threads")
 TASK_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Upload limits, checked before anything is decoded."""
+    """What one request may hold and take, checked before anything is decoded."""
 
     max_file_bytes: int = 20 * 2**20
     max_request_bytes: int = 100 * 2**20
     max_images: int = 64
+    max_image_pixels: int = 64_000_000
+    max_request_pixels: int = 256_000_000
+    body_timeout_s: float = 10.0
 
 
 def check_task_name(name: str) -> str:
@@ -132,6 +145,12 @@ class ServeConfig(BaseSettings):
     max_file_mb: float = Field(20, gt=0)
     max_request_mb: float = Field(100, gt=0)
     max_images: int = Field(64, ge=1)
+    max_image_megapixels: float = Field(64, gt=0)
+    max_request_megapixels: float = Field(256, gt=0)
+    body_timeout_s: float = Field(10, gt=0)
+    request_timeout_s: float = Field(60, gt=0)
+    decode_threads: int = Field(2, ge=1)
+    refuse_ood: bool = False  # flagged images answered 422 (per image) instead of classified
     api_workers: int = Field(1, ge=1)
     access_log: bool = True
     ort_threads: int | None = Field(None, ge=1)  # None: ONNX Runtime's default (one per physical core)
@@ -186,7 +205,11 @@ class ServeConfig(BaseSettings):
 
     @property
     def limits(self) -> Limits:
-        return Limits(int(self.max_file_mb * 2**20), int(self.max_request_mb * 2**20), self.max_images)
+        return Limits(
+            max_file_bytes=int(self.max_file_mb * 2**20), max_request_bytes=int(self.max_request_mb * 2**20),
+            max_images=self.max_images, max_image_pixels=int(self.max_image_megapixels * 1e6),
+            max_request_pixels=int(self.max_request_megapixels * 1e6), body_timeout_s=self.body_timeout_s,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly view, shown by ``/models``."""

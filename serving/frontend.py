@@ -1,21 +1,29 @@
-"""The public HTTP layer: uploads → per-request decoding → uint8 batches → JSON answers.
+"""The API worker's work per request: uploads → limits from the headers → uint8 batches → answers.
 
-Every request is read and decoded here, in the API worker (``zoo.preprocess.load_image`` in a
-thread), so only well-formed ``uint8 (N, C, H, W)`` arrays reach the batchable inference
-methods: a bad upload fails alone, before batching, and never takes a batch with it.
+Every request is checked and decoded here, in the API worker, so only well-formed ``uint8
+(N, C, H, W)`` arrays reach the batchable inference methods: a bad upload fails alone, before
+batching, and never takes a batch with it.
 
-Status codes of refused inputs: 400 malformed request or empty file, 413 file or request too
-large (also decompression bombs and images above ``zoo.preprocess.MAX_PIXELS``), 415 not a
-PNG/JPEG/TIFF/BMP file or an image mode that cannot be converted, 422 a corrupt or truncated
-image. In a request with several images each item answers for itself; the request fails (with
-the items' status) only when none of its images could be used.
+* Headers first: :func:`zoo.preprocess.probe` reads each file's format and size without decoding
+  it; an image above ``max_image_pixels`` is refused (413), a format the service does not take
+  (415), and a request whose images hold more than ``max_request_pixels`` in all is refused as a
+  whole (413) before anything is decoded.
+* Then decoding (:func:`zoo.preprocess.load_image`), one image at a time in a worker thread, at
+  most ``decode_threads`` images at once in this process (that bounds its memory). A request
+  that is cancelled (past ``request_timeout_s``, or its client gone) stops between two images.
+* Logits become answers through :func:`zoo.postprocess.interpret` and
+  :func:`zoo.ensemble.combine` only.
+
+Status codes of refused inputs: 400 malformed request or empty file, 408 stalled upload, 413 file,
+request or image too large, 415 not a PNG/JPEG/TIFF/BMP/DICOM file or a codec / image mode that
+cannot be decoded, 422 a corrupt or truncated image. In a request with several images each item
+answers for itself; the request fails (with the items' status) only when none could be used.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -23,62 +31,37 @@ from typing import Any, Protocol
 
 import anyio
 import numpy as np
-from starlette.applications import Starlette
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
-from starlette.types import Message, Receive
 
+from serving.batching import Coalescer
 from serving.config import ENSEMBLE_ROUTE, Limits
+from serving.outputs import unpack
+from serving.schemas import (
+    ClassScore,
+    EnsembleAnswer,
+    EnsembleImageResult,
+    EnsembleModel,
+    ErrorAnswer,
+    ImageResult,
+    MemberVote,
+    ModelRef,
+    ModelsAnswer,
+    ServedModelRef,
+    StatsAnswer,
+    TaskAnswer,
+)
+from serving.uploads import Problem, Upload
+from zoo.card import ModelInfo
 from zoo.ensemble import COMBINE, combine
-from zoo.postprocess import to_probs, top_classes
-from zoo.preprocess import ImageError, Preprocessing, load_image
+from zoo.postprocess import interpret, top_classes
+from zoo.preprocess import ImageError, ImageHeader, Preprocessing, load_image, probe
 
 log = logging.getLogger("serving")
 
-# The formats the service takes, by their leading bytes (checked before Pillow sees the data).
-SIGNATURES: tuple[tuple[bytes, str], ...] = (
-    (b"\x89PNG\r\n\x1a\n", "PNG"),
-    (b"\xff\xd8\xff", "JPEG"),
-    (b"II*\x00", "TIFF"),
-    (b"MM\x00*", "TIFF"),
-    (b"II+\x00", "TIFF"),
-    (b"MM\x00+", "TIFF"),
-    (b"BM", "BMP"),
-)
-FORMATS = "PNG, JPEG, TIFF or BMP"
-IMAGE_FIELDS = ("images", "image", "file", "files")
-OPTION_FIELDS = ("top_k",)
-
-
-def _finite(obj: Any) -> Any:
-    """NaN / inf (an AUC undefined on a split, say) become null: JSON has no NaN."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-class JSON(JSONResponse):
-    """JSONResponse that writes non-finite floats as null instead of failing."""
-
-    def render(self, content: Any) -> bytes:
-        return super().render(_finite(content))
-
-
-class Problem(Exception):
-    """A request refused as a whole: HTTP status and a message for the user."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+# Formats the service takes, as zoo.preprocess.probe names them (MPO: a JPEG with extra pictures).
+ACCEPTED_FORMATS = frozenset({"PNG", "JPEG", "MPO", "TIFF", "BMP", "DICOM"})
+FORMATS = "PNG, JPEG, TIFF, BMP or DICOM"
+# zoo.preprocess.ImageError.kind → HTTP status
+IMAGE_ERROR_STATUS = {"empty": 400, "too_large": 413, "unsupported": 415, "corrupt": 422}
 
 
 class Backend(Protocol):
@@ -94,186 +77,106 @@ class Backend(Protocol):
 
 
 @dataclass
-class Upload:
-    """One uploaded file (or a refusal found before decoding)."""
+class Item:
+    """One image of a request on its way: bytes → header → array, or why not."""
 
     index: int
     filename: str
     data: bytes | None = None
-    status: int = 200
-    error: str = ""
-
-
-@dataclass
-class Item:
-    """One image of a request after decoding."""
-
-    index: int
-    filename: str
+    header: ImageHeader | None = None
     array: np.ndarray | None = None
     status: int = 200
     error: str = ""
 
-
-# zoo.preprocess.ImageError.kind → HTTP status
-IMAGE_ERROR_STATUS = {"empty": 400, "too_large": 413, "unsupported": 415, "corrupt": 422}
+    def refuse(self, status: int, error: str) -> None:
+        self.status, self.error, self.data = status, error, None
 
 
 def image_error_status(err: ImageError) -> int:
-    """HTTP status for a refusal of ``zoo.preprocess.load_image``."""
+    """HTTP status for a refusal of :mod:`zoo.preprocess`."""
     return IMAGE_ERROR_STATUS.get(err.kind, 422)
 
 
-def sniff_format(data: bytes) -> str | None:
-    """PNG / JPEG / TIFF / BMP from the leading bytes, else None."""
-    return next((name for sig, name in SIGNATURES if data.startswith(sig)), None)
-
-
-def decode_one(upload: Upload, prep: Preprocessing) -> Item:
-    """Decode one upload with the documented rules, or say why not."""
-    item = Item(upload.index, upload.filename)
-    if upload.data is None:
-        item.status, item.error = upload.status, upload.error
-        return item
-    if len(upload.data) == 0:
-        item.status, item.error = 400, "empty file"
-        return item
-    if sniff_format(upload.data) is None:
-        item.status, item.error = 415, f"not a {FORMATS} file"
-        return item
+def check_header(item: Item, limits: Limits) -> None:
+    """Format and size from the header (nothing decoded); refusals are recorded on the item."""
+    if item.data is None:
+        return
+    if len(item.data) == 0:
+        item.refuse(400, "empty file")
+        return
     try:
-        item.array = load_image(upload.data, prep)
+        header = probe(item.data, max_pixels=limits.max_image_pixels)
     except ImageError as e:
-        item.status, item.error = image_error_status(e), str(e)
-    return item
+        item.refuse(image_error_status(e), str(e))
+        return
+    if header.format not in ACCEPTED_FORMATS:
+        item.refuse(415, f"{header.format or 'this'} files are not taken: send {FORMATS}")
+        return
+    item.header = header
 
 
-def decode_all(uploads: list[Upload], prep: Preprocessing) -> list[Item]:
-    return [decode_one(u, prep) for u in uploads]
-
-
-class _BodyTooLarge(MultiPartException):
-    """Raised from inside the body stream when a request passes its size limit."""
-
-
-def _limited(receive: Receive, limit: int, state: dict[str, bool]) -> Receive:
-    """A ``receive`` that stops a request body at ``limit`` bytes."""
-    seen = 0
-
-    async def inner() -> Message:
-        nonlocal seen
-        message = await receive()
-        if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                state["too_large"] = True
-                raise _BodyTooLarge(f"request body larger than {limit / 2**20:g} MB")
-        return message
-
-    return inner
-
-
-def _too_large(limits: Limits) -> Problem:
-    return Problem(413, f"request larger than the {limits.max_request_bytes / 2**20:g} MB limit")
-
-
-async def read_uploads(request: Request, limits: Limits) -> tuple[list[Upload], dict[str, str]]:
-    """The files of a multipart request (any field name), or a raw image body; plus options."""
-    length = request.headers.get("content-length")
-    if length is not None:
-        try:
-            if int(length) > limits.max_request_bytes:
-                raise _too_large(limits)
-        except ValueError:
-            raise Problem(400, "invalid Content-Length header") from None
-    state = {"too_large": False}
-    req = Request(request.scope, _limited(request.receive, limits.max_request_bytes, state))
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    options: dict[str, str] = {}
-    uploads: list[Upload] = []
-    if ctype == "multipart/form-data":
-        try:
-            form = await req.form(max_files=limits.max_images, max_fields=len(OPTION_FIELDS) + 8,
-                                  max_part_size=64 * 1024)
-        except (HTTPException, MultiPartException) as e:
-            if state["too_large"]:
-                raise _too_large(limits) from None
-            detail = str(getattr(e, "detail", "") or getattr(e, "message", "") or e)
-            if detail.startswith("Too many files"):
-                raise Problem(413, f"more than {limits.max_images} images in one request") from None
-            raise Problem(400, f"malformed multipart body: {detail}") from None
-        except (KeyError, ValueError, UnicodeDecodeError) as e:
-            raise Problem(400, f"malformed multipart body: {type(e).__name__} {e}") from None
-        except ClientDisconnect:
-            raise Problem(400, "the client disconnected before the upload was complete") from None
-        try:
-            for name, value in form.multi_items():
-                if isinstance(value, UploadFile):
-                    up = Upload(len(uploads), value.filename or name)
-                    size = value.size if value.size is not None else 0
-                    if size > limits.max_file_bytes:
-                        up.status, up.error = 413, (f"file of {size / 2**20:.1f} MB is larger than the "
-                                                    f"{limits.max_file_bytes / 2**20:g} MB limit")
-                    else:
-                        up.data = await value.read()
-                    uploads.append(up)
-                elif name in OPTION_FIELDS:
-                    options[name] = value
-                elif name in IMAGE_FIELDS:
-                    uploads.append(Upload(len(uploads), name, status=400,
-                                          error=f"field {name!r} holds text, not an uploaded file"))
-                else:
-                    raise Problem(400, f"unexpected form field {name!r}: send image files and optionally top_k")
-        finally:
-            await form.close()
-    elif ctype.startswith("image/") or ctype == "application/octet-stream":
-        try:
-            data = await req.body()
-        except _BodyTooLarge:
-            raise _too_large(limits) from None
-        except ClientDisconnect:
-            raise Problem(400, "the client disconnected before the upload was complete") from None
-        if len(data) > limits.max_file_bytes:
-            uploads.append(Upload(0, "body", status=413, error=(
-                f"file of {len(data) / 2**20:.1f} MB is larger than the {limits.max_file_bytes / 2**20:g} MB limit")))
-        else:
-            uploads.append(Upload(0, "body", data=data))
-    else:
-        raise Problem(415, f"send multipart/form-data with {FORMATS} files (field 'images'), "
-                           "or one raw image body with Content-Type image/*")
-    if not uploads:
-        raise Problem(400, "no image in the request: attach one or more files (multipart field 'images')")
-    return uploads, options
-
-
-def parse_top_k(request: Request, options: dict[str, str], default: int) -> int:
-    raw = options.get("top_k", request.query_params.get("top_k"))
-    if raw is None or raw == "":
-        return default
+def decode_item(item: Item, prep: Preprocessing, max_pixels: int) -> None:
+    """Decode one image whose header passed; the bytes are dropped afterwards."""
+    if item.header is None or item.data is None:
+        return
     try:
-        k = int(raw)
-    except ValueError:
-        raise Problem(400, f"top_k must be a positive integer, not {raw!r}") from None
-    if k < 1:
-        raise Problem(400, f"top_k must be a positive integer, not {raw!r}")
-    return k
+        item.array = load_image(item.data, prep, max_pixels=max_pixels)
+    except ImageError as e:
+        item.refuse(image_error_status(e), str(e))
+    item.data = None
+
+
+def request_budget(items: list[Item], limits: Limits) -> None:
+    """The per-request pixel budget, from the headers: 413 for the whole request."""
+    sized = [it for it in items if it.header is not None]
+    total = sum(it.header.pixels for it in sized if it.header is not None)
+    if total > limits.max_request_pixels:
+        raise Problem(413, f"the {len(sized)} images of this request hold {total:,} pixels in all, more than the "
+                           f"{limits.max_request_pixels:,} pixel limit per request: send fewer or smaller images")
+
+
+def check_and_decode_first(items: list[Item], prep: Preprocessing, limits: Limits) -> None:
+    """Every header, the request's budget, then the first image (one thread hop for the common
+    one-image request); :class:`Problem` when the budget is exceeded."""
+    for it in items:
+        check_header(it, limits)
+    request_budget(items, limits)
+    first = next((it for it in items if it.header is not None), None)
+    if first is not None:
+        decode_item(first, prep, limits.max_image_pixels)
+
+
+def _refused(it: Item) -> ImageResult:
+    return ImageResult(index=it.index, filename=it.filename, status=it.status, error=it.error)
+
+
+def _overall(items: list[Item]) -> tuple[int, str | None]:
+    """200 when any image was answered; else the items' common status (400 when they differ)."""
+    if any(it.array is not None for it in items):
+        return 200, None
+    statuses = {it.status for it in items}
+    return (statuses.pop() if len(statuses) == 1 else 400), "; ".join(f"{it.filename}: {it.error}" for it in items)
 
 
 def _stack(items: list[Item]) -> np.ndarray:
-    """The decoded images of ``items`` as one uint8 batch (N, C, H, W)."""
-    return np.stack([it.array for it in items if it.array is not None])
+    arrays = [it.array for it in items if it.array is not None]
+    return arrays[0][None] if len(arrays) == 1 else np.stack(arrays)
 
 
-def _error_item(it: Item) -> dict[str, Any]:
-    return {"index": it.index, "filename": it.filename, "status": it.status, "error": it.error}
+def _extras(pred: Any, n: int) -> dict[str, Any]:
+    """Calibration and out-of-distribution fields of image ``n``, where the answer carries them."""
+    out: dict[str, Any] = {}
+    if getattr(pred, "calibrated", None) is not None:
+        out["calibrated"] = bool(pred.calibrated)
+    for name, cast in (("ood_score", float), ("in_distribution", bool)):
+        values = getattr(pred, name, None)
+        if values is not None:
+            out[name] = cast(values[n])
+    return out
 
 
-def _overall_status(items: list[Item]) -> int:
-    """200 when any image was answered; else the items' common status (400 when they differ)."""
-    if any(it.array is not None for it in items):
-        return 200
-    statuses = {it.status for it in items}
-    return statuses.pop() if len(statuses) == 1 else 400
+def _scores(probs: np.ndarray, labels: list[str], k: int) -> list[ClassScore]:
+    return [ClassScore.model_validate(c) for c in top_classes(probs, labels, k)]
 
 
 def _log_table(table: dict[str, Any]) -> None:
@@ -293,145 +196,158 @@ def _log_table(table: dict[str, Any]) -> None:
 class Frontend:
     """Request handling shared by every endpoint; ``backend`` does the inference."""
 
-    def __init__(self, backend: Backend, limits: Limits, top_k: int) -> None:
+    def __init__(self, backend: Backend, limits: Limits, top_k: int, decode_threads: int = 2,
+                 max_batch: int = 64, refuse_ood: bool = False) -> None:
         self.backend = backend
+        self.refuse_ood = refuse_ood
         self.limits = limits
         self.top_k = top_k
-        self._table: dict[str, Any] | None = None
-        self._lock = asyncio.Lock()
+        self.decode_threads = decode_threads
+        self.max_batch = max_batch
         self.requests: Counter[str] = Counter()
+        self._table: dict[str, Any] | None = None
+        self._infos: dict[str, tuple[Preprocessing, ModelInfo | None]] = {}
+        self._lock = asyncio.Lock()
+        self._limiter: anyio.CapacityLimiter | None = None
+        self._batchers: dict[str, Coalescer] = {}
 
     async def table(self) -> dict[str, Any]:
-        """The inference worker's description of the served models (fetched once)."""
+        """The inference worker's description of the served models (fetched once); 503 while it
+        cannot be reached."""
         if self._table is None:
             async with self._lock:
                 if self._table is None:
-                    self._table = await self.backend.describe()
-                    _log_table(self._table)
+                    table = await self._infer(self.backend.describe())
+                    _log_table(table)
+                    self._table = table
         return self._table
 
-    async def _decode(self, request: Request, prep_dict: dict[str, Any]) -> tuple[list[Item], int]:
-        uploads, options = await read_uploads(request, self.limits)
-        k = parse_top_k(request, options, self.top_k)
-        items = await anyio.to_thread.run_sync(decode_all, uploads, Preprocessing.from_dict(prep_dict))
-        return items, k
+    def _model(self, name: str, info: dict[str, Any]) -> tuple[Preprocessing, ModelInfo | None]:
+        """Preprocessing and card of a served model, parsed once."""
+        if name not in self._infos:
+            card = info.get("model_info")
+            self._infos[name] = (Preprocessing.from_dict(info["preprocessing"]),
+                                 ModelInfo.model_validate(card) if card else None)
+        return self._infos[name]
 
-    async def classify(self, request: Request, task: str) -> JSON:
-        info = (await self.table())["tasks"].get(task)
-        if info is None:
-            return JSON({"error": f"unknown task {task!r}"}, status_code=404)
-        if info["status"] != "ok":
-            # Read nothing: the task cannot answer whatever was sent.
-            return JSON({"task": task, "error": info["message"]}, status_code=503)
-        self.requests[task] += 1
-        items, k = await self._decode(request, info["preprocessing"])
-        good = [it for it in items if it.array is not None]
-        results: dict[int, dict[str, Any]] = {it.index: _error_item(it) for it in items if it.array is None}
-        model = {"id": info["id"], "weights_sha256": info["weights_sha256"]}
-        if good:
-            logits = await self._infer(self.backend.predict(task, _stack(good)))
-            probs = to_probs(logits)
-            for it, p in zip(good, probs, strict=True):
-                results[it.index] = {"index": it.index, "filename": it.filename,
-                                     "top": top_classes(p, info["labels"], k), "model": model}
-        body: dict[str, Any] = {"task": task, "model": {**model, "arch": info["arch"], "provider": info["provider"]},
-                                "results": [results[i] for i in sorted(results)]}
-        status = _overall_status(items)
-        if status != 200:
-            body["error"] = "; ".join(f"{it.filename}: {it.error}" for it in items)
-        return JSON(body, status_code=status)
+    def _batcher(self, name: str, call: Callable[[np.ndarray], Awaitable[np.ndarray]]) -> Coalescer:
+        if name not in self._batchers:
+            self._batchers[name] = Coalescer(call, self.max_batch)
+        return self._batchers[name]
 
-    async def ensemble(self, request: Request) -> JSON:
-        info = (await self.table())["ensemble"]
-        if info["status"] != "ok":
-            return JSON({"task": ENSEMBLE_ROUTE, "error": info["message"]}, status_code=503)
-        self.requests[ENSEMBLE_ROUTE] += 1
-        items, k = await self._decode(request, info["preprocessing"])
-        good = [it for it in items if it.array is not None]
-        results: dict[int, dict[str, Any]] = {it.index: _error_item(it) for it in items if it.array is None}
-        members = info["members"]
-        labels: list[str] = info["labels"]
-        if good:
-            member_logits = await self._infer(self.backend.predict_members(_stack(good)))  # (N, M, K)
-            out = combine(member_logits.transpose(1, 0, 2))
-            for n, it in enumerate(good):
-                results[it.index] = {
-                    "index": it.index,
-                    "filename": it.filename,
-                    "top": top_classes(out.probs[n], labels, k),
-                    "probs": [float(v) for v in out.probs[n]],
-                    "logits": [float(v) for v in out.logits[n]],
-                    "agreement": float(out.agreement[n]),
-                    "members": [
-                        {"id": m["id"], "weights_sha256": m["weights_sha256"], "class": int(out.member_classes[n, j]),
-                         "label": labels[int(out.member_classes[n, j])],
-                         "prob": float(out.member_probs[n, j, out.member_classes[n, j]])}
-                        for j, m in enumerate(members)
-                    ],
-                }
-        body: dict[str, Any] = {
-            "task": ENSEMBLE_ROUTE,
-            "model": {"ensemble": [{"id": m["id"], "weights_sha256": m["weights_sha256"]} for m in members],
-                      "arch": info["arch"], "combine": COMBINE},
-            "results": [results[i] for i in sorted(results)],
-        }
-        status = _overall_status(items)
-        if status != 200:
-            body["error"] = "; ".join(f"{it.filename}: {it.error}" for it in items)
-        return JSON(body, status_code=status)
+    async def _thread(self, fn: Callable[..., None], *args: Any) -> None:
+        """``fn`` in a worker thread, at most ``decode_threads`` at once in this process."""
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(self.decode_threads)
+        await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
-    async def _infer(self, call: Awaitable[np.ndarray]) -> np.ndarray:
+    async def decode(self, uploads: list[Upload], prep: Preprocessing) -> list[Item]:
+        """Headers and budgets first, then one image at a time (a cancelled request stops here)."""
+        items = [Item(u.index, u.filename, u.data, status=u.status, error=u.error) for u in uploads]
+        await self._thread(check_and_decode_first, items, prep, self.limits)
+        for it in items:
+            if it.header is not None and it.data is not None:
+                await self._thread(decode_item, it, prep, self.limits.max_image_pixels)
+        return items
+
+    async def _infer(self, call: Awaitable[Any]) -> Any:
+        """The inference worker's answer, or 503 when it cannot give one."""
         import aiohttp
         from bentoml.exceptions import BentoMLException
 
         try:
-            out = await call
-        except (BentoMLException, aiohttp.ClientError, OSError) as e:
+            return await call
+        except (BentoMLException, aiohttp.ClientError, OSError, asyncio.TimeoutError) as e:
             log.warning("inference failed: %s", e)
             raise Problem(503, f"inference backend unavailable: {str(e)[:200]}") from None
-        return np.asarray(out, dtype=np.float32)
 
-    async def models(self, _: Request) -> JSON:
+    async def classify(self, task: str, uploads: list[Upload], top_k: int | None) -> tuple[int, Any]:
+        """Status and answer of ``POST /<task>``."""
+        info = (await self.table())["tasks"].get(task)
+        if info is None:
+            return 404, ErrorAnswer(error=f"unknown task {task!r}", task=task)
+        if info["status"] != "ok":  # read nothing: the task cannot answer whatever was sent
+            return 503, ErrorAnswer(error=info["message"], task=task)
+        self.requests[task] += 1
+        prep, card = self._model(task, info)
+        items = await self.decode(uploads, prep)
+        good = [it for it in items if it.array is not None]
+        results: dict[int, ImageResult] = {it.index: _refused(it) for it in items if it.array is None}
+        ref = ModelRef(id=info["id"], weights_sha256=info["weights_sha256"])
+        if good:
+            batcher = self._batcher(task, lambda x: self.backend.predict(task, x))
+            logits, ood = unpack(await self._infer(batcher(_stack(good))), info.get("has_ood", False))
+            pred = interpret(logits, card, ood)
+            for n, it in enumerate(good):
+                if self._refused_as_ood(it, pred, n, card):
+                    results[it.index] = _refused(it)
+                    continue
+                results[it.index] = ImageResult(index=it.index, filename=it.filename, model=ref,
+                                                top=_scores(pred.probs[n], info["labels"], top_k or self.top_k),
+                                                **_extras(pred, n))
+        status, error = _overall(items)
+        model = ServedModelRef(id=info["id"], weights_sha256=info["weights_sha256"], arch=info["arch"],
+                               provider=info["provider"])
+        return status, TaskAnswer(task=task, model=model, results=[results[i] for i in sorted(results)], error=error)
+
+    async def ensemble(self, uploads: list[Upload], top_k: int | None) -> tuple[int, Any]:
+        """Status and answer of ``POST /pathology_ensemble``."""
+        info = (await self.table())["ensemble"]
+        if info["status"] != "ok":
+            return 503, ErrorAnswer(error=info["message"], task=ENSEMBLE_ROUTE)
+        self.requests[ENSEMBLE_ROUTE] += 1
+        prep, _ = self._model(ENSEMBLE_ROUTE, info)
+        items = await self.decode(uploads, prep)
+        good = [it for it in items if it.array is not None]
+        results: dict[int, ImageResult] = {it.index: _refused(it) for it in items if it.array is None}
+        members = [ModelRef(id=m["id"], weights_sha256=m["weights_sha256"]) for m in info["members"]]
+        if good:
+            batcher = self._batcher(ENSEMBLE_ROUTE, self.backend.predict_members)
+            packed = np.asarray(await self._infer(batcher(_stack(good))), dtype=np.float32)  # (N, M, K'[+1])
+            logits, ood = unpack(packed.transpose(1, 0, 2), info.get("has_ood", False))
+            cards = [self._model(f"{ENSEMBLE_ROUTE}:{m['id']}", m)[1] for m in info["members"]]
+            out = combine(logits, cards if all(cards) else None, list(ood) if ood is not None else None)
+            for n, it in enumerate(good):
+                if self._refused_as_ood(it, out, n, None):
+                    results[it.index] = _refused(it)
+                    continue
+                results[it.index] = self._ensemble_result(it, out, n, members, info["labels"], top_k or self.top_k)
+        status, error = _overall(items)
+        model = EnsembleModel(ensemble=members, arch=info["arch"], combine=COMBINE)
+        return status, EnsembleAnswer(task=ENSEMBLE_ROUTE, model=model, error=error,
+                                      results=[results[i] for i in sorted(results)])
+
+    def _refused_as_ood(self, it: Item, pred: Any, n: int, card: ModelInfo | None) -> bool:
+        """With ``refuse_ood``, an image flagged out of distribution is refused (422), not answered."""
+        if not self.refuse_ood or pred.in_distribution is None or bool(pred.in_distribution[n]):
+            return False
+        threshold = f"{card.ood.threshold:.3f}" if card is not None and card.ood is not None else "0 (ensemble margin)"
+        it.refuse(422, f"refused: the image looks unlike the model's training images (out-of-distribution score "
+                       f"{float(pred.ood_score[n]):.3f} above {threshold}); this service answers no such image")
+        it.array = None
+        return True
+
+    @staticmethod
+    def _ensemble_result(it: Item, out: Any, n: int, members: list[ModelRef], labels: list[str],
+                         k: int) -> EnsembleImageResult:
+        votes = []
+        for j, m in enumerate(members):
+            c = int(out.member_classes[n, j])
+            votes.append(MemberVote(id=m.id, weights_sha256=m.weights_sha256, class_=c, label=labels[c],
+                                    prob=float(out.member_probs[n, j, c])))
+        return EnsembleImageResult(
+            index=it.index, filename=it.filename, top=_scores(out.probs[n], labels, k),
+            probs=[float(v) for v in out.probs[n]], logits=[float(v) for v in out.logits[n]],
+            agreement=float(out.agreement[n]), members=votes, **_extras(out, n))
+
+    async def models(self) -> ModelsAnswer:
         table = await self.table()
-        return JSON({"models": list(table["tasks"].values()), "ensemble": table["ensemble"],
-                             "config": table["config"]})
+        hidden = {"model_info"}
+        models = [{k: v for k, v in m.items() if k not in hidden} for m in table["tasks"].values()]
+        ensemble = {**table["ensemble"],
+                    "members": [{k: v for k, v in m.items() if k not in hidden} for m in table["ensemble"]["members"]]}
+        return ModelsAnswer.model_validate({"models": models, "ensemble": ensemble, "config": table["config"]})
 
-    async def stats(self, _: Request) -> JSON:
-        batches = await self.backend.stats()
-        return JSON({"batches": batches, "requests": dict(self.requests)})
-
-
-def build_app(get_frontend: Callable[[], Frontend], tasks: tuple[str, ...]) -> Starlette:
-    """The Starlette app mounted into the BentoML service: one POST route per task."""
-
-    def guard(handler: Callable[[Frontend, Request], Awaitable[JSON]]) -> Callable[[Request], Awaitable[JSON]]:
-        async def endpoint(request: Request) -> JSON:
-            try:
-                return await handler(get_frontend(), request)
-            except Problem as p:
-                return JSON({"error": p.message}, status_code=p.status)
-
-        return endpoint
-
-    def task_handler(task: str) -> Callable[[Frontend, Request], Awaitable[JSON]]:
-        async def handler(fe: Frontend, request: Request) -> JSON:
-            return await fe.classify(request, task)
-
-        return handler
-
-    async def ensemble(fe: Frontend, request: Request) -> JSON:
-        return await fe.ensemble(request)
-
-    async def models(fe: Frontend, request: Request) -> JSON:
-        return await fe.models(request)
-
-    async def stats(fe: Frontend, request: Request) -> JSON:
-        return await fe.stats(request)
-
-    routes = [Route(f"/{t}", guard(task_handler(t)), methods=["POST"], name=t) for t in tasks]
-    routes += [
-        Route(f"/{ENSEMBLE_ROUTE}", guard(ensemble), methods=["POST"], name=ENSEMBLE_ROUTE),
-        Route("/models", guard(models), methods=["GET"], name="models"),
-        Route("/stats", guard(stats), methods=["GET"], name="stats"),
-    ]
-    return Starlette(routes=routes)
+    async def stats(self) -> StatsAnswer:
+        batches = await self._infer(self.backend.stats())
+        return StatsAnswer.model_validate({"batches": batches, "requests": dict(self.requests)})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,8 @@ from serving.config import (
     resolve_ensemble,
     resolve_task,
 )
-from zoo.card import Card, read_card
+from serving.outputs import pack
+from zoo.card import Card, ModelInfo, read_card
 from zoo.ensemble import check_compatible
 from zoo.errors import BundleError, EnsembleError, ModelFileError
 from zoo.runtime import GPU_PROVIDERS, OnnxModel
@@ -72,23 +74,37 @@ class ServedModel:
             "provider": self.model.provider,
             "onnx": self.model.path.name,
             "path": str(self.path),
+            "has_ood": self.has_ood,
+            # what zoo.postprocess.interpret reads of the card (calibration, OOD detector once there)
+            "model_info": self.card.model_dump(mode="json", include=set(ModelInfo.model_fields)),
         }
 
-    def warm_up(self) -> None:
-        """Run once at batch 1 and 2: ONNX Runtime's first runs (allocations, kernel choice) are
-        slow, and BentoML's batching estimates its per-image cost from the first calls it sees."""
+    def warm_up(self, max_batch: int = 64, budget_s: float = 2.0) -> None:
+        """Run at batch sizes 1, 2, 4, … up to ``max_batch`` (while the runs stay within ``budget_s``):
+        ONNX Runtime's first run at a batch size allocates and picks kernels, and adaptive batching
+        sends batches of every size under load, so the first requests should not pay for it."""
         prep = self.model.preprocessing
-        for n in (1, 2):
+        n, spent = 1, 0.0
+        while n <= max_batch and spent < budget_s:
+            t0 = time.perf_counter()
             self.run(np.zeros((n, prep.in_channels, prep.image_size, prep.image_size), dtype=np.uint8))
+            spent += time.perf_counter() - t0
+            n *= 2
 
-    def run(self, images: np.ndarray) -> np.ndarray:
-        """Logits (N, K) of a uint8 batch; device-bound inputs on a GPU provider."""
-        if self.model.provider in GPU_PROVIDERS:
-            return self.model.predict_bound(images)
-        return self.model.predict(images)
+    @property
+    def has_ood(self) -> bool:
+        """The file returns an out-of-distribution score and the card has its threshold."""
+        return self.model.has_ood and self.model.meta.ood is not None
+
+    def run(self, images: np.ndarray, with_ood: bool | None = None) -> np.ndarray:
+        """Logits (N, K') of a uint8 batch, plus the OOD score as a last column when the model has
+        one (:func:`serving.outputs.pack`); device-bound inputs on a GPU provider."""
+        gpu = self.model.provider in GPU_PROVIDERS
+        outputs = self.model.outputs_bound(images) if gpu else self.model.outputs(images)
+        return pack(outputs, self.has_ood if with_ood is None else with_ood)
 
 
-def open_bundle(task: str, path: Path, threads: int | None = None) -> ServedModel:
+def open_bundle(task: str, path: Path, threads: int | None = None, max_batch: int = 64) -> ServedModel:
     """Open a bundle's ``model.onnx`` on the best provider."""
     card = read_card(path)
     model = OnnxModel.open(path, threads=threads)  # checks the file against the sha256 the card recorded
@@ -96,7 +112,7 @@ def open_bundle(task: str, path: Path, threads: int | None = None) -> ServedMode
     if model.provider not in GPU_PROVIDERS:
         log.info("%s: no GPU provider in this ONNX Runtime; running on the CPU", task)
     served = ServedModel(task=task, path=path, card=card, model=model)
-    served.warm_up()
+    served.warm_up(max_batch)
     return served
 
 
@@ -147,7 +163,7 @@ class ModelTable:
             log.warning("%s: not served: %s", r.task, r.message)
             return
         try:
-            self.models[r.task] = open_bundle(r.task, r.path, self.cfg.ort_threads)
+            self.models[r.task] = open_bundle(r.task, r.path, self.cfg.ort_threads, self.cfg.max_batch_size)
         except (BundleError, ModelFileError) as e:
             self.missing[r.task] = f"{e}"
             log.warning("%s: not served: %s", r.task, e)
@@ -158,7 +174,7 @@ class ModelTable:
         for r in found:
             assert r.path is not None
             try:
-                m = open_bundle(ENSEMBLE_ROUTE, r.path, self.cfg.ort_threads)
+                m = open_bundle(ENSEMBLE_ROUTE, r.path, self.cfg.ort_threads, self.cfg.max_batch_size)
             except (BundleError, ModelFileError) as e:
                 notes.append(str(e))
                 continue
@@ -184,17 +200,23 @@ class ModelTable:
         raise NotServed(self.missing.get(task, f"unknown task {task!r}"))
 
     def predict(self, task: str, images: np.ndarray) -> np.ndarray:
-        """Logits (N, K) of ``task``'s model; the batch size is recorded."""
+        """Logits (N, K') of ``task``'s model (and its OOD score, :func:`serving.outputs.pack`); the batch
+        size is recorded."""
         model = self.get(task)
         self.stats.record(task, len(images))
         return model.run(images)
 
     def predict_members(self, images: np.ndarray) -> np.ndarray:
-        """Member logits (N, M, K) for the ensemble."""
+        """Member logits (N, M, K'), with each member's OOD score as a last column when all have one."""
         if len(self.members) < 2:
             raise NotServed(self.ensemble_message)
         self.stats.record(ENSEMBLE_ROUTE, len(images))
-        return np.stack([m.run(images) for m in self.members], axis=1)
+        with_ood = self.members_have_ood
+        return np.stack([m.run(images, with_ood) for m in self.members], axis=1)
+
+    @property
+    def members_have_ood(self) -> bool:
+        return bool(self.members) and all(m.has_ood for m in self.members)
 
     def describe(self) -> dict[str, Any]:
         """What the API layer needs to decode and answer: cards, preprocessing, what is missing."""
@@ -212,6 +234,7 @@ class ModelTable:
             "members": [m.info() for m in self.members],
             "message": self.ensemble_message,
         }
+        ensemble["has_ood"] = self.members_have_ood
         if self.members:
             ensemble["labels"] = self.members[0].model.labels
             ensemble["preprocessing"] = self.members[0].model.meta.preprocessing.to_dict()

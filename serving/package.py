@@ -30,7 +30,8 @@ def _servable(path: Path) -> bool:
     return (path / CARD).is_file() and (path / ONNX_FILE).is_file()
 
 
-PACKAGED_SETTINGS = ("top_k", "max_batch_size", "max_latency_ms", "max_file_mb", "max_request_mb", "max_images")
+PACKAGED_SETTINGS = ("top_k", "max_batch_size", "max_latency_ms", "max_file_mb", "max_request_mb", "max_images",
+                     "max_image_megapixels", "max_request_megapixels", "body_timeout_s", "request_timeout_s")
 
 
 def plan(cfg: ServeConfig) -> tuple[dict[str, Any], dict[str, Path]]:

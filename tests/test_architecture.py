@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "torchvision", "sklearn", "medmnist")
+HEAVY = ("torch", "torchvision", "sklearn", "medmnist", "pytorch_grad_cam", "captum", "cv2")
 LEGACY_CARD = REPO / "tests" / "data" / "card_schema1_v0.1.json"
 
 

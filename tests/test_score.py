@@ -4,7 +4,8 @@ What is checked: predictions on lossless PNGs equal ``zoo eval``'s; JPEG rows ar
 unreadable files land in the errors file with a reason; CSV, JSON Lines and Parquet carry the
 same content; a run killed with SIGKILL resumes without losing or repeating anything and writes
 the same bytes as an uninterrupted run; resumes refuse a journal of other inputs; ensembles
-average logits; a decoder crash in a worker costs only the guilty file.
+average logits; a decoder crash in a worker costs only the guilty file; DICOM files are scored and the
+ones that cannot be decoded are listed with the reason.
 """
 
 from __future__ import annotations
@@ -122,8 +123,10 @@ def test_png_predictions_equal_zoo_eval(scored: dict[str, Any], image_folder: di
     ev = scored["eval"]
     expected = sorted([*image_folder["png"], *image_folder["jpeg"]])
     assert [r["path"] for r in rows] == expected  # one row per image, sorted relative paths
-    assert list(rows[0]) == ["path", "model_id", "top_class", *(f"prob_{lab}" for lab in labels)]
+    assert list(rows[0]) == ["path", "model_id", "top_class", *(f"prob_{lab}" for lab in labels), "calibrated",
+                             "ood_score", "in_distribution"]
     assert {r["model_id"] for r in rows} == {read_card(bundle).id}
+    assert {r["calibrated"] for r in rows} == {"True"}  # the card carries a temperature: calibrated probabilities
 
     by_path = {r["path"]: r for r in rows}
     idx = np.array([image_folder["png"][p] for p in sorted(image_folder["png"])])
@@ -132,6 +135,10 @@ def test_png_predictions_equal_zoo_eval(scored: dict[str, Any], image_folder: di
     probs = np.array([[float(r[f"prob_{lab}"]) for lab in labels] for r in png_rows])
     assert np.array_equal(pred, ev["pred"][idx])  # lossless PNG: the same predictions as zoo eval
     np.testing.assert_allclose(probs, ev["probs"][idx], atol=1e-5)
+    ood = np.array([float(r["ood_score"]) for r in png_rows])
+    np.testing.assert_allclose(ood, ev["ood_score"][idx], rtol=1e-3, atol=1e-3)  # ONNX's score = eager's
+    threshold = read_card(bundle).ood.threshold
+    assert [r["in_distribution"] == "True" for r in png_rows] == list(ood <= threshold)
     acc = float((pred == ev["labels"][idx]).mean())
     assert acc == float((ev["pred"][idx] == ev["labels"][idx]).mean())
 
@@ -177,9 +184,12 @@ def test_formats_carry_the_same_content(scored: dict[str, Any], image_folder: di
     for c, j, p in zip(rows, jsonl, parquet, strict=True):
         for key in ("path", "model_id", "top_class"):
             assert c[key] == j[key] == p[key]
+        for key in ("calibrated", "in_distribution"):
+            assert c[key] == str(j[key]) == str(p[key]), key
         for key in columns[3:]:
-            # the same float32 value in the three files
-            assert np.float32(c[key]) == np.float32(j[key]) == np.float32(p[key]), key
+            if key not in ("calibrated", "in_distribution"):
+                # the same float32 value in the three files
+                assert np.float32(c[key]) == np.float32(j[key]) == np.float32(p[key]), key
 
 
 def test_cli_rerun_is_a_noop_and_overwrite_rescores(scored: dict[str, Any], image_folder: dict[str, Any], bundle: Path,
@@ -328,7 +338,8 @@ def second_bundle(bundle: Path, scored: dict[str, Any], tmp_path_factory: pytest
     net = build_net(card)
     store = tmp_path_factory.mktemp("ensemble_store")
     new_id = card.id + "-untrained"
-    path = save_bundle(store / "bundles" / new_id, net, card.to_json_dict(), (bundle / "recipe.yaml").read_text())
+    raw = {k: v for k, v in card.to_json_dict().items() if k not in ("calibration", "ood", "exports")}
+    path = save_bundle(store / "bundles" / new_id, net, raw, (bundle / "recipe.yaml").read_text())
     shutil.copytree(bundle, store / "bundles" / bundle.name)
     ensure_onnx(path)
     return path
@@ -342,10 +353,13 @@ def test_ensemble_averages_logits(bundle: Path, second_bundle: Path, image_folde
     rows = _read_csv(out)
     models = [OnnxModel.open(bundle), OnnxModel.open(second_bundle)]
     labels = models[0].labels
-    assert list(rows[0])[-1] == "agreement" and s.models == [m.model_id for m in models]
+    # one member has no detector: no OOD columns; one is calibrated: not every probability is
+    assert list(rows[0])[-2:] == ["agreement", "calibrated"] and s.models == [m.model_id for m in models]
+    assert {r["calibrated"] for r in rows} == {"False"}
     prep = models[0].preprocessing
     x = np.stack([load_image(folder / r["path"], prep) for r in rows])
-    logits = [m.predict(x) for m in models]
+    temperature = models[0].meta.calibration.temperature  # the first member's logits are calibrated first
+    logits = [models[0].predict(x) / temperature, models[1].predict(x)]
     expected = to_probs((logits[0] + logits[1]) / 2)
     got = np.array([[float(r[f"prob_{lab}"]) for lab in labels] for r in rows])
     np.testing.assert_allclose(got, expected, atol=1e-6)
@@ -381,3 +395,42 @@ def test_a_file_that_crashes_the_decoder_costs_only_itself(bundle: Path, scored:
     s = score_folder(folder, [bundle], tmp_path / "crash.csv", workers=1, chunk_size=16, progress=False)
     assert _read_csv(s.errors_out) == [{"path": "0/poison.png", "reason": CRASH_REASON}]
     assert s.scored == s.files - 1
+
+
+def test_dicom_files_are_scored(bundle: Path, tmp_path: Path) -> None:
+    """A folder of pydicom's real DICOM files (CT, MR, RLE, JPEG 2000, a MONOCHROME1 radiograph named
+    without extension, YBR colour JPEG): one row each, with the probabilities of the model on
+    ``load_image`` of that file; a transfer syntax no handler decodes and a multi-frame file go
+    to the errors file with the reason."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import JPEG2000MC
+
+    good = {"ct/CT_small.dcm": "CT_small.dcm", "mr/MR_small.dcm": "MR_small.dcm",
+            "mr/MR_small_RLE.dcm": "MR_small_RLE.dcm", "mr/MR_small_jp2k.dcm": "MR_small_jp2klossless.dcm",
+            "cr/6154": "6154", "sc/rgb_ybr_jpeg.dcm": "SC_rgb_jpeg_dcmtk.dcm"}
+    folder = tmp_path / "dicom"
+    for rel, name in good.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(get_testdata_file(name), folder / rel)
+    ds = pydicom.dcmread(get_testdata_file("MR_small_jp2klossless.dcm"))
+    ds.file_meta.TransferSyntaxUID = JPEG2000MC  # JPEG 2000 Part 2: pydicom has no decoder for it
+    (folder / "bad").mkdir()
+    ds.save_as(folder / "bad" / "part2.dcm")
+    shutil.copy(get_testdata_file("SC_rgb_rle_2frame.dcm"), folder / "bad" / "two_frames.dcm")
+
+    out = tmp_path / "scores.csv"
+    summary = score_folder(folder, [str(bundle)], out, workers=2, chunk_size=3, progress=False)
+    rows = {r["path"]: r for r in _read_csv(out)}
+    assert sorted(rows) == sorted(good) and summary.scored == len(good)
+    card = read_card(bundle)
+    model = OnnxModel.open(ensure_onnx(bundle))
+    for rel in good:
+        probs = to_probs(model.predict(load_image(folder / rel, card.preprocessing)[None]))[0]
+        got = np.array([float(rows[rel][f"prob_{lab}"]) for lab in card.labels])
+        np.testing.assert_allclose(got, probs, atol=1e-5)
+        assert rows[rel]["top_class"] == card.labels[int(probs.argmax())]
+    errors = {e["path"]: e["reason"] for e in _read_csv(summary.errors_out)}
+    assert set(errors) == {"bad/part2.dcm", "bad/two_frames.dcm"}
+    assert "JPEG 2000 Part 2" in errors["bad/part2.dcm"] and "not supported" in errors["bad/part2.dcm"]
+    assert "multi-frame DICOM (2 frames)" in errors["bad/two_frames.dcm"]

@@ -4,7 +4,9 @@ One server for the module, on a free loopback port, serving copies of the sessio
 (synthetic skin / organ / pathology, the real BreastMNIST one as the extra task ``breast``, a
 second synthetic pathology bundle so the ensemble has two members, and a task ``chest`` with no
 bundle). Answers are compared with ``zoo.evaluate.evaluate_bundle`` and with ONNX Runtime on the
-same decoded arrays.
+same decoded arrays. The endpoints are found in ``/docs.json`` and called by name through
+``bentoml.SyncHTTPClient`` / ``AsyncHTTPClient``, with curl-style multipart, and with raw sockets
+for what no client library sends (stalled uploads).
 """
 
 from __future__ import annotations
@@ -35,8 +37,13 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_FILE_MB = 1  # the server's per-file limit in these tests
-MAX_REQUEST_MB = 4
-MAX_IMAGES = 16
+MAX_REQUEST_MB = 20
+MAX_IMAGES = 64
+# A request-pixel budget above the default (256 MP), so that one request can hold more decoding
+# than REQUEST_TIMEOUT_S allows (the test that decoding stops when a request runs out of time).
+MAX_REQUEST_MEGAPIXELS = 2000
+REQUEST_TIMEOUT_S = 8
+BODY_TIMEOUT_S = 2
 FLAGS = {"skin": "dermamnist", "organ": "organamnist", "pathology": "pathmnist", "breast": "breastmnist"}
 
 
@@ -69,9 +76,13 @@ def files(*items: tuple[str, bytes]) -> list[tuple[str, tuple[str, bytes, str]]]
     return [("images", (name, data, "application/octet-stream")) for name, data in items]
 
 
-def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+def answer_of(model: Any, x: np.ndarray) -> Any:
+    """What the service answers for decoded images: the exported model's outputs under the one rule
+    (zoo.postprocess.interpret: calibrated probabilities, the OOD flag)."""
+    from zoo.postprocess import interpret
+
+    out = model.outputs(x)
+    return interpret(out["logits"], model.meta, out.get("ood_score"))
 
 
 def free_port() -> int:
@@ -144,8 +155,18 @@ class Server:
     log: Path
     proc: subprocess.Popen  # type: ignore[type-arg]
 
-    def client(self, **kw: Any) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60, **kw)
+    def client(self, timeout: float = 60, **kw: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=timeout, **kw)
+
+    def api_worker(self) -> Any:
+        """The API worker process (psutil): the one that reads and decodes the uploads."""
+        import psutil
+
+        for p in psutil.Process(self.proc.pid).children(recursive=True):
+            cmd = " ".join(p.cmdline())
+            if "--service-name MedZoo " in cmd + " " and "MedZooInference" not in cmd:
+                return p
+        raise AssertionError("no API worker process found")
 
 
 def server_env(served: Served, config: Path, bentoml_home: Path) -> dict[str, str]:
@@ -157,6 +178,9 @@ def server_env(served: Served, config: Path, bentoml_home: Path) -> dict[str, st
         "MEDZOO_MAX_FILE_MB": str(MAX_FILE_MB),
         "MEDZOO_MAX_REQUEST_MB": str(MAX_REQUEST_MB),
         "MEDZOO_MAX_IMAGES": str(MAX_IMAGES),
+        "MEDZOO_MAX_REQUEST_MEGAPIXELS": str(MAX_REQUEST_MEGAPIXELS),
+        "MEDZOO_REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S),
+        "MEDZOO_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
         "MEDZOO_MAX_BATCH_SIZE": "32",
         "BENTOML_HOME": str(bentoml_home),
         "BENTOML_DO_NOT_TRACK": "true",
@@ -296,11 +320,11 @@ def test_concurrent_requests_are_batched(server: Server, served: Served) -> None
     model = _onnx(served.bundles["pathology"])
     images = np.concatenate([_test_images(served, "pathology", s) for s in ("test", "val", "train")])[:200]
     pngs = [encode(array_to_image(a)) for a in images]
-    expected = softmax(model.predict(np.stack([load_image(p, model.preprocessing) for p in pngs])))
+    expected = answer_of(model, np.stack([load_image(p, model.preprocessing) for p in pngs])).probs
     before = server.client().get("/stats").json()["batches"].get("pathology", {}).get("sizes", {})
 
     async def run() -> list[httpx.Response]:
-        limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
+        limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
         async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as client:
             return await asyncio.gather(*[
                 client.post("/pathology", files=files((f"{i}.png", p)), data={"top_k": "9"})
@@ -465,7 +489,7 @@ def test_every_image_mode_is_converted_by_the_documented_rule(server: Server, se
 
     data = _mode_cases()[case]
     model = _onnx(served.bundles[task])
-    expected = softmax(model.predict(load_image(data, model.preprocessing)[None]))[0]
+    expected = answer_of(model, load_image(data, model.preprocessing)[None]).probs[0]
     r = server.client().post(f"/{task}", files=files((case, data)), params={"top_k": "2"})
     assert r.status_code == 200, r.text
     top = r.json()["results"][0]["top"]
@@ -493,29 +517,32 @@ def test_ensemble_averages_member_logits(server: Server, served: Served) -> None
     assert sorted(m["id"] for m in body["model"]["ensemble"]) == sorted(m.model_id for m in members)
     order = [m["id"] for m in body["model"]["ensemble"]]
     by_id = {m.model_id: m for m in members}
+    from zoo.ensemble import combine
+
     x = np.stack([load_image(p, members[0].preprocessing) for p in pngs])
-    member_logits = np.stack([by_id[i].predict(x) for i in order], axis=1)  # (N, M, K)
+    outs = [by_id[i].outputs(x) for i in order]
+    # each member's logits divided by its own temperature, then averaged (zoo.ensemble.combine)
+    temps = np.array([by_id[i].meta.calibration.temperature if by_id[i].meta.calibration else 1.0 for i in order])
+    member_logits = np.stack([o["logits"] for o in outs], axis=1) / temps[None, :, None]  # (N, M, K)
     mean = member_logits.mean(axis=1)
+    expected = combine([o["logits"] for o in outs], [by_id[i].meta for i in order], [o.get("ood_score") for o in outs])
     for n, res in enumerate(body["results"]):
         np.testing.assert_allclose(res["logits"], mean[n], atol=1e-5)
-        np.testing.assert_allclose(res["probs"], softmax(mean[n]), atol=1e-5)
+        np.testing.assert_allclose(res["probs"], expected.probs[n], atol=1e-5)
         top = int(mean[n].argmax())
         assert res["top"][0]["class"] == top
         assert [m["class"] for m in res["members"]] == member_logits[n].argmax(1).tolist()
         assert res["agreement"] == pytest.approx(float((member_logits[n].argmax(1) == top).mean()))
+        if expected.in_distribution is not None:
+            assert res["in_distribution"] == bool(expected.in_distribution[n])
 
 
-def _local_app(cfg: Any):  # type: ignore[no-untyped-def]
-    from serving.frontend import Frontend, build_app
+def _local_frontend(cfg: Any) -> Any:
+    """The API layer over the models in this process (same code as the server, no HTTP)."""
+    from serving.frontend import Frontend
     from serving.models import LocalBackend, ModelTable
 
-    fe = Frontend(LocalBackend(ModelTable(cfg)), cfg.limits, cfg.top_k)
-    return build_app(lambda: fe, cfg.task_names)
-
-
-async def _post(app: Any, path: str, **kw: Any) -> httpx.Response:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://local") as c:
-        return await c.post(path, **kw)
+    return Frontend(LocalBackend(ModelTable(cfg)), cfg.limits, cfg.top_k, refuse_ood=cfg.refuse_ood)
 
 
 @pytest.mark.parametrize("members", ["default arch", "one member"])
@@ -523,19 +550,365 @@ def test_ensemble_with_fewer_than_two_members_answers_503(served: Served, member
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """In-process (same handlers, no second server): resnet152 by default, of which there is none."""
     from serving.config import load_config
+    from serving.uploads import Upload
 
     monkeypatch.setenv("MEDZOO_HOME", str(served.root))
     monkeypatch.setenv("MEDZOO_SERVE_SOURCE", "store")
     if members == "one member":
         monkeypatch.setenv("MEDZOO_ENSEMBLE_MEMBERS", served.members[0].name)
     cfg = load_config().model_copy(update={"store": served.root})
-    app = _local_app(cfg)
-    r = asyncio.run(_post(app, "/pathology_ensemble", files=files(("a.png", _good_png()))))
-    assert r.status_code == 503
-    msg = r.json()["error"]
-    assert "zoo train path resnet152 --seed 1" in msg and "zoo train path resnet152 --seed 2" in msg
-    # the tasks themselves still answer
-    assert asyncio.run(_post(app, "/pathology", files=files(("a.png", _good_png())))).status_code == 200
+    fe = _local_frontend(cfg)
+
+    async def run() -> tuple[tuple[int, Any], tuple[int, Any]]:
+        ens = await fe.ensemble([Upload(0, "a.png", _good_png())], None)
+        task = await fe.classify("pathology", [Upload(0, "a.png", _good_png())], None)
+        return ens, task
+
+    (status, body), (task_status, _) = asyncio.run(run())
+    assert status == 503
+    assert "zoo train path resnet152 --seed 1" in body.error and "zoo train path resnet152 --seed 2" in body.error
+    assert task_status == 200  # the tasks themselves still answer
+
+
+# --------------------------------------------------------------------------- typed endpoints: OpenAPI, BentoML clients
+
+TASK_ROUTES = ("skin", "organ", "pathology", "breast", "chest")
+
+
+def _resolve(spec: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    """A schema with its top-level ``$ref`` (``#/components/schemas/X``) followed."""
+    while "$ref" in schema:
+        schema = spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+    return schema
+
+
+def test_openapi_lists_every_route_with_request_and_response_schemas(server: Server, served: Served) -> None:
+    """``/docs.json`` (the Swagger page's source) has each task, the ensemble, /models and /stats,
+    with the multipart request (files + top_k) and the answer's schema, per-image fields included."""
+    c = server.client()
+    spec = c.get("/docs.json").json()
+    routes = [t for t in TASK_ROUTES if t in served.bundles or t == "chest"]
+    for route in (*routes, "pathology_ensemble"):
+        op = spec["paths"][f"/{route}"]["post"]
+        body = op["requestBody"]["content"]["multipart/form-data"]["schema"]
+        body = _resolve(spec, body)
+        assert body["properties"]["images"]["type"] == "array"
+        assert body["properties"]["images"]["items"] == {"type": "string", "format": "binary"}
+        assert body["properties"]["top_k"]["type"] == "integer" and body["required"] == ["images"]
+        answer = _resolve(spec, op["responses"]["200"]["content"]["application/json"]["schema"])
+        assert {"task", "model", "results"} <= set(answer["properties"])
+        item = _resolve(spec, answer["properties"]["results"]["items"])
+        assert {"index", "filename", "status", "error", "top", "calibrated", "ood_score",
+                "in_distribution"} <= set(item["properties"])
+        assert "413" in op["description"] and "415" in op["description"]
+    for route, field in (("models", "models"), ("stats", "batches")):
+        answer = _resolve(spec, spec["paths"][f"/{route}"]["post"]["responses"]["200"]["content"]["application/json"]
+                          ["schema"])
+        assert field in answer["properties"]
+    ens = _resolve(spec, spec["paths"]["/pathology_ensemble"]["post"]["responses"]["200"]["content"]
+                   ["application/json"]["schema"])
+    ens_item = _resolve(spec, ens["properties"]["results"]["items"])
+    assert {"probs", "logits", "agreement", "members"} <= set(ens_item["properties"])
+    page = c.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+
+
+def test_sync_client_calls_every_endpoint_by_name(server: Server, served: Served, tmp_path: Path) -> None:
+    """``bentoml.SyncHTTPClient(url)`` finds the routes in /schema.json; real PNG and JPEG files of
+    the test split (BreastMNIST when available) answer what the model says for them."""
+    import bentoml
+    from bentoml.exceptions import ServiceUnavailable
+
+    from zoo.preprocess import load_image
+
+    task = "breast" if "breast" in served.bundles else "organ"
+    arrays = _test_images(served, task)[:3]
+    paths = write_pngs(arrays, tmp_path, task)
+    jpeg = tmp_path / f"{task}.jpg"
+    array_to_image(arrays[0]).save(jpeg, quality=95)
+    model = _onnx(served.bundles[task])
+    expected = answer_of(model, np.stack([load_image(p, model.preprocessing) for p in (*paths, jpeg)])).probs
+    with bentoml.SyncHTTPClient(server.url, timeout=60) as client:
+        assert {*served.bundles, "chest", "pathology_ensemble", "models", "stats"} <= set(client.endpoints)
+        out = client.call(task, images=[*paths, jpeg], top_k=2)
+        assert [r["filename"] for r in out["results"]] == [p.name for p in (*paths, jpeg)]
+        for res, probs in zip(out["results"], expected, strict=True):
+            assert [t["class"] for t in res["top"]] == np.argsort(-probs, kind="stable")[:2].tolist()
+            np.testing.assert_allclose([t["prob"] for t in res["top"]], np.sort(probs)[::-1][:2], atol=1e-5)
+        one = client.skin(images=[paths[0]], top_k=3)  # by attribute, as users write it
+        assert one["task"] == "skin" and len(one["results"][0]["top"]) == 3
+        ens = client.pathology_ensemble(images=[paths[0]])
+        assert len(ens["results"][0]["members"]) == len(served.members)
+        assert {m["task"] for m in client.models()["models"]} >= set(served.bundles)
+        assert client.stats()["requests"][task] >= 1
+        with pytest.raises(ServiceUnavailable, match="zoo train chest"):
+            client.chest(images=[paths[0]])
+
+
+def test_async_client_calls_by_name(server: Server, tmp_path: Path) -> None:
+    import bentoml
+
+    png = tmp_path / "a.png"
+    png.write_bytes(_good_png())
+
+    async def run() -> dict[str, Any]:
+        async with bentoml.AsyncHTTPClient(server.url, timeout=60) as client:
+            return await client.organ(images=[png], top_k=1)
+
+    out = asyncio.run(run())
+    assert out["results"][0]["status"] == 200 and len(out["results"][0]["top"]) == 1
+
+
+def test_get_models_and_stats_for_curl(server: Server) -> None:
+    c = server.client()
+    for route in ("models", "stats"):
+        get, post = c.get(f"/{route}"), c.post(f"/{route}")
+        assert get.status_code == post.status_code == 200
+        assert get.json().keys() == post.json().keys()
+
+
+def _dicom_files() -> dict[str, bytes]:
+    """Real DICOM files that pydicom ships: CT and MR (16-bit), JPEG 2000 and RLE compressed, RGB JPEG."""
+    from pydicom.data import get_testdata_file
+
+    names = ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm", "MR_small_RLE.dcm", "SC_rgb_jpeg_dcmtk.dcm")
+    return {n: Path(get_testdata_file(n)).read_bytes() for n in names}
+
+
+def _decoder_takes_dicom() -> bool:
+    """Whether zoo.preprocess decodes DICOM (issue 10's other half; the service only routes it)."""
+    from zoo.preprocess import ImageError, Preprocessing, load_image
+
+    try:
+        from pydicom.data import get_testdata_file
+
+        load_image(Path(get_testdata_file("CT_small.dcm")).read_bytes(), Preprocessing(28, 28, 1, (0.5,), (0.5,)))
+    except (ImageError, ImportError, OSError):
+        return False
+    return True
+
+
+NEEDS_DECODER = pytest.mark.skipif(not _decoder_takes_dicom(), reason=(
+    "zoo.preprocess does not yet decode DICOM nor bound its memory (issue 10, the decoding half): "
+    "these service tests run once it does"))
+
+
+@NEEDS_DECODER
+@pytest.mark.parametrize("task", ["organ", "skin"])  # a grey model and an RGB one
+def test_dicom_uploads_answer_what_the_decoder_and_model_say(server: Server, served: Served, task: str,
+                                                             tmp_path: Path) -> None:
+    import bentoml
+
+    from zoo.preprocess import load_image
+
+    dicoms = _dicom_files()
+    paths = []
+    for name, data in dicoms.items():
+        (tmp_path / name).write_bytes(data)
+        paths.append(tmp_path / name)
+    model = _onnx(served.bundles[task])
+    expected = answer_of(model, np.stack([load_image(d, model.preprocessing) for d in dicoms.values()])).probs
+    with bentoml.SyncHTTPClient(server.url, timeout=60) as client:
+        out = client.call(task, images=paths, top_k=1)
+    for res, probs in zip(out["results"], expected, strict=True):
+        assert res["status"] == 200, res
+        assert res["top"][0]["class"] == int(probs.argmax())
+        assert res["top"][0]["prob"] == pytest.approx(float(probs.max()), abs=1e-5)
+    raw = server.client().post(f"/{task}", content=dicoms["CT_small.dcm"],
+                               headers={"content-type": "application/dicom"})
+    assert raw.status_code == 200 and raw.json()["results"][0]["top"][0]["class"] == int(expected[0].argmax())
+
+
+# --------------------------------------------------------------------------- hardening (issue 10's defects)
+
+
+def test_url_in_a_file_field_is_refused_and_never_fetched(server: Server) -> None:
+    """BentoML's own multipart parsing downloads a URL given as text in a file field; here it is
+    refused (400) and the URL's host sees no connection."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.settimeout(1.0)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/x.png"
+        r = server.client().post("/skin", files=[("images", (None, url.encode()))])
+        assert r.status_code == 400 and "not a file" in r.json()["error"] and "fetches no URLs" in r.json()["error"]
+        with pytest.raises(TimeoutError):
+            listener.accept()
+
+
+def _raw_request(url: str, head: bytes, body: bytes, wait_s: float) -> tuple[float, bytes]:
+    """Send ``head + body`` on a raw socket, then read the answer for up to ``wait_s`` s."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=wait_s) as s:
+        s.sendall(head + body)
+        t0 = time.monotonic()
+        data = b""
+        try:
+            while b"\r\n\r\n" not in data:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+        except TimeoutError:
+            pass
+        return time.monotonic() - t0, data
+
+
+@pytest.mark.parametrize("kind", ["raw body", "multipart"])
+def test_stalled_upload_gets_408_after_the_body_timeout(server: Server, kind: str) -> None:
+    """An upload that stops sending is answered 408 after body_timeout_s (not held until the
+    request timeout and answered 504); the server still answers others."""
+    png = _good_png()
+    if kind == "raw body":
+        head = b"POST /skin HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
+        body = png
+    else:
+        head = (b"POST /skin HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b0\r\n"
+                b"Content-Length: 100000\r\n\r\n")
+        body = b'--b0\r\nContent-Disposition: form-data; name="images"; filename="a.png"\r\n\r\n' + png[:50]
+    took, answer = _raw_request(server.url, head, body, wait_s=REQUEST_TIMEOUT_S + 10)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert BODY_TIMEOUT_S - 0.5 < took < BODY_TIMEOUT_S + 3
+    assert server.client().post("/skin", files=files(("ok.png", png))).status_code == 200
+
+
+def _png_16bit(side: int = 7999) -> bytes:
+    """A 16-bit grey PNG of side x side pixels (64 MP for 7999), a few hundred kB."""
+    rng = np.random.default_rng(0)
+    arr = np.zeros((side, side), np.uint16)
+    arr[:: side // 16, :: side // 16] = rng.integers(0, 65535, arr[:: side // 16, :: side // 16].shape)
+    return encode(Image.fromarray(arr), "PNG")
+
+
+def _peak_growth(worker: Any, run: Callable[[], Any]) -> tuple[Any, int]:
+    """``run()``'s result and how far the process's peak RSS rose above its RSS before (bytes)."""
+    Path(f"/proc/{worker.pid}/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
+    before = worker.memory_info().rss
+    out = run()
+    hwm = next(int(line.split()[1]) * 1024 for line in Path(f"/proc/{worker.pid}/status").read_text().splitlines()
+               if line.startswith("VmHWM:"))
+    return out, hwm - before
+
+
+@NEEDS_DECODER
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_64mp_16bit_png_costs_bounded_memory(server: Server) -> None:
+    """The 16-bit 7999 x 7999 PNG (inside every limit): 200 or 413, and the API worker's peak memory
+    grows by little, also for two at once (it used to take ~2 GB each)."""
+    data = _png_16bit()
+    assert len(data) < MAX_FILE_MB * 2**20
+    worker = server.api_worker()
+
+    async def two() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+            return await asyncio.gather(*[c.post("/organ", files=files((f"{i}.png", data))) for i in range(2)])
+
+    one, growth_one = _peak_growth(worker, lambda: server.client().post("/organ", files=files(("big.png", data))))
+    assert one.status_code in (200, 413), one.text
+    pair, growth_two = _peak_growth(worker, lambda: asyncio.run(two()))
+    assert all(r.status_code in (200, 413) for r in pair), [r.text for r in pair]
+    assert growth_one < 400 * 2**20, f"one image: the API worker grew by {growth_one / 2**20:.0f} MB"
+    assert growth_two < 700 * 2**20, f"two images: the API worker grew by {growth_two / 2**20:.0f} MB"
+
+
+def test_many_large_images_in_one_request_hit_the_pixel_budget_before_decoding(server: Server) -> None:
+    """45 images of 64 MP (the issue's 17.6 MB request): 413 from the headers, at once, naming the
+    per-request pixel limit; the API worker decoded none of them."""
+    data = encode(Image.new("L", (7999, 7999)), "PNG")  # 64 MP, ~60 kB
+    worker = server.api_worker()
+    cpu0, t0 = sum(worker.cpu_times()[:2]), time.monotonic()
+    r = server.client().post("/skin", files=files(*[(f"{i}.png", data) for i in range(45)]))
+    took, cpu = time.monotonic() - t0, sum(worker.cpu_times()[:2]) - cpu0
+    assert r.status_code == 413, r.text
+    assert f"{MAX_REQUEST_MEGAPIXELS * 1_000_000:,} pixel limit per request" in r.json()["error"]
+    assert took < 5 and cpu < 2, (took, cpu)
+
+
+@NEEDS_DECODER
+def test_a_request_past_its_time_stops_decoding(server: Server) -> None:
+    """A request with more decoding than request_timeout_s allows (within the pixel budget) is
+    answered 504 at its time, and the API worker stops decoding then (it used to go on ~110 s)."""
+    data = _png_16bit()  # 64 MP, about 0.3-1 s to decode each
+    n = MAX_REQUEST_MEGAPIXELS // 64
+    worker = server.api_worker()
+    t0 = time.monotonic()
+    r = server.client(timeout=REQUEST_TIMEOUT_S + 30).post("/organ", files=files(*[(f"{i}.png", data)
+                                                                                   for i in range(n)]))
+    took = time.monotonic() - t0
+    if r.status_code == 200:
+        pytest.skip(f"this machine decoded {n} x 64 MP within {REQUEST_TIMEOUT_S} s: nothing to stop")
+    assert r.status_code == 504 and took < REQUEST_TIMEOUT_S + 5, (r.status_code, took, r.text[:200])
+    time.sleep(1.5)  # the image being decoded when time ran out may finish
+    cpu0 = sum(worker.cpu_times()[:2])
+    time.sleep(3)
+    spent = sum(worker.cpu_times()[:2]) - cpu0
+    assert spent < 0.5, f"the API worker used {spent:.1f} s of CPU in the 3 s after answering"
+    assert server.client().post("/organ", files=files(("ok.png", _good_png()))).status_code == 200
+
+
+def test_bomb_refusals_quote_the_services_limit(server: Server) -> None:
+    for data in (_bomb_png(), _header_bomb_png()):
+        r = server.client().post("/skin", files=files(("bomb.png", data)))
+        assert r.status_code == 413
+        msg = r.json()["results"][0]["error"]
+        assert "64,000,000 pixel limit" in msg, msg
+        assert "178956970" not in msg and "89478485" not in msg
+
+
+def _tiff_with_compression(code: int) -> bytes:
+    """A real deflate TIFF whose compression tag (259) is rewritten to ``code`` (first IFD)."""
+    data = bytearray(encode(Image.new("L", (64, 64), 7), "TIFF", compression="tiff_adobe_deflate"))
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for i in range(struct.unpack_from("<H", data, ifd)[0]):
+        entry = ifd + 2 + 12 * i
+        if struct.unpack_from("<H", data, entry)[0] == 259:
+            struct.pack_into("<H", data, entry + 8, code)
+    return bytes(data)
+
+
+@NEEDS_DECODER
+def test_tiff_with_an_unsupported_codec_gets_415_with_the_reason(server: Server) -> None:
+    r = server.client().post("/skin", files=files(("slide.tif", _tiff_with_compression(34712))))  # JPEG 2000
+    assert r.status_code == 415, r.text
+    assert "compress" in r.json()["results"][0]["error"].lower()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
+def test_signal_to_zoo_serve_leaves_nothing_behind(served: Served, tmp_path: Path, sig: int) -> None:
+    """``zoo serve`` (the real CLI) gets SIGTERM / SIGINT: it exits, no process of its server tree
+    remains and the port is free for the next ``zoo serve``."""
+    import psutil
+
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({"pathology": served.bundles["pathology"].name}))
+    env = server_env(served, config, tmp_path / "bentoml_home")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "zoo.cli", "--store", str(served.root), "serve", "--no-build",
+                             "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:] if proc.stderr else ""
+            assert time.monotonic() < deadline, "zoo serve was not ready within 240 s"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        assert len(tree) >= 3  # the BentoML arbiter, the API worker, the inference worker
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) == 128 + sig
+        gone, alive = psutil.wait_procs(tree, timeout=10)
+        assert not alive, [" ".join(p.cmdline()) for p in alive]
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # nothing holds the port any more
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the group this test started
+            proc.wait()
 
 
 # --------------------------------------------------------------------------- config, runtime, CLI, build
@@ -545,18 +918,23 @@ def test_config_precedence_and_validation(tmp_path: Path, monkeypatch: pytest.Mo
     from serving.config import ConfigError, load_config
 
     f = tmp_path / "serve.yaml"
-    f.write_text("skin: a\nbreast: b\ntop_k: 5\nensemble: {members: [m1, m2], arch: resnet18}\nmax_file_mb: 2\n")
+    f.write_text("skin: a\nbreast: b\ntop_k: 5\nensemble: {members: [m1, m2], arch: resnet18}\nmax_file_mb: 2\n"
+                 "body_timeout_s: 3\nmax_request_megapixels: 100\n")
     for key, value in {"MEDZOO_SERVE_SKIN": "from-env", "MEDZOO_TOP_K": "4", "MEDZOO_SERVE_SOURCE": "store",
-                       "MEDZOO_ENSEMBLE_ARCH": "resnet50"}.items():
+                       "MEDZOO_ENSEMBLE_ARCH": "resnet50", "MEDZOO_MAX_IMAGE_MEGAPIXELS": "16"}.items():
         monkeypatch.setenv(key, value)
     cfg = load_config(f)
     assert cfg.tasks == {"skin": "from-env", "organ": None, "pathology": None, "breast": "b"}
     assert (cfg.top_k, cfg.ensemble_members, cfg.ensemble_arch) == (4, ("m1", "m2"), "resnet50")
-    assert cfg.limits.max_file_bytes == 2 * 2**20
-    for key in ("MEDZOO_SERVE_SKIN", "MEDZOO_TOP_K", "MEDZOO_ENSEMBLE_ARCH"):
+    limits = cfg.limits
+    assert (limits.max_file_bytes, limits.body_timeout_s) == (2 * 2**20, 3.0)
+    assert (limits.max_image_pixels, limits.max_request_pixels) == (16_000_000, 100_000_000)
+    assert (cfg.request_timeout_s, cfg.decode_threads) == (60, 2)  # defaults
+    for key in ("MEDZOO_SERVE_SKIN", "MEDZOO_TOP_K", "MEDZOO_ENSEMBLE_ARCH", "MEDZOO_MAX_IMAGE_MEGAPIXELS"):
         monkeypatch.delenv(key)
     bad_cases = {"models: x\n": "cannot be a task name", "top_k: 0\n": "top_k", "skin: [1, 2]\n": "skin",
                  "Bad-Name: x\n": "Bad-Name", "max_batch_size: 1\n": "max_batch_size", "- a\n": "mapping",
+                 "body_timeout_s: 0\n": "body_timeout_s", "inference: x\n": "cannot be a task name",
                  "ensemble: {memebrs: [a]}\n": "ensemble.memebrs"}
     for bad, word in bad_cases.items():
         f.write_text(bad)
@@ -614,10 +992,141 @@ def test_bentoml_build_packs_models_and_service(served: Served, tmp_path: Path) 
     info = yaml.safe_load(next(p for p in bentos.glob("*/bento.yaml")).read_text())
     assert [m["tag"] for m in info["models"]] == [tag]
     assert info["service"] == "serving.service:MedZoo"
-    assert {s["name"] for s in info["services"]} == {"MedZoo", "MedZooInference"}
+    assert {s["name"] for s in info["services"]} == {"MedZoo", "MedZooInference", "MedZooExplainer"}
+    src = next(p for p in bentos.glob("*/bento.yaml")).parent / "src"
+    assert (src / "serving" / "ui" / "index.html").is_file() and (src / "serving" / "ui" / "app.js").is_file()
     model_dir = tmp_path / "bentoml_home" / "models" / tag.split(":")[0] / tag.split(":")[1]
     manifest = json.loads((model_dir / "serving.json").read_text())
     for task, bundle in served.bundles.items():
         assert manifest["tasks"][task] == f"bundles/{bundle.name}"
         assert (model_dir / "bundles" / bundle.name / "model.onnx").is_file()
     assert sorted(manifest["ensemble"]) == sorted(f"bundles/{p.name}" for p in served.members)
+
+
+def test_package_with_a_task_unserved(served: Served, tmp_path: Path) -> None:
+    """`zoo serve --package` when a configured task has no bundle: the others are packaged, the
+    manifest says the task has none (BentoML's model metadata takes no null: JSON text there)."""
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({**{t: b.name for t, b in served.bundles.items()}, "chest": None}))
+    env = server_env(served, config, tmp_path / "bentoml_home")
+    pkg = subprocess.run([sys.executable, "-m", "zoo.cli", "serve", "--package", "--no-build"],
+                         env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert pkg.returncode == 0, pkg.stderr
+    tag = pkg.stdout.split()[1].rstrip(";")
+    model_dir = tmp_path / "bentoml_home" / "models" / tag.split(":")[0] / tag.split(":")[1]
+    manifest = json.loads((model_dir / "serving.json").read_text())
+    assert manifest["tasks"]["chest"] is None
+    assert manifest["tasks"]["skin"] == f"bundles/{served.bundles['skin'].name}"
+    assert manifest["settings"]["max_request_megapixels"] == MAX_REQUEST_MEGAPIXELS
+    info = yaml.safe_load((model_dir / "model.yaml").read_text())
+    assert json.loads(info["metadata"]["manifest"]) == manifest
+
+
+# --------------------------------------------------------------------------- API-side coalescing (no server)
+
+
+def test_coalescer_sends_waiting_arrays_together_and_splits_the_answers() -> None:
+    """While ``depth`` calls are in flight, arrays wait and go together; each caller gets the rows
+    of its own array; a caller cancelled while waiting sends nothing; a failure reaches every waiter."""
+    from serving.batching import Coalescer
+
+    sent: list[int] = []
+
+    async def call(x: np.ndarray) -> np.ndarray:
+        sent.append(len(x))
+        await asyncio.sleep(0.05)
+        if (x == 99).any():
+            raise RuntimeError("backend down")
+        return x[:, :1].astype(np.float32) * 10  # one row per image, tied to the image
+
+    async def run() -> None:
+        co = Coalescer(call, max_batch=8, depth=1)
+        arrays = [np.full((n, 3), i, np.uint8) for i, n in enumerate((1, 2, 3, 1, 4))]
+        first = asyncio.ensure_future(co(arrays[0]))
+        await asyncio.sleep(0.01)  # the first call is in flight: the next ones wait
+        rest = [asyncio.ensure_future(co(a)) for a in arrays[1:]]
+        doomed = asyncio.ensure_future(co(np.full((5, 3), 7, np.uint8)))
+        await asyncio.sleep(0)
+        doomed.cancel()
+        outs = await asyncio.gather(first, *rest)
+        for i, (a, out) in enumerate(zip(arrays, outs, strict=True)):
+            assert out.shape == (len(a), 1) and (out == i * 10).all()
+        assert sent == [1, 6, 4]  # 2+3+1 fit in max_batch 8, the 4 go next; the cancelled 5 never
+        busy = asyncio.ensure_future(co(np.full((1, 3), 1, np.uint8)))
+        await asyncio.sleep(0.01)
+        failing = [asyncio.ensure_future(co(np.full((1, 3), v, np.uint8))) for v in (99, 2)]  # sent together
+        results = await asyncio.gather(busy, *failing, return_exceptions=True)
+        assert not isinstance(results[0], Exception)
+        assert all(isinstance(r, RuntimeError) for r in results[1:])
+
+    asyncio.run(run())
+
+
+# --------------------------------------------------------------------------- calibration and the OOD flag (issue 11)
+
+
+def _photographs(n: int) -> np.ndarray:
+    from zoo.data.shifted import natural_photographs
+
+    return natural_photographs(28, 1, crops=2)[:n]
+
+
+def test_served_scored_and_python_api_answers_are_identical(server: Server, served: Served, tmp_path: Path) -> None:
+    """The same PNG files through HTTP, `zoo score` and `zoo.load().predict`: the same calibrated
+    float32 probabilities and the same out-of-distribution flags (photographs flagged)."""
+    import zoo
+    from zoo.score import score_folder
+
+    if "breast" not in served.bundles:
+        pytest.skip("the real BreastMNIST is not available")
+    bundle = served.bundles["breast"]
+    folder = tmp_path / "images"
+    paths = write_pngs(_test_images(served, "breast")[:6], folder, "scan")
+    paths += write_pngs(_photographs(3), folder, "photo")
+    r = server.client().post("/breast", files=files(*[(p.name, p.read_bytes()) for p in paths]), params={"top_k": 2})
+    assert r.status_code == 200, r.text
+    labels = zoo.load(bundle).labels
+    http = {}
+    for res in r.json()["results"]:
+        by_label = {t["label"]: t["prob"] for t in res["top"]}
+        http[res["filename"]] = (np.float32([by_label[lab] for lab in labels]), res["in_distribution"],
+                                 res["calibrated"])
+    summary = score_folder(folder, [bundle], tmp_path / "scores.csv", workers=0, progress=False)
+    import csv
+
+    with open(summary.out, newline="") as f:
+        scored = {row["path"]: (np.float32([row[f"prob_{lab}"] for lab in labels]), row["in_distribution"] == "True")
+                  for row in csv.DictReader(f)}
+    api = {p.name: a for p, a in zip(paths, zoo.load(bundle).predict(paths), strict=True)}
+    for p in paths:
+        probs, flag, calibrated = http[p.name]
+        assert calibrated is True
+        np.testing.assert_array_equal(probs, scored[p.name][0])
+        np.testing.assert_array_equal(probs, np.float32(api[p.name].probs))
+        assert flag == scored[p.name][1] == api[p.name].in_distribution
+    assert not any(http[p.name][1] for p in paths if p.name.startswith("photo"))  # photographs are flagged
+
+
+def test_refuse_ood_answers_422_for_flagged_images_only(served: Served, monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path) -> None:
+    """With `refuse_ood`, a flagged image is refused with 422 and a reason; the others are answered."""
+    from serving.config import load_config
+    from serving.uploads import Upload
+
+    if "breast" not in served.bundles:
+        pytest.skip("the real BreastMNIST is not available")
+    monkeypatch.setenv("MEDZOO_SERVE_SOURCE", "store")
+    monkeypatch.setenv("MEDZOO_REFUSE_OOD", "true")
+    monkeypatch.setenv("MEDZOO_SERVE_BREAST", str(served.bundles["breast"]))
+    cfg = load_config().model_copy(update={"store": served.root})
+    assert cfg.refuse_ood
+    fe = _local_frontend(cfg)
+    scan = encode(array_to_image(_test_images(served, "breast")[0]))
+    photo = encode(array_to_image(_photographs(1)[0]))
+    status, body = asyncio.run(fe.classify("breast", [Upload(0, "scan.png", scan), Upload(1, "photo.png", photo)],
+                                           None))
+    results = {r.filename: r for r in body.results}
+    assert status == 200 and results["scan.png"].top and results["photo.png"].status == 422
+    assert "unlike the model's training images" in results["photo.png"].error
+    status, body = asyncio.run(fe.classify("breast", [Upload(0, "photo.png", photo)], None))
+    assert status == 422 and "out-of-distribution score" in body.error

@@ -40,6 +40,13 @@ class Bundle:
     card: Card
     net: nn.Module
     model: nn.Module
+    # ``(logits, ood_score)`` when the card carries an out-of-distribution detector: what is exported
+    scored: nn.Module | None = None
+
+    @property
+    def exported_model(self) -> nn.Module:
+        """The module every export is made from (with the detector's output when there is one)."""
+        return self.scored if self.scored is not None else self.model
 
     @property
     def preprocessing(self) -> Any:
@@ -68,13 +75,20 @@ def reserve_dir(parent: Path, name: str) -> Path:
     raise BundleError(f"cannot create a bundle directory for {name} in {parent}")
 
 
+WEIGHT_BOUND = ("calibration", "ood", "exports")  # card sections that belong to one set of weights
+
+
 def save_bundle(path: Path, net: nn.Module, card: dict[str, Any] | Card, recipe_yaml: str) -> Path:
     """Write weights, recipe and card (card last: a directory without one is not a bundle);
-    fills ``weights_sha256``, ``schema`` and ``id`` (the directory name) in the card."""
+    fills ``weights_sha256``, ``schema`` and ``id`` (the directory name) in the card and drops
+    the sections fitted on other weights (:data:`WEIGHT_BOUND`)."""
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     atomic_file(path / WEIGHTS, lambda tmp: save_file(state, str(tmp)))
     raw = card.to_json_dict() if isinstance(card, Card) else dict(card)
+    # what was fitted or exported from other weights does not describe these ones
+    for key in WEIGHT_BOUND:
+        raw.pop(key, None)
     raw.update({"schema": 1, "id": path.name, "weights_sha256": sha256_of(path / WEIGHTS)})
     typed = parse_card(raw, path / CARD)
     atomic_write_bytes(path / RECIPE, recipe_yaml.encode())
@@ -120,7 +134,21 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     except RuntimeError as e:
         raise BundleError(f"{p / WEIGHTS} does not fit {card.arch}: {str(e)[:200]}") from None
     model = full_model(net, card.preprocessing, card.tta).to(device).eval()
-    return Bundle(path=p, card=card, net=net, model=model)
+    return Bundle(path=p, card=card, net=net, model=model, scored=_scored(p, card, model, net, device))
+
+
+def _scored(path: Path, card: Card, model: nn.Module, net: nn.Module, device: str | torch.device) -> nn.Module | None:
+    """``ScoredModel`` of a bundle with a detector, its statistics verified against the card."""
+    info = card.ood
+    if info is None:
+        return None
+    from zoo.trust.ood import OODScorer, ScoredModel, stats_from_tensors
+
+    stats_path = path / info.stats_file
+    if not stats_path.is_file() or sha256_of(stats_path) != info.stats_sha256:
+        raise BundleError(f"{stats_path} is missing or does not match its card; run `zoo calibrate {path}`")
+    stats = stats_from_tensors(load_file(str(stats_path)), len(info.layers))
+    return ScoredModel(model, net, info.layers, OODScorer(stats)).to(device).eval()
 
 
 __all__ = ["CARD", "RECIPE", "WEIGHTS", "Bundle", "build_net", "load_bundle", "reserve_dir", "save_bundle",

@@ -103,6 +103,24 @@ class TrainingInfo(_Open):
     trainable_params: int = 0
 
 
+class Tuning(_Open):
+    """How ``zoo tune`` chose this bundle: its Optuna study, the storage that holds it, and the best
+    trial (the one this bundle was trained by), selected on the validation metric."""
+
+    study: str
+    storage: str  # RDB URL (password hidden) or journal file path: `optuna-dashboard <storage>` opens it
+    trial: int  # the trial's number in the study
+    params: dict[str, Any]  # recipe path -> value chosen
+    metric: str  # e.g. "val_acc": the validation metric of the selected epoch
+    value: float
+    direction: str = "maximize"
+    sampler: str = ""
+    pruner: str = ""
+    trials: dict[str, int] = {}  # the study's trials by state (complete, pruned …) when a worker last finished
+    host: str = ""  # the machine that trained it
+    selected: str = ""  # ISO time it became the study's best
+
+
 class ExportRecord(_Open):
     """One exported file: where, its sha256, and how its parity check went."""
 
@@ -136,6 +154,31 @@ class EnsembleInfo(_Open):
     members: list[EnsembleMember] = Field(min_length=2)
 
 
+class CalibrationInfo(_Open):
+    """Temperature scaling fitted on the validation split (Guo et al. 2017): probabilities are
+    ``softmax(logits / T)`` (``sigmoid(z / T)`` for a single logit)."""
+
+    method: str = "temperature scaling (Guo et al., ICML 2017), fitted on the validation split"
+    temperature: float = Field(gt=0)
+    # binary tasks: the P(class 1) threshold maximising Youden's J on validation (reported, not applied)
+    threshold: float | None = None
+    # {"val" | "test": {"before" | "after": {"ece", "brier", "nll"}}}
+    metrics: dict[str, dict[str, dict[str, float]]] = {}
+
+
+class OODInfo(_Open):
+    """The out-of-distribution detector: its score is an output of the exported model."""
+
+    method: str = ""
+    layers: list[str] = []
+    threshold: float  # scores above it are flagged (fitted so that ~95 % of validation images pass)
+    target_tpr: float = 0.95
+    # {"val_flagged", "test_flagged"}: fractions of in-distribution images flagged
+    rates: dict[str, float] = {}
+    stats_file: str = "ood.safetensors"
+    stats_sha256: str = ""
+
+
 class ModelInfo(_Open):
     """What every user of a model needs; carried by bundles, exported files and the service."""
 
@@ -150,6 +193,8 @@ class ModelInfo(_Open):
     # Test-time augmentation inside the model (mean of logits over these flips): ``full_model``
     # builds it, so every export, the service and scoring apply it. Empty: none.
     tta: list[Literal["hflip", "vflip"]] = []
+    calibration: CalibrationInfo | None = None
+    ood: OODInfo | None = None
 
     @property
     def num_classes(self) -> int:
@@ -185,6 +230,7 @@ class Card(ModelInfo):
     ensemble: EnsembleInfo | None = None  # the members of an ``ensemble`` bundle
     created: str = ""
     exports: dict[str, ExportRecord] = {}
+    tuning: Tuning | None = None  # set by `zoo tune` on the best trial's bundle
 
     def to_json_dict(self) -> dict[str, Any]:
         """The JSON object written to ``card.json`` (NaN kept as in Python's json)."""
@@ -262,6 +308,6 @@ def _plain(v: Any) -> Any:
 
 
 __all__ = ["CARD", "EXPORT_FILES", "ONNX_FILE", "ONNX_FP16_FILE", "README", "RECIPE", "SCHEMA", "TORCHSCRIPT_FILE",
-           "WEIGHTS", "Card", "DatasetInfo",
-           "EnsembleInfo", "EnsembleMember", "ExportMeta", "ExportRecord", "Metrics", "ModelInfo", "Reported",
-           "SplitMetrics", "TrainingInfo", "parse_card", "read_card", "update_card", "write_card"]
+           "WEIGHTS", "CalibrationInfo", "Card", "DatasetInfo", "EnsembleInfo", "EnsembleMember", "ExportMeta",
+           "ExportRecord", "Metrics", "ModelInfo", "OODInfo", "Reported", "SplitMetrics", "TrainingInfo", "Tuning",
+           "parse_card", "read_card", "update_card", "write_card"]

@@ -7,10 +7,12 @@ API, so the same images give the same probabilities and classes everywhere (a te
   by validation metrics (model selection never looks at test), the best ``n`` or all of them.
 * Compatibility: :func:`check_compatible` — same labels, same output head, same input images
   (channels and resolution); otherwise :class:`~zoo.errors.EnsembleError` naming the misfit.
-* Combination: :func:`combine` — the mean of the members' logits, then the one rule of
-  :mod:`zoo.postprocess` (softmax, or sigmoid for a single-logit head) for probabilities and the
-  predicted class; ``agreement`` is the fraction of members whose own predicted class is the
-  ensemble's.
+* Combination: :func:`combine` — the mean of the members' logits (each divided by its member's
+  calibration temperature when it has one), then the one rule of :mod:`zoo.postprocess` (softmax,
+  or sigmoid for a single-logit head) for probabilities and the predicted class; ``agreement`` is
+  the fraction of members whose own predicted class is the ensemble's. With out-of-distribution
+  detectors, the ensemble's ``ood_score`` is the mean over members of their score minus their own
+  threshold, and an image is in distribution when that mean is not above 0.
 """
 
 from __future__ import annotations
@@ -36,26 +38,49 @@ COMBINE = "mean of logits"
 class EnsembleOutput:
     """Combined answers for N images from M members of K classes."""
 
-    logits: np.ndarray  # (N, K') mean of the members' logits (K' = 1 for a single-logit head)
+    logits: np.ndarray  # (N, K') mean of the members' (calibrated) logits; K' = 1 for a single-logit head
     probs: np.ndarray  # (N, K) float32
     classes: np.ndarray  # (N,) int64
     agreement: np.ndarray  # (N,) float32 in [0, 1]
     member_classes: np.ndarray  # (N, M) int64
     member_probs: np.ndarray  # (N, M, K) float32
+    calibrated: bool = False
+    ood_score: np.ndarray | None = None  # (N,) mean over members of (score - threshold)
+    in_distribution: np.ndarray | None = None  # (N,) bool
 
 
-def combine(member_logits: Sequence[np.ndarray] | np.ndarray) -> EnsembleOutput:
-    """Combine logits of shape (M, N, K') — one (N, K') array per member."""
+def _temperatures(members: Sequence[ModelInfo] | None, m: int) -> np.ndarray:
+    temps = [mi.calibration.temperature if mi.calibration is not None else 1.0 for mi in members or ()]
+    return np.asarray(temps or [1.0] * m, dtype=np.float32)
+
+
+def _ood(members: Sequence[ModelInfo] | None, scores: Sequence[np.ndarray | None] | None) -> np.ndarray | None:
+    """Mean over members of (score − the member's threshold), when every member has a detector."""
+    if not members or scores is None or any(s is None for s in scores) or any(mi.ood is None for mi in members):
+        return None
+    margins = [np.asarray(s, dtype=np.float64).reshape(-1) - mi.ood.threshold  # type: ignore[union-attr]
+               for s, mi in zip(scores, members, strict=True)]
+    return np.mean(margins, axis=0).astype(np.float32)
+
+
+def combine(member_logits: Sequence[np.ndarray] | np.ndarray, members: Sequence[ModelInfo] | None = None,
+            ood_scores: Sequence[np.ndarray | None] | None = None) -> EnsembleOutput:
+    """Combine logits of shape (M, N, K') — one (N, K') array per member — with what the members'
+    cards say (calibration temperatures, out-of-distribution thresholds)."""
     stacked = np.stack([np.asarray(m, dtype=np.float32) for m in member_logits])
     if stacked.ndim != 3 or len(stacked) < 1:
         raise EnsembleError(f"member logits must be (M, N, K), not {stacked.shape}")
+    stacked = stacked / _temperatures(members, len(stacked))[:, None, None]
     mean = stacked.mean(axis=0, dtype=np.float64).astype(np.float32)
     probs = to_probs(mean)
     classes = probs.argmax(axis=1).astype(np.int64)
     member_probs = np.stack([to_probs(m) for m in stacked], axis=1)  # (N, M, K)
     member_classes = member_probs.argmax(axis=2).astype(np.int64)  # (N, M)
     agreement = (member_classes == classes[:, None]).mean(axis=1).astype(np.float32)
-    return EnsembleOutput(mean, probs, classes, agreement, member_classes, member_probs)
+    calibrated = bool(members) and all(mi.calibration is not None for mi in members or ())
+    ood = _ood(members, ood_scores)
+    return EnsembleOutput(mean, probs, classes, agreement, member_classes, member_probs, calibrated, ood,
+                          None if ood is None else ood <= 0)
 
 
 def check_compatible(members: Sequence[ModelInfo]) -> None:

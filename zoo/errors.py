@@ -50,8 +50,17 @@ class ParityError(UserError, RuntimeError):
     """An exported file whose outputs (or metadata) differ from the PyTorch model's."""
 
 
+class TrainingError(UserError, RuntimeError):
+    """A training run that cannot produce a model (diverged, no epoch run); the message says why."""
+
+
 class EnsembleError(UserError, ValueError):
     """Ensemble members that cannot be combined, or too few of them."""
+
+
+class ExplainError(UserError, ValueError):
+    """A model that cannot be explained as asked (a Grad-CAM layer that does not exist, a target
+    class the model does not have); the message says why."""
 
 
 class UnknownNameError(UserError, ValueError):
@@ -128,6 +137,6 @@ def describe_validation_error(err: Any, model: Any = None, prefix: str = "") -> 
     return "\n".join(lines)
 
 
-__all__ = ["BundleError", "ConfigError", "DataUnavailableError", "EnsembleError", "ExportError", "ImageError",
-           "ModelFileError", "ParityError", "RecipeError", "UnknownNameError", "UserError",
-           "WeightsUnavailableError", "describe_validation_error", "did_you_mean", "unknown"]
+__all__ = ["BundleError", "ConfigError", "DataUnavailableError", "EnsembleError", "ExplainError", "ExportError",
+           "ImageError", "ModelFileError", "ParityError", "RecipeError", "TrainingError", "UnknownNameError",
+           "UserError", "WeightsUnavailableError", "describe_validation_error", "did_you_mean", "unknown"]

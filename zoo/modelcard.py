@@ -105,6 +105,30 @@ def _metrics(card: Card) -> str:
     return "\n".join(parts)
 
 
+def _trust(card: Card) -> str:
+    cal, ood = card.calibration, card.ood
+    if cal is None and ood is None:
+        return ("## Calibration and out-of-distribution flag\n\nNot fitted: probabilities are the raw softmax "
+                "and no image is flagged. `zoo calibrate BUNDLE` fits both on the validation split.")
+    parts = ["## Calibration and out-of-distribution flag", ""]
+    if cal is not None:
+        rows = [[split, _num(m["before"]["ece"]), _num(m["after"]["ece"]), _num(m["before"]["brier"]),
+                 _num(m["after"]["brier"]), _num(m["before"]["nll"]), _num(m["after"]["nll"])]
+                for split, m in cal.metrics.items()]
+        parts += [f"Probabilities are calibrated by {cal.method}: temperature {cal.temperature:.3f}.", "",
+                  _table(["split", "ECE before", "ECE after", "Brier before", "Brier after", "NLL before",
+                          "NLL after"], rows), "", "Reliability diagram: `reliability.png`."]
+        if cal.threshold is not None:
+            parts += ["", f"Decision threshold on P({card.labels[1]}) maximising Youden's J on validation: "
+                          f"{cal.threshold:.3f} (reported; answers use the most probable class)."]
+    if ood is not None:
+        parts += ["", f"Out-of-distribution flag: {ood.method}. An image whose score is above {ood.threshold:.3f} "
+                      f"is flagged; this flags {_num(ood.rates.get('val_flagged'), True)} of the validation and "
+                      f"{_num(ood.rates.get('test_flagged'), True)} of the test images. The score is an output of "
+                      "the exported model (`ood_score`)."]
+    return "\n".join(parts)
+
+
 def _training(card: Card) -> str:
     r, t = card.recipe, card.training
     opt, train = r.get("optimizer", {}), r.get("train", {})
@@ -140,6 +164,22 @@ def _members(card: Card) -> str:
                                 _table(["bundle", "arch", "seed", "best epoch", "val ACC", "val AUC"], rows)])
 
 
+def _tuning(card: Card) -> str:
+    t = card.tuning
+    if t is None:
+        return ""
+    params = ", ".join(f"`{k}` = {v}" for k, v in t.params.items())
+    counts = ", ".join(f"{n} {state}" for state, n in t.trials.items())
+    return "\n".join([
+        "## Tuning", "",
+        f"- Best trial #{t.trial} of the Optuna study `{t.study}` ({counts or 'counts not recorded'}), "
+        f"{t.direction} {t.metric} on the validation split: {_num(t.value)}",
+        f"- Chosen: {params}",
+        f"- Sampler {t.sampler or '?'}, pruner {t.pruner or '?'}; trained on {t.host or '?'}",
+        f"- The study: `optuna-dashboard {t.storage}`",
+    ])
+
+
 def _exports(card: Card) -> str:
     if not card.exports:
         return "## Exports\n\nNone yet: `zoo export BUNDLE` writes ONNX and TorchScript with a parity check."
@@ -159,8 +199,10 @@ def _limitations(card: Card) -> str:
     items = [
         f"Trained and tested on {card.dataset.name} only ({card.preprocessing.image_size} px); "
         "accuracy on images from other sources is unknown.",
-        "Probabilities are only as reliable as the calibration recorded in the card; check them "
-        "on your own data before acting on a threshold.",
+        "Probabilities are calibrated on this dataset's validation split only; check them on your own "
+        "data before acting on a threshold. The out-of-distribution flag catches images unlike the "
+        "training data (other modalities, photographs, blank or noisy images); it cannot catch a "
+        "plausible image of an unseen condition.",
         "Class imbalance in the training data shows in the per-class recall above.",
     ]
     if card.dataset.split != "official":
@@ -170,9 +212,9 @@ def _limitations(card: Card) -> str:
 
 def render(card: Card) -> str:
     """The Markdown model card of a bundle's card."""
-    sections = [_overview(card), _intended_use(card), _data(card), _metrics(card), _training(card),
-                _exports(card), _limitations(card)]
-    return "\n\n".join(sections) + "\n"
+    sections = [_overview(card), _intended_use(card), _data(card), _metrics(card), _trust(card), _training(card),
+                _tuning(card), _exports(card), _limitations(card)]
+    return "\n\n".join(s for s in sections if s) + "\n"
 
 
 def write_model_card(path: str | Path) -> Path:

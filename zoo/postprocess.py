@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from zoo.errors import ExplainError, unknown
+
 if TYPE_CHECKING:
     from zoo.card import ModelInfo
 
@@ -57,6 +59,24 @@ def top_classes(probs: np.ndarray, labels: Sequence[str], k: int) -> list[dict[s
     return [{"class": int(i), "label": labels[int(i)], "prob": float(probs[int(i)])} for i in order]
 
 
+def class_index(target: int | str, labels: Sequence[str]) -> int:
+    """A class given by index (``2``, ``"2"``) or label name (exact, then case-insensitive); an
+    :class:`~zoo.errors.ExplainError` or :class:`~zoo.errors.UnknownNameError` ("did you mean")
+    when the model has no such class."""
+    text = str(target).strip()
+    if text.lstrip("-").isdigit():
+        index = int(text)
+        if not 0 <= index < len(labels):
+            raise ExplainError(f"class {index} does not exist: the model has classes 0 to {len(labels) - 1}")
+        return index
+    if text in labels:
+        return list(labels).index(text)
+    lowered = [label.lower() for label in labels]
+    if text.lower() in lowered:
+        return lowered.index(text.lower())
+    raise unknown("class", text, labels, hint="classes: " + ", ".join(f"{i} {lab}" for i, lab in enumerate(labels)))
+
+
 @dataclass
 class Predictions:
     """What a model says about N images, as every front end reports it (HTTP, scoring, Python API).
@@ -76,10 +96,24 @@ class Predictions:
         return len(self.classes)
 
 
-def interpret(logits: Any, info: ModelInfo | None = None) -> Predictions:
-    """The answer of one model for a batch of logits (N, K'), with what its card knows."""
-    probs = to_probs(logits)
-    return Predictions(probs=probs, classes=probs.argmax(axis=1).astype(np.int64))
+def calibrated_probs(logits: Any, temperature: float | None) -> np.ndarray:
+    """:func:`to_probs` of ``logits / T`` (temperature scaling; ``None``: uncalibrated)."""
+    x = np.asarray(logits, dtype=np.float32)
+    return to_probs(x if temperature is None else x / np.float32(temperature))
 
 
-__all__ = ["Predictions", "interpret", "predicted_class", "sigmoid", "softmax", "to_probs", "top_classes"]
+def interpret(logits: Any, info: ModelInfo | None = None, ood_score: Any = None) -> Predictions:
+    """The answer of one model for a batch of logits (N, K'), with what its card knows: the
+    temperature of its calibration, and the threshold of its out-of-distribution score (an output
+    of the exported model, ``ood_score``: above the threshold the image is flagged)."""
+    calibration = info.calibration if info is not None else None
+    probs = calibrated_probs(logits, calibration.temperature if calibration is not None else None)
+    out = Predictions(probs=probs, classes=probs.argmax(axis=1).astype(np.int64), calibrated=calibration is not None)
+    if ood_score is not None and info is not None and info.ood is not None:
+        out.ood_score = np.asarray(ood_score, dtype=np.float32).reshape(-1)
+        out.in_distribution = out.ood_score <= info.ood.threshold
+    return out
+
+
+__all__ = ["Predictions", "calibrated_probs", "class_index", "interpret", "predicted_class", "sigmoid", "softmax",
+           "to_probs", "top_classes"]

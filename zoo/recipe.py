@@ -175,6 +175,89 @@ class ReportedCfg(_Strict):
     note: str = ""
 
 
+# A categorical choice: what Optuna holds, or a list of ints (layer widths), which zoo.tune hands to
+# Optuna as its JSON text.
+Choice = bool | int | float | str | None | list[int]
+
+
+class TuneParam(_Strict):
+    """One dimension of a search space: a float or int range (``log`` for a log scale, ``step`` for
+    a grid of it) or categorical ``choices``."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    step: float | None = Field(None, gt=0)
+    log: bool = False
+    choices: list[Choice] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> TuneParam:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("a categorical parameter needs choices")
+            if self.low is not None or self.high is not None or self.step is not None or self.log:
+                raise ValueError("a categorical parameter takes choices only (no low, high, step, log)")
+            return self
+        if self.choices is not None:
+            raise ValueError(f"an {self.type} parameter takes low and high, not choices")
+        if self.low is None or self.high is None or self.low > self.high:
+            raise ValueError("low and high are required, low <= high")
+        if self.log and (self.low <= 0 or self.step is not None):
+            raise ValueError("log scale needs low > 0 and no step")
+        if self.type == "int" and not all(float(v).is_integer() for v in (self.low, self.high, self.step or 1)):
+            raise ValueError("an int parameter needs whole low, high and step")
+        return self
+
+    def grid(self) -> list[Choice]:
+        """The values a grid search visits: the choices, or low..high by step."""
+        if self.choices is not None:
+            return list(self.choices)
+        if self.step is None:
+            raise ValueError("a grid needs choices or a step on every parameter")
+        assert self.low is not None and self.high is not None
+        n = int(round((self.high - self.low) / self.step)) + 1
+        values = [self.low + k * self.step for k in range(n)]
+        return [int(v) for v in values] if self.type == "int" else [round(v, 12) for v in values]
+
+    def bounds(self) -> list[Choice]:
+        """Values that must make a valid recipe: the ends of a range, or every choice."""
+        if self.choices is not None:
+            return list(self.choices)
+        cast = int if self.type == "int" else float
+        return [cast(self.low), cast(self.high)]
+
+
+class PrunerCfg(_Strict):
+    """Stopping unpromising trials early, on the validation metric of each epoch (Optuna's pruners)."""
+
+    name: Literal["median", "percentile", "threshold", "hyperband", "none"] = "median"
+    n_startup_trials: int = Field(5, ge=0)  # median / percentile: finished trials before any pruning
+    n_warmup_steps: int = Field(2, ge=0)  # median / percentile / threshold: epochs before a trial can be pruned
+    percentile: float = Field(25.0, ge=0, le=100)  # percentile: prune below this percentile of other trials
+    lower: float | None = None  # threshold: prune a trial whose metric falls below lower ...
+    upper: float | None = None  # ... or rises above upper (NaN always prunes)
+    min_resource: int = Field(1, ge=1)  # hyperband: epochs of the smallest bracket
+    reduction_factor: int = Field(3, ge=2)  # hyperband
+
+    @model_validator(mode="after")
+    def _check(self) -> PrunerCfg:
+        if self.name == "threshold" and self.lower is None and self.upper is None:
+            raise ValueError("a threshold pruner needs lower or upper")
+        return self
+
+
+class TuneCfg(_Strict):
+    """``zoo tune``'s search space: recipe fields (dotted paths such as ``optimizer.lr``) and their
+    ranges, the validation metric to optimise, the sampler and the pruner."""
+
+    metric: Literal["acc", "auc", "macro_f1", "loss"] | None = None  # default: train.early_stopping.metric
+    direction: Literal["maximize", "minimize"] | None = None  # default: minimize loss, maximize the rest
+    sampler: Literal["tpe", "random", "grid"] = "tpe"  # grid: every combination (choices / stepped ranges)
+    pruner: PrunerCfg = PrunerCfg()
+    params: dict[str, TuneParam] = Field(min_length=1)
+
+
 class Recipe(_Strict):
     name: str
     dataset: str  # alias or flag; "any" for protocols
@@ -196,6 +279,7 @@ class Recipe(_Strict):
     tta: list[Literal["hflip", "vflip"]] = []
     families: dict[str, FamilyCfg] = {}  # protocols: augmentation / TTA per imaging modality
     reported: ReportedCfg = ReportedCfg()
+    tune: TuneCfg | None = None  # `zoo tune`'s search space
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
@@ -212,7 +296,18 @@ class Recipe(_Strict):
                 if d in seen:
                     raise ValueError(f"dataset {d!r} is in two families: {seen[d]} and {name}")
                 seen[d] = name
+        if self.tune is not None:
+            _check_space(self)
         return self
+
+    @property
+    def tune_metric(self) -> str:
+        """The validation metric ``zoo tune`` optimises (``acc``, ``auc``, ``macro_f1``, ``loss``)."""
+        return (self.tune and self.tune.metric) or self.train.early_stopping.metric
+
+    @property
+    def tune_direction(self) -> str:
+        return (self.tune and self.tune.direction) or ("minimize" if self.tune_metric == "loss" else "maximize")
 
     @property
     def input_size(self) -> int:
@@ -247,6 +342,47 @@ class Recipe(_Strict):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def _check_space(recipe: Recipe) -> None:
+    """Every tuned path names a recipe field (``model.*`` may add a keyword) and every end of its
+    range (every choice) makes a valid recipe; the direction suits the metric."""
+    assert recipe.tune is not None
+    metric, direction = recipe.tune_metric, recipe.tune_direction
+    if (metric == "loss") != (direction == "minimize"):
+        raise ValueError(f"tune: {direction} the validation {metric}? (loss is minimised, the rest maximised)")
+    raw = recipe.model_dump(mode="python", exclude={"tune"})
+    for path, param in recipe.tune.params.items():
+        keys = path.split(".")
+        node: Any = raw
+        for depth, k in enumerate(keys):
+            free = keys[0] == "model" and depth == len(keys) - 1  # a model keyword may be new
+            if not isinstance(node, dict) or (k not in node and not free):
+                raise ValueError(f"tune.params: {path!r} is not a recipe field")
+            node = node.get(k)
+        for value in param.bounds():
+            try:
+                Recipe.model_validate(_with(raw, {path: value}))
+            except ValidationError as e:
+                problem = describe_validation_error(e, Recipe).splitlines()[0]
+                raise ValueError(f"tune.params.{path}: {value!r} does not make a valid recipe ({problem})") from None
+        if recipe.tune.sampler == "grid":
+            param.grid()  # raises when the parameter has no grid
+
+
+def _with(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(raw)
+    for path, value in values.items():
+        _set_path(out, path, value)
+    return out
+
+
+def with_values(recipe: Recipe, values: dict[str, Any]) -> Recipe:
+    """A validated copy with typed values set at dotted paths (what a tuning trial trains)."""
+    try:
+        return Recipe.model_validate(_with(recipe.model_dump(mode="python"), values))
+    except ValidationError as e:
+        raise RecipeError(f"invalid recipe setting:\n{describe_validation_error(e, Recipe, '  ')}") from None
 
 
 def recipe_dir() -> Path:

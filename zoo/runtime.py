@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 PREFERRED = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 METADATA_KEY = "medzoo.card"  # ONNX metadata_props key holding the card subset as JSON
+OOD_OUTPUT = "ood_score"  # the out-of-distribution score output of a model with a detector
 
 
 def gpu_present() -> bool:
@@ -288,31 +289,51 @@ class OnnxModel(ExportedModel):
         sess, got = create_session(p, providers, threads)
         return cls(path=p, session=sess, provider=got, meta=meta)
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        """Logits (N, K) for a uint8 batch (N, C, H, W)."""
-        if images.dtype != np.uint8:
-            raise ValueError("OnnxModel.predict takes uint8 images")
-        name = self.session.get_inputs()[0].name
-        return self.session.run(None, {name: np.ascontiguousarray(images)})[0].astype(np.float32)
+    @functools.cached_property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.session.get_outputs()]
 
-    def predict_bound(self, images: np.ndarray, device_id: int = 0) -> np.ndarray:
-        """``predict`` through io_binding: the batch is copied once into the provider's memory
+    @property
+    def has_ood(self) -> bool:
+        """Whether the file returns an out-of-distribution score beside the logits."""
+        return OOD_OUTPUT in self.output_names
+
+    def outputs(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Every output (``logits``, and ``ood_score`` when present) for a uint8 batch (N, C, H, W)."""
+        if images.dtype != np.uint8:
+            raise ValueError("OnnxModel takes uint8 images")
+        name = self.session.get_inputs()[0].name
+        values = self.session.run(None, {name: np.ascontiguousarray(images)})
+        return {n: v.astype(np.float32) for n, v in zip(self.output_names, values, strict=True)}
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """Logits (N, K) for a uint8 batch (N, C, H, W) (the first output)."""
+        return self.outputs(images)[self.output_names[0]]
+
+    def outputs_bound(self, images: np.ndarray, device_id: int = 0) -> dict[str, np.ndarray]:
+        """``outputs`` through io_binding: the batch is copied once into the provider's memory
         (the GPU for TensorRT / CUDA, host memory for the CPU provider) and bound there, the
         logits are allocated on that device and copied back once."""
         import onnxruntime as ort
 
         if images.dtype != np.uint8:
-            raise ValueError("OnnxModel.predict_bound takes uint8 images")
+            raise ValueError("OnnxModel takes uint8 images")
         device = "cuda" if self.provider in GPU_PROVIDERS else "cpu"
         binding = self.session.io_binding()
         x = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(images), device, device_id)
         binding.bind_ortvalue_input(self.session.get_inputs()[0].name, x)
-        binding.bind_output(self.session.get_outputs()[0].name, device, device_id)
+        for name in self.output_names:
+            binding.bind_output(name, device, device_id)
         self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0].astype(np.float32)
+        values = binding.copy_outputs_to_cpu()
+        return {n: v.astype(np.float32) for n, v in zip(self.output_names, values, strict=True)}
+
+    def predict_bound(self, images: np.ndarray, device_id: int = 0) -> np.ndarray:
+        """Logits through io_binding (see :meth:`outputs_bound`)."""
+        return self.outputs_bound(images, device_id)[self.output_names[0]]
 
 
-__all__ = ["EXPORT_FILES", "GPU_PROVIDERS", "METADATA_KEY", "ONNX_FILE", "ONNX_FP16_FILE", "PREFERRED",
+__all__ = ["EXPORT_FILES", "GPU_PROVIDERS", "METADATA_KEY", "OOD_OUTPUT", "ONNX_FILE", "ONNX_FP16_FILE", "PREFERRED",
            "TORCHSCRIPT_FILE", "ExportedModel", "ModelFileError", "OnnxModel", "bundle_card", "check_onnx",
            "check_origin", "choose_providers", "create_session", "export_file", "gpu_present", "load_onnx",
            "onnx_metadata", "parse_metadata", "provider_options", "read_metadata", "verify_export"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from zoo.card import CARD, Card, read_card
 from zoo.errors import BundleError, UnknownNameError, did_you_mean
-from zoo.names import TASKS, resolve_name
+from zoo.names import TASKS, known_names, resolve_name
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def resolve_bundle(ref: str | Path, root: Path | None = None) -> Path:
     if best is not None:
         return best
     ids = [c.id for _, c in list_bundles(root)]
-    hint = did_you_mean(ref, ids) or (
+    hint = did_you_mean(ref, [*ids, *TASKS, *known_names()]) or (
         f"; the store {bundles_dir(root)} has {len(ids)} bundle(s): see `zoo list`" if ids else
         f"; the store {bundles_dir(root)} is empty: `zoo train DATASET ARCH` makes one")
     raise BundleError(f"no bundle found for {ref!r} (a path, a bundle id, or a dataset with a trained bundle){hint}")

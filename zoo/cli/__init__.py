@@ -1,9 +1,10 @@
 """The ``zoo`` command: a thin layer over functions that tests call directly.
 
 Sub-commands: ``zoo/cli/commands.py`` (train, eval, list, models, recipes, card),
-``zoo/cli/export.py``, ``zoo/cli/score.py``, ``zoo/cli/serve.py``, ``zoo/cli/reproduce.py``. Each imports the package it
-drives only when it runs, so ``zoo --help``, ``zoo list``, ``zoo models`` and
-``zoo recipes`` never import torch. Errors a user can act on print one line per mistake on
+``zoo/cli/export.py``, ``zoo/cli/explain.py``, ``zoo/cli/score.py``, ``zoo/cli/serve.py``,
+``zoo/cli/tune.py``, ``zoo/cli/calibrate.py``, ``zoo/cli/reproduce.py``. Each imports the package it
+drives only when it runs, so ``zoo --help``, ``zoo list``, ``zoo models`` and ``zoo recipes`` never import
+torch. Errors a user can act on print one line per mistake on
 stderr and exit 2; output piped into a closed pipe (``zoo eval … | head -1``) ends quietly.
 """
 
@@ -24,13 +25,16 @@ USER_ERRORS = (UserError, ValueError, FileNotFoundError)
 
 def _plugins() -> list[Callable[[Any], None]]:
     """Every sub-command's ``register(subparsers)``."""
+    from zoo.cli.calibrate import register as calibrate_cmd
     from zoo.cli.commands import register as core_cmds
+    from zoo.cli.explain import register as explain_cmd
     from zoo.cli.export import register as export_cmd
     from zoo.cli.reproduce import register as reproduce_cmd
     from zoo.cli.score import register as score_cmd
     from zoo.cli.serve import register as serve_cmd
+    from zoo.cli.tune import register as tune_cmd
 
-    return [core_cmds, export_cmd, score_cmd, serve_cmd, reproduce_cmd]
+    return [core_cmds, calibrate_cmd, export_cmd, explain_cmd, score_cmd, serve_cmd, tune_cmd, reproduce_cmd]
 
 
 def _common(p: argparse.ArgumentParser, top: bool) -> None:

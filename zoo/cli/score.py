@@ -11,15 +11,26 @@ from zoo.score.run import DEFAULT_BATCH, DEFAULT_CHUNK
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    """``zoo score``: run :func:`score_folder` and print its summary (``--json``: as JSON)."""
-    from zoo.score.run import score_folder
-
-    summary = score_folder(
-        args.folder, args.model, args.out, ensemble=args.ensemble, ensemble_size=args.ensemble_size,
-        errors_out=args.errors, batch_size=args.batch_size, chunk_size=args.chunk_size, workers=args.workers,
-        threads=args.threads, overwrite=args.overwrite, progress=not (args.no_progress or args.json),
-        store=Path(args.store) if getattr(args, "store", None) else None,
+    """``zoo score``: run :func:`score_folder` (``--ray``: :func:`score_folder_ray`) and print its
+    summary (``--json``: as JSON)."""
+    common: dict[str, Any] = dict(
+        ensemble=args.ensemble, ensemble_size=args.ensemble_size, errors_out=args.errors,
+        batch_size=args.batch_size, chunk_size=args.chunk_size, threads=args.threads, overwrite=args.overwrite,
+        progress=not (args.no_progress or args.json), store=Path(args.store) if getattr(args, "store", None) else None,
     )
+    if args.ray is not None:
+        if args.workers is not None:
+            raise ValueError("--workers sets local decode processes; with --ray, Ray sizes its decode tasks")
+        from zoo.score.ray_run import score_folder_ray
+
+        summary = score_folder_ray(args.folder, args.model, args.out, address=args.ray, num_cpus=args.ray_cpus,
+                                   actors=args.actors, verbose=bool(getattr(args, "verbose", False)), **common)
+    else:
+        if args.actors is not None or args.ray_cpus is not None:
+            raise ValueError("--actors and --ray-cpus go with --ray")
+        from zoo.score.run import score_folder
+
+        summary = score_folder(args.folder, args.model, args.out, workers=args.workers, **common)
     if args.json:
         print(json.dumps(summary.to_dict()))
     else:
@@ -45,7 +56,15 @@ def register(sub: Any) -> None:
     s.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK,
                    help=f"files per journalled chunk (default {DEFAULT_CHUNK})")
     s.add_argument("--workers", type=int, help="decode processes (default: one per core, at most 8; 0: in-process)")
-    s.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: its own)")
+    s.add_argument("--threads", type=int,
+                   help="ONNX Runtime intra-op threads (default: its own; with --ray: per actor, 1 on CPUs)")
+    s.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="score on Ray (pip install 'medzoo[ray]'): alone, a local Ray; 'auto', the cluster "
+                        "`ray start` runs here; or a cluster address (host:6379, ray://host:10001). "
+                        "Put it after FOLDER, or write --ray=ADDRESS")
+    s.add_argument("--ray-cpus", type=int, help="CPUs of the local Ray (default: this machine's cores)")
+    s.add_argument("--actors", type=int,
+                   help="ONNX Runtime actors with --ray (default: one per GPU, else one per two CPUs)")
     s.add_argument("--overwrite", action="store_true", help="score again even if the output exists")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument("--json", action="store_true", help="print the summary as JSON (no progress bar)")

@@ -46,3 +46,37 @@ def write_synthetic_medmnist(
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, **arrays)
     return path
+
+
+def square_arrays(n: int, size: int, rng: np.random.Generator, side: int | None = None,
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A task whose label is where to look: grey noise images (N, size, size), label 1 when a bright
+    square of ``side`` pixels (default size // 5) sits somewhere in the image, 0 when there is none.
+    Returns images, labels (N, 1) and each square's box ``(top, left, bottom, right)``
+    (bottom/right exclusive; -1 for the images without one)."""
+    side = side or max(2, size // 5)
+    labels = rng.integers(0, 2, size=n)
+    imgs = np.clip(rng.normal(70, 25, (n, size, size)), 0, 255)
+    boxes = np.full((n, 4), -1, dtype=np.int64)
+    for i in np.flatnonzero(labels):
+        top, left = rng.integers(1, size - side - 1, size=2)
+        imgs[i, top:top + side, left:left + side] = rng.normal(215, 10, (side, side))
+        boxes[i] = (top, left, top + side, left + side)
+    return np.clip(imgs, 0, 255).astype(np.uint8), labels.astype(np.uint8).reshape(-1, 1), boxes
+
+
+def write_square_medmnist(root: str | Path, size: int = 28, n: tuple[int, int, int] = (400, 100, 100),
+                          seed: int = 0, flag: str = "breastmnist") -> tuple[Path, dict[str, np.ndarray]]:
+    """The square task as ``<root>/<flag>[_size].npz`` (a grey binary MedMNIST flag), and the boxes
+    of each split (``{"train": (N, 4), ...}``, see :func:`square_arrays`)."""
+    info = medmnist.INFO[flag]
+    if int(info["n_channels"]) != 1 or len(info["label"]) != 2:
+        raise ValueError(f"{flag} is not a grey binary MedMNIST flag")
+    rng = np.random.default_rng(seed)
+    arrays, boxes = {}, {}
+    for split, count in zip(("train", "val", "test"), n):
+        arrays[f"{split}_images"], arrays[f"{split}_labels"], boxes[split] = square_arrays(count, size, rng)
+    path = Path(root) / npz_name(flag, size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **arrays)
+    return path, boxes

@@ -13,6 +13,7 @@ and return a module that maps ``(N, in_channels, input_size, input_size)`` float
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
 import inspect
 import os
@@ -39,7 +40,7 @@ class ModelSpec:
     summary: str = ""
     supports_pretrained: bool = False
     # Grad-CAM target: dotted path of the module inside the network whose activations are read
-    # (None: no convolutional feature map; MLPs are explained by gradient saliency).
+    # (syntax in zoo.models.catalog; None: no convolutional feature map, gradient saliency instead).
     cam_layer: str | None = None
     # Keyword arguments an architecture cannot do without, for a small example network (tests,
     # benchmarks): the ``ensemble`` needs its members. Empty for every ordinary architecture.
@@ -111,9 +112,15 @@ def _load_catalog() -> None:
         _add(spec)
 
 
-def list_models() -> list[str]:
-    """Names of all registered architectures, sorted."""
-    return sorted(_REGISTRY)
+def list_models(filter: str = "", pretrained: bool = False) -> list[str]:  # noqa: A002 - timm's name
+    """Names of the registered architectures, sorted; as ``timm.list_models``: ``filter`` is a
+    shell-style pattern (``"resnet*"``), ``pretrained=True`` keeps those with ImageNet weights."""
+    names = sorted(_REGISTRY)
+    if filter:
+        names = fnmatch.filter(names, filter)
+    if pretrained:
+        names = [n for n in names if _REGISTRY[n].supports_pretrained]
+    return names
 
 
 def get_spec(name: str) -> ModelSpec:

@@ -1,9 +1,11 @@
-"""Decoding image files into the uint8 arrays the models take (Pillow only: no torch).
+"""Decoding images into the uint8 arrays the models take (Pillow and pydicom: no torch).
 
-:func:`load_image` turns an image file (path, bytes or file object) into a ``uint8`` array
-``(C, image_size, image_size)``: the same layout as the MedMNIST arrays the models were trained
-on. The network-side half (float, resize, normalisation) is :class:`zoo.preprocess.adapter.InputAdapter`,
-inside every exported model.
+:func:`load_image` turns an image — a file (path, bytes or binary file object) in any format
+Pillow reads or DICOM, a ``PIL.Image``, a pydicom ``Dataset`` or a numpy array — into a ``uint8``
+array ``(C, image_size, image_size)``: the layout of the MedMNIST arrays the models were trained
+on. The network-side half (float, resize, normalisation) is
+:class:`zoo.preprocess.adapter.InputAdapter`, inside every exported model. :class:`ImageTransform`
+is :func:`load_image` bound to one model's :class:`~zoo.preprocess.spec.Preprocessing`.
 
 Mode rules (documented in the README, tested one by one):
 
@@ -11,93 +13,99 @@ Mode rules (documented in the README, tested one by one):
   backgrounds are dark), then converted as below;
 * ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``: converted to RGB by Pillow;
 * 16-bit and 32-bit grey (``I;16*``, ``I``, ``F``): scaled linearly from the image's own
-  min..max to 0..255 (medical exports are often 12/16-bit and rarely use the full range);
-  in float images non-finite pixels are left out of min..max and become 0 (NaN, -inf) or 255
-  (+inf); an image with no finite pixel is refused;
+  min..max (taken over the full-resolution image) to 0..255 (medical exports are often
+  12/16-bit and rarely use the full range); in float images non-finite pixels are left out of
+  min..max and count as the minimum (NaN, -inf) or the maximum (+inf); an image with no finite
+  pixel is refused;
 * ``1`` (bilevel): 0/255;
+* DICOM: see :mod:`zoo.preprocess.dicom` (rescale, VOI LUT or window, MONOCHROME1 inverted,
+  YBR and palette colour to RGB), then as 8-bit grey or RGB;
 * RGB image for a grey model: ITU-R 601-2 luma (Pillow's ``L``); grey image for an RGB model:
   the grey channel repeated three times;
-* then a bilinear resize of the whole image to ``image_size`` × ``image_size`` (no crop).
+* the whole image is resized (bilinear, antialiased, no crop) to ``image_size`` × ``image_size``.
 
-Refused with :class:`~zoo.errors.ImageError`: empty, truncated, corrupt or non-image data, images
-above ``MAX_PIXELS`` (decompression bombs); multi-frame files beyond the first frame are ignored.
+Arrays: ``(H, W)`` grey, or ``(H, W, C)`` / ``(C, H, W)`` with C = 1, 3 (RGB) or 4 (RGBA); the
+last axis holds the channels when it has 1, 3 or 4 entries, else the first. ``uint8`` any shape;
+grey arrays may also be ``uint16``, signed or unsigned integers or floats (the 16/32-bit rule).
+
+Memory: no full-size float64 (or other widened) copy is made. JPEGs are decoded at a reduced
+scale (``draft``: 1/2 … 1/8 while at least twice the model's size); 16/32-bit grey images are
+resized in their own mode and scaled to 8 bits afterwards (linear, so the order does not change
+the result beyond rounding); alpha is premultiplied (= composited over black) and resized
+before it is dropped. The pixel budget ``max_pixels`` is checked from the header, before any
+pixel is decoded.
+
+Refused with :class:`~zoo.errors.ImageError` (``kind`` in brackets): empty data [empty]; not an
+image, a codec this installation cannot decode (a TIFF compression libtiff was built without,
+a compressed DICOM transfer syntax no installed handler decodes), multi-frame DICOM
+[unsupported]; above ``max_pixels`` (decompression bombs) [too_large]; truncated or corrupt data
+[corrupt]. Of other multi-frame files (GIF, TIFF) the first frame is used.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import re
+import struct
+import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, TiffImagePlugin, UnidentifiedImageError
 
 from zoo.errors import ImageError
 from zoo.preprocess.spec import Preprocessing
 
+if TYPE_CHECKING:
+    from pydicom import Dataset
+
 # A 224 px model never needs more than this; a larger upload is refused before it is decoded.
 MAX_PIXELS = 64_000_000
 
+# What load_image takes: a file (path, bytes, binary file object), a decoded image or an array.
+ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, Image.Image, np.ndarray, "Dataset"]
+# A display window (center, width) in the modality's units (Hounsfield units for CT): DICOM only.
+Window = tuple[float, float]
 
-def _to_8bit(img: Image.Image) -> Image.Image:
-    """Wide grey modes (I;16, I, F) → L by min..max scaling of the finite pixels."""
-    arr = np.asarray(img, dtype=np.float64)
-    finite = np.isfinite(arr)
-    if not finite.any():
-        raise ImageError("float image without a single finite pixel value")  # decodable, but nothing usable in it: 422
-    lo, hi = float(arr[finite].min()), float(arr[finite].max())
-    scaled = np.zeros_like(arr) if hi <= lo else (arr - lo) * (255.0 / (hi - lo))
-    # NaN → 0, +inf → 255, -inf → 0 (one NaN used to turn the whole image black)
-    scaled = np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0)
-    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
-
-
-def _flatten_alpha(img: Image.Image) -> Image.Image:
-    rgba = img.convert("RGBA")
-    background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-    return Image.alpha_composite(background, rgba).convert("RGB")
-
-
-def convert_mode(img: Image.Image, in_channels: int) -> Image.Image:
-    """Apply the documented mode rules; returns an ``L`` or ``RGB`` image."""
-    mode = img.mode
-    if mode in ("P", "PA", "LA", "RGBA", "La", "RGBa"):
-        img = _flatten_alpha(img)
-    elif mode.startswith("I") or mode == "F":
-        img = _to_8bit(img)
-    elif mode == "1":
-        img = img.convert("L")
-    elif mode not in ("L", "RGB"):
-        try:
-            img = img.convert("RGB")
-        except (ValueError, OSError) as e:
-            raise ImageError(f"unsupported image mode {mode!r}: {e}", "unsupported") from e
-    target = "L" if in_channels == 1 else "RGB"
-    return img if img.mode == target else img.convert(target)
+_DICOM_VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"OB", b"OD",
+              b"OF", b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"SV", b"TM", b"UC", b"UI",
+              b"UL", b"UN", b"UR", b"US", b"UT", b"UV"}
+WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_STRIP_PIXELS = 1 << 20  # pixels per strip when a full-resolution pass is needed (bounded memory)
+# TIFF compressions libtiff may be built without (Pillow's names): refused as unsupported when absent.
+_OPTIONAL_TIFF_CODECS = ("jpeg", "lzma", "zstd", "webp")
+# Compression codes Pillow does not know at all (it cannot open such a TIFF); named in the refusal.
+_TIFF_CODEC_NAMES = {33003: "Aperio JPEG 2000", 33005: "Aperio JPEG 2000", 34712: "JPEG 2000", 34887: "LERC",
+                     34892: "lossy JPEG (DNG)", 50002: "JPEG XL", 52546: "JPEG XL"}
 
 
 @dataclass(frozen=True)
 class ImageHeader:
     """What a file's header says, read without decoding its pixels (for limits checked first)."""
 
-    format: str  # Pillow's format name ("PNG", "JPEG", "TIFF", "BMP", …)
+    format: str  # Pillow's format name ("PNG", "JPEG", "TIFF", "BMP", …) or "DICOM"
     width: int
     height: int
     frames: int = 1
-    mode: str = ""
+    mode: str = ""  # Pillow's mode; for DICOM the photometric interpretation ("MONOCHROME2", "RGB", …)
 
     @property
     def pixels(self) -> int:
         return self.width * self.height
 
 
-def _open_source(src: str | os.PathLike[str] | bytes | BinaryIO) -> Any:
-    """A file name or file object for Pillow; empty input is refused here."""
+# ---------------------------------------------------------------------------------------------
+# sources and limits
+
+
+def _open_source(src: str | os.PathLike[str] | bytes | bytearray | memoryview | BinaryIO) -> Any:
+    """A seekable binary file object or a path; empty input is refused here."""
     if isinstance(src, (bytes, bytearray, memoryview)):
         if len(src) == 0:
             raise ImageError("empty file", "empty")
@@ -105,7 +113,23 @@ def _open_source(src: str | os.PathLike[str] | bytes | BinaryIO) -> Any:
     if isinstance(src, (str, os.PathLike)):
         if Path(src).stat().st_size == 0:
             raise ImageError("empty file", "empty")
-    return src
+        return src
+    if not getattr(src, "seekable", lambda: False)():
+        return _open_source(src.read())  # a pipe or socket: read it (byte limits are the caller's)
+    return src  # read from its start, whatever its position (as Pillow's Image.open does)
+
+
+def _head(fp: Any, n: int = 132) -> bytes:
+    """The first ``n`` bytes of a path or file object (the file position is left unchanged)."""
+    if isinstance(fp, (str, os.PathLike)):
+        with open(fp, "rb") as f:
+            return f.read(n)
+    with _keep_position(fp) as f:
+        f.seek(0)  # _open_source gives file objects that start at 0
+        head = f.read(n)
+    if not head:
+        raise ImageError("empty file", "empty")
+    return head
 
 
 def too_large(w: int, h: int, max_pixels: int) -> ImageError:
@@ -117,23 +141,133 @@ def _bomb(e: Exception, max_pixels: int) -> ImageError:
     """Pillow's own decompression-bomb refusal, told with medzoo's limit (not Pillow's threshold)."""
     found = re.search(r"\((\d+) pixels\)", str(e))
     size = f"{int(found.group(1)):,} pixels" if found else "its size"
-    return ImageError(f"image of {size} is larger than the {max_pixels:,} pixel limit", "too_large")
+    # Pillow refuses at open above 2 × Image.MAX_IMAGE_PIXELS whatever our limit; say the lower one.
+    pillow = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else max_pixels
+    return ImageError(f"image of {size} is larger than the {min(max_pixels, pillow):,} pixel limit", "too_large")
+
+
+def _check_size(w: int, h: int, max_pixels: int) -> None:
+    if w * h > max_pixels:
+        raise too_large(w, h, max_pixels)
+    if w == 0 or h == 0:
+        raise ImageError("image has no pixels", "empty")
+
+
+def is_dicom(head: bytes) -> bool:
+    """The DICOM file format: a 128-byte preamble, then ``DICM``."""
+    return head[128:132] == b"DICM"
+
+
+def maybe_bare_dicom(head: bytes) -> bool:
+    """A DICOM dataset without preamble (old ACR-NEMA style exports): the first element is in
+    group 0002 (file meta) or 0008 (the first group of every image IOD), with an explicit VR or
+    a plausible implicit length. Only asked of data Pillow did not recognise."""
+    if len(head) < 8:
+        return False
+    for endian in "<>":
+        group, element = struct.unpack(endian + "HH", head[:4])
+        if group in (0x0002, 0x0008) and element <= 0x0020:
+            implicit_len = struct.unpack(endian + "I", head[4:8])[0]
+            if head[4:6] in _DICOM_VRS or implicit_len < 1 << 16:
+                return True
+    return False
+
+
+def _is_dicom_dataset(src: Any) -> bool:
+    pydicom = sys.modules.get("pydicom")  # a Dataset exists only if pydicom was imported
+    return pydicom is not None and isinstance(src, pydicom.Dataset)
+
+
+# ---------------------------------------------------------------------------------------------
+# TIFF codecs
+
+
+@functools.cache
+def tiff_codec_available(compression: str) -> bool:
+    """Whether this Pillow's libtiff decodes ``compression`` (Pillow's name: "webp", "zstd", …):
+    a tiny image is written and read back with it once per process."""
+    if compression not in _OPTIONAL_TIFF_CODECS:
+        return True
+    buf = io.BytesIO()
+    try:
+        Image.new("RGB", (16, 16), (10, 20, 30)).save(buf, "TIFF", compression=compression)
+        with Image.open(io.BytesIO(buf.getvalue())) as back:
+            back.load()
+    except (OSError, ValueError, KeyError, SyntaxError):
+        return False
+    return True
+
+
+def _check_tiff_codec(img: Image.Image) -> None:
+    name = img.info.get("compression", "raw")
+    if img.format == "TIFF" and not tiff_codec_available(name):
+        raise ImageError(f"TIFF compressed with {name!r}, a codec this installation's libtiff cannot decode "
+                         f"(save it uncompressed, LZW, deflate or packbits)", "unsupported")
+
+
+def _unknown_tiff(fp: Any) -> ImageError | None:
+    """The refusal of a TIFF Pillow cannot open because of its compression; None if not that."""
+    head = _head(fp, 16)
+    if head[:4] not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return None
+    try:
+        ifd = TiffImagePlugin.ImageFileDirectory_v2(head[:16] if head[2] == 43 else head[:8])
+        with (open(fp, "rb") if isinstance(fp, (str, os.PathLike)) else _keep_position(fp)) as f:
+            f.seek(ifd.next)
+            ifd.load(f)
+        code = int(ifd.get(259, 1))
+    except (OSError, SyntaxError, ValueError, TypeError, EOFError):
+        return None
+    if code in TiffImagePlugin.COMPRESSION_INFO:
+        return None
+    name = _TIFF_CODEC_NAMES.get(code, "an unknown method")
+    return ImageError(f"TIFF compressed with {name} (compression code {code}), which Pillow cannot decode "
+                      f"(save it uncompressed, LZW, deflate or packbits)", "unsupported")
+
+
+class _keep_position:  # noqa: N801 - used as a context manager like open()
+    """A file object whose position is restored on exit (the caller's object stays usable)."""
+
+    def __init__(self, fp: BinaryIO) -> None:
+        self.fp, self.pos = fp, fp.tell()
+
+    def __enter__(self) -> BinaryIO:
+        return self.fp
+
+    def __exit__(self, *exc: object) -> None:
+        self.fp.seek(self.pos)
+
+
+# ---------------------------------------------------------------------------------------------
+# probe: the header only
 
 
 def probe(src: str | os.PathLike[str] | bytes | BinaryIO, max_pixels: int = MAX_PIXELS) -> ImageHeader:
-    """Format, size and frame count from the header alone; :class:`ImageError` when the data is not
-    an image this package reads, or is larger than ``max_pixels``."""
+    """Format, size and frame count from the header alone (DICOM included); :class:`ImageError`
+    when the data is not an image this package reads, or is larger than ``max_pixels``."""
     fp = _open_source(src)
+    head = _head(fp)
+    if is_dicom(head):
+        from zoo.preprocess import dicom
+
+        return dicom.probe(fp, max_pixels, bare=False)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below
             with Image.open(fp) as img:
                 w, h = img.size
                 header = ImageHeader(img.format or "", w, h, int(getattr(img, "n_frames", 1) or 1), img.mode)
+                _check_tiff_codec(img)
+    except ImageError:
+        raise
     except Image.DecompressionBombError as e:
         raise _bomb(e, max_pixels) from e
     except UnidentifiedImageError as e:
-        raise ImageError("not an image file Pillow can read", "unsupported") from e
+        if maybe_bare_dicom(head):
+            from zoo.preprocess import dicom
+
+            return dicom.probe(fp, max_pixels, bare=True)
+        raise _unknown_tiff(fp) or _not_an_image() from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"corrupt or truncated image: {e}") from e
     if header.pixels > max_pixels:
@@ -141,38 +275,257 @@ def probe(src: str | os.PathLike[str] | bytes | BinaryIO, max_pixels: int = MAX_
     return header
 
 
-def load_image(
-    src: str | os.PathLike[str] | bytes | BinaryIO, prep: Preprocessing, max_pixels: int = MAX_PIXELS
-) -> np.ndarray:
-    """Decode an image file into ``uint8 (C, image_size, image_size)`` following the mode rules."""
-    fp = _open_source(src)
+def _not_an_image() -> ImageError:
+    return ImageError("not an image file medzoo can read (PNG, JPEG, TIFF, BMP, GIF, WebP, … or DICOM)",
+                      "unsupported")
+
+
+# ---------------------------------------------------------------------------------------------
+# load_image: decode, mode rules, resize
+
+
+def load_image(src: ImageSource, prep: Preprocessing, max_pixels: int = MAX_PIXELS,
+               window: Window | None = None) -> np.ndarray:
+    """Decode an image into ``uint8 (C, image_size, image_size)`` following the mode rules.
+
+    ``src``: a path, bytes or binary file object (any format Pillow reads, or DICOM), a
+    ``PIL.Image``, a pydicom ``Dataset`` or a numpy array (see the module docstring).
+    ``window``: ``(center, width)`` for DICOM grey images, in the modality's units after the
+    rescale (Hounsfield units for CT), used instead of the file's own VOI LUT or window; other
+    images do not carry such units and ignore it.
+    """
+    size, channels = prep.image_size, prep.in_channels
+    if window is not None and not (len(window) == 2 and float(window[1]) > 0):
+        raise ValueError(f"window must be (center, width) with a positive width, not {window!r}")
+    if isinstance(src, Image.Image):
+        _check_size(*src.size, max_pixels)
+        img = _fit(_loaded(src, max_pixels), size)
+    elif isinstance(src, np.ndarray):
+        img = _fit(array_to_image(src, max_pixels), size, owned=True)
+    elif _is_dicom_dataset(src):
+        from zoo.preprocess import dicom
+
+        img = _fit(dicom.to_image(src, max_pixels, window), size)
+    else:
+        img = _decode_file(_open_source(src), size, max_pixels, window)
+    target = "L" if channels == 1 else "RGB"
+    if img.mode != target:
+        img = img.convert(target)
+    arr = np.asarray(img, dtype=np.uint8)
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return np.ascontiguousarray(arr)
+
+
+def _loaded(img: Image.Image, max_pixels: int) -> Image.Image:
+    """A caller's ``PIL.Image``, its pixels loaded (lazy images fail here, with the reason)."""
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageError(f"corrupt or truncated image: {e}") from e
+    return img
+
+
+def _decode_file(fp: Any, size: int, max_pixels: int, window: Window | None) -> Image.Image:
+    """A file's image reduced to ``size`` (L, RGB or their alpha variants), DICOM or Pillow."""
+    head = _head(fp)
+    if is_dicom(head):
+        from zoo.preprocess import dicom
+
+        return _fit(dicom.load(fp, max_pixels, window, bare=False), size, owned=True)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow's warning threshold (89 MP) is not ours: our own limit is checked just below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(fp) as img:
-                w, h = img.size
-                if w * h > max_pixels:
-                    raise too_large(w, h, max_pixels)
-                if w == 0 or h == 0:
-                    raise ImageError("image has no pixels", "empty")
+                _check_size(*img.size, max_pixels)
+                _check_tiff_codec(img)
+                if img.format == "JPEG":
+                    img.draft(None, (2 * size, 2 * size))  # DCT-domain 1/2..1/8 scaling, still >= 2x size
                 img.load()  # decode now so truncation shows here, not later
-                img = convert_mode(img, prep.in_channels)
+                return _fit(img, size, owned=True)
     except ImageError:
         raise
     except UnidentifiedImageError as e:
-        raise ImageError("not an image file Pillow can read", "unsupported") from e
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        if maybe_bare_dicom(head):
+            from zoo.preprocess import dicom
+
+            return _fit(dicom.load(fp, max_pixels, window, bare=True), size, owned=True)
+        raise _unknown_tiff(fp) or _not_an_image() from e
+    except Image.DecompressionBombError as e:
         raise _bomb(e, max_pixels) from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"corrupt or truncated image: {e}") from e
-    if img.size != (prep.image_size, prep.image_size):
-        img = img.resize((prep.image_size, prep.image_size), Image.Resampling.BILINEAR)
-    arr = np.asarray(img, dtype=np.uint8)
+
+
+def _fit(img: Image.Image, size: int | None, owned: bool = False) -> Image.Image:
+    """The mode rules and the resize: any mode at any size → ``L`` or ``RGB`` at ``size`` × ``size``
+    (``None``: at the image's own size). ``owned``: the image was decoded here and may be altered.
+
+    Conversions that are linear per pixel (alpha over black, 16/32-bit scaling, luma) happen on
+    the resized image, so nothing is copied at full resolution in a wider type.
+    """
+    mode = img.mode
+    if mode in WIDE_GREY:
+        return _wide_to_8bit(img, size, owned)
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    elif mode == "PA":
+        img = img.convert("RGBA")
+    elif mode == "1":
+        img = img.convert("L")
+    if img.mode in ("RGBA", "LA"):
+        # premultiplied alpha is exactly "composited over black", and resizes without halos
+        img = img.convert("RGBa" if img.mode == "RGBA" else "La")
+    elif img.mode not in ("L", "RGB", "RGBa", "La"):
+        try:
+            img = img.convert("RGB")
+        except (ValueError, OSError) as e:
+            raise ImageError(f"unsupported image mode {mode!r}: {e}", "unsupported") from e
+    img = _resize(img, size)
+    if img.mode == "RGBa":
+        img = Image.merge("RGB", img.split()[:3])
+    elif img.mode == "La":
+        img = img.getchannel(0)
+    return img
+
+
+def _resize(img: Image.Image, size: int | None) -> Image.Image:
+    if size is None or img.size == (size, size):
+        return img
+    return img.resize((size, size), Image.Resampling.BILINEAR)
+
+
+def convert_mode(img: Image.Image, in_channels: int) -> Image.Image:
+    """The mode rules alone, at the image's own size: an ``L`` or ``RGB`` image."""
+    out = _fit(img, None)
+    target = "L" if in_channels == 1 else "RGB"
+    return out if out.mode == target else out.convert(target)
+
+
+# ---------------------------------------------------------------------------------------------
+# 16/32-bit grey
+
+
+def _strips(img: Image.Image) -> Iterator[tuple[int, np.ndarray]]:
+    """``(top row, array)`` of horizontal strips of about a megapixel: full-resolution passes
+    without a full-size array."""
+    w, h = img.size
+    step = max(1, _STRIP_PIXELS // max(w, 1))
+    for top in range(0, h, step):
+        yield top, np.asarray(img.crop((0, top, w, min(h, top + step))))
+
+
+def _extrema(img: Image.Image) -> tuple[float, float, bool]:
+    """Finite min and max of a wide grey image, and whether it has non-finite pixels."""
+    if img.mode in ("I;16", "I"):
+        lo, hi = img.getextrema()  # computed by Pillow in C, no copy
+        return float(lo), float(hi), False
+    lo, hi, nonfinite = np.inf, -np.inf, False
+    for _, a in _strips(img):
+        if a.dtype.kind == "f":
+            finite = np.isfinite(a)
+            if not finite.all():
+                nonfinite = True
+                a = a[finite]
+        if a.size:
+            lo, hi = min(lo, float(a.min())), max(hi, float(a.max()))
+    if lo > hi:
+        raise ImageError("float image without a single finite pixel value")  # decodable, but nothing usable: 422
+    return lo, hi, nonfinite
+
+
+def _replace_nonfinite(img: Image.Image, lo: float, hi: float, owned: bool) -> Image.Image:
+    """The float image with NaN and -inf set to ``lo`` and +inf to ``hi``, strip by strip; in
+    place when ``owned``, else on a copy (a caller's image is never altered)."""
+    out = img if owned else img.copy()
+    for top, a in _strips(img):
+        if not np.isfinite(a).all():
+            fixed = np.nan_to_num(a, nan=lo, posinf=hi, neginf=lo).astype(np.float32)
+            out.paste(Image.fromarray(fixed, "F"), (0, top))
+    return out
+
+
+def _wide_to_8bit(img: Image.Image, size: int | None, owned: bool) -> Image.Image:
+    """16/32-bit grey → ``L``: min..max of the full image, resize in the image's own mode, then
+    scale the small image (scaling is linear, so it commutes with the bilinear resize)."""
+    lo, hi, nonfinite = _extrema(img)
+    if nonfinite:
+        img = _replace_nonfinite(img, lo, hi, owned)
+    small = np.asarray(_resize(img, size), dtype=np.float64)  # size x size: a few kB
+    scaled = np.zeros_like(small) if hi <= lo else (small - lo) * (255.0 / (hi - lo))
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+
+
+# ---------------------------------------------------------------------------------------------
+# arrays
+
+
+def _channel_axis(arr: np.ndarray) -> int | None:
+    """Where the channels of an image array are: None (2-D), -1 (H, W, C) or 0 (C, H, W)."""
     if arr.ndim == 2:
-        arr = arr[None]
-    else:
-        arr = arr.transpose(2, 0, 1)
-    return np.ascontiguousarray(arr)
+        return None
+    if arr.ndim == 3:
+        if arr.shape[-1] in (1, 3, 4):
+            return -1
+        if arr.shape[0] in (1, 3, 4):
+            return 0
+        raise ImageError(f"an image array of shape {arr.shape} has no channel axis of 1, 3 or 4 entries "
+                         f"(expected (H, W), (H, W, C) or (C, H, W))", "unsupported")
+    what = "a batch of images: give them one by one (or as a list)" if arr.ndim == 4 else f"{arr.ndim} dimensions"
+    raise ImageError(f"an image array of shape {arr.shape} is {what}", "unsupported")
+
+
+def array_to_image(arr: np.ndarray, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """A numpy image (layouts and types in the module docstring) as a ``PIL.Image`` (no resize)."""
+    axis = _channel_axis(arr)
+    if axis == 0:
+        arr = np.moveaxis(arr, 0, -1)
+    if axis is not None and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    h, w = arr.shape[:2]
+    _check_size(w, h, max_pixels)
+    kind = arr.dtype.kind
+    # Pillow infers the mode from the dtype and shape: L, RGB, RGBA, I;16, I (int32), F (float32)
+    if arr.ndim == 3 and arr.dtype != np.uint8:
+        raise ImageError(f"colour image arrays must be uint8, not {arr.dtype}", "unsupported")
+    if arr.dtype in (np.uint8, np.uint16):
+        return Image.fromarray(np.ascontiguousarray(arr))
+    if kind == "b":
+        return Image.fromarray(arr.astype(np.uint8) * 255)
+    if kind in "iu" and arr.size and (int(arr.min()) < -(2**31) or int(arr.max()) >= 2**31):
+        return Image.fromarray(arr.astype(np.float32))  # beyond int32: float keeps the order
+    if kind in "iu":
+        return Image.fromarray(arr.astype(np.int32))
+    if kind == "f":
+        return Image.fromarray(arr.astype(np.float32))
+    raise ImageError(f"image arrays of dtype {arr.dtype} are not supported", "unsupported")
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers for callers
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """:func:`load_image` bound to a model's preprocessing: ``transform(image) -> uint8 (C, H, W)``.
+
+    What ``Model.transforms()`` returns (as torchvision's ``weights.transforms()``): the one
+    preprocessing definition, usable in a dataset or a data loader.
+    """
+
+    prep: Preprocessing
+    max_pixels: int = MAX_PIXELS
+    window: Window | None = None
+
+    def __call__(self, src: ImageSource) -> np.ndarray:
+        return load_image(src, self.prep, self.max_pixels, self.window)
+
+    def __repr__(self) -> str:
+        p = self.prep
+        window = f", DICOM window {self.window}" if self.window else ""
+        return (f"ImageTransform(image -> uint8 ({p.in_channels}, {p.image_size}, {p.image_size}): mode rules of "
+                f"zoo.preprocess, bilinear resize{window}; the model normalises with mean={list(p.mean)} "
+                f"std={list(p.std)} and resizes to {p.input_size} itself)")
 
 
 def stack_images(arrays: Sequence[np.ndarray]) -> np.ndarray:

@@ -69,17 +69,31 @@ def decode_entries(folder: str, entries: Sequence[tuple[str, int]], prep: Prepro
 _WORKER: dict[str, Any] = {}
 
 
-def _watch_parent(parent: int) -> None:
+def _alive(pid: int, forked: bool) -> bool:
+    """Whether the scoring process still runs: a forked child sees its parent change when it dies;
+    a forkserver's child (whose parent is the server) asks the kernel about the pid."""
+    if forked:
+        return os.getppid() == pid
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _watch_parent(parent: int, forked: bool) -> None:
     """Exit when the scoring process is gone (killed), instead of lingering as an orphan."""
-    while os.getppid() == parent:
+    while _alive(parent, forked):
         time.sleep(0.5)
     os._exit(1)
 
 
-def _init_worker(folder: str, prep: Preprocessing, parent: int) -> None:
+def _init_worker(folder: str, prep: Preprocessing, parent: int, forked: bool = True) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the scoring process's to handle
     _WORKER["folder"], _WORKER["prep"] = folder, prep
-    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    threading.Thread(target=_watch_parent, args=(parent, forked), daemon=True).start()
 
 
 def _decode_task(entries: list[tuple[str, int]]) -> DecodedChunk:
@@ -105,19 +119,25 @@ class Decoder:
     one file per task, the guilty file getting :data:`CRASH_REASON`.
     """
 
-    def __init__(self, folder: Path, prep: Preprocessing, workers: int, depth: int) -> None:
+    def __init__(self, folder: Path, prep: Preprocessing, workers: int, depth: int,
+                 start_method: str | None = None) -> None:
         self.folder, self.prep, self.workers, self.depth = str(folder), prep, workers, depth
+        methods = multiprocessing.get_all_start_methods()
+        # fork (default): workers start in milliseconds and do not re-import torch; they only run
+        # Pillow. "forkserver" where the process holds threads that fork would leave in a broken
+        # state in the child (a Ray worker's gRPC and abseil locks).
+        self.start_method = start_method or ("fork" if "fork" in methods else None)
         self.pool: ProcessPoolExecutor | None = None
         self.pending: deque[tuple[list[tuple[str, int]], list[tuple[int, Future[DecodedChunk]]]]] = deque()
         if workers > 0:
             self._start()
 
     def _start(self) -> None:
-        methods = multiprocessing.get_all_start_methods()
-        # fork: workers start in milliseconds and do not re-import torch; they only run Pillow.
-        ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
+        ctx = multiprocessing.get_context(self.start_method)
+        if self.start_method == "forkserver":
+            ctx.set_forkserver_preload(["zoo.score.decode"])  # not the parent's __main__
         self.pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker,
-                                        initargs=(self.folder, self.prep, os.getpid()))
+                                        initargs=(self.folder, self.prep, os.getpid(), self.start_method == "fork"))
 
     def _restart(self) -> None:
         if self.pool is not None:

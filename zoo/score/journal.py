@@ -21,7 +21,7 @@ from zoo.score.models import Scores, model_identity
 
 log = logging.getLogger(__name__)
 
-JOURNAL_VERSION = 1
+JOURNAL_VERSION = 2  # 2: rows carry the out-of-distribution score and flag
 MANIFEST = "manifest.json"
 LOCK = "lock"
 
@@ -155,11 +155,14 @@ def open_journal(run: Run) -> None:
 
 def chunk_record(index: int, entries: Sequence[FileEntry], decoded: DecodedChunk,
                   scores: Scores | None) -> dict[str, Any]:
-    """The journal record of a chunk: rows ``[path, top, probs, agreement]`` and errors ``[path, reason]``."""
+    """The journal record of a chunk: rows ``[path, top, probs, agreement, ood_score, in_distribution]``
+    and errors ``[path, reason]``."""
     rows = []
     for k, i in enumerate(decoded.ok):
         assert scores is not None
         agreement = None if scores.agreement is None else _num(scores.agreement[k])
-        rows.append([entries[i].rel, int(scores.top[k]), [_num(p) for p in scores.probs[k]], agreement])
+        ood = None if scores.ood_score is None else _num(scores.ood_score[k])
+        flag = None if scores.in_distribution is None else bool(scores.in_distribution[k])
+        rows.append([entries[i].rel, int(scores.top[k]), [_num(p) for p in scores.probs[k]], agreement, ood, flag])
     errors = [[entries[i].rel, reason] for i, reason in sorted(decoded.errors)]
     return {"chunk": index, "rows": rows, "errors": errors}

@@ -13,8 +13,8 @@ import numpy as np
 from zoo.ensemble import check_compatible, choose_members, combine
 from zoo.errors import EnsembleError
 from zoo.io import sha256_of
-from zoo.postprocess import to_probs
-from zoo.runtime import OnnxModel, bundle_card
+from zoo.postprocess import interpret
+from zoo.runtime import OOD_OUTPUT, OnnxModel, bundle_card
 from zoo.store import resolve_bundle
 
 log = logging.getLogger(__name__)
@@ -75,18 +75,33 @@ class Scores:
     """Per-image results of one chunk (images that decoded)."""
 
     top: np.ndarray  # (n,) int
-    probs: np.ndarray  # (n, K) float32
+    probs: np.ndarray  # (n, K) float32, calibrated when the model(s) are
     agreement: np.ndarray | None  # (n,) float32, ensembles only
+    ood_score: np.ndarray | None = None  # (n,) float32, models with an out-of-distribution detector
+    in_distribution: np.ndarray | None = None  # (n,) bool
+
+
+def has_ood(models: Sequence[OnnxModel]) -> bool:
+    """Whether every model returns an out-of-distribution score (then the output has its columns)."""
+    return all(m.has_ood and m.meta.ood is not None for m in models)
+
+
+def _run(m: OnnxModel, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Logits and (when the file has it) the OOD score of one model, batched."""
+    parts = [m.outputs(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+    if not parts:
+        return np.zeros((0, m.meta.num_outputs), np.float32), None
+    logits = np.concatenate([p[m.output_names[0]] for p in parts])
+    ood = np.concatenate([p[OOD_OUTPUT] for p in parts]) if OOD_OUTPUT in parts[0] else None
+    return logits, ood
 
 
 def infer(models: Sequence[OnnxModel], images: np.ndarray, batch_size: int) -> Scores:
-    """Batched logits of every model; an ensemble combines them as :func:`zoo.ensemble.combine`."""
-    logits = []
-    for m in models:
-        parts = [m.predict(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
-        logits.append(np.concatenate(parts) if parts else np.zeros((0, m.meta.num_outputs), np.float32))
+    """Answers of a model (:func:`zoo.postprocess.interpret`) or an ensemble (:func:`zoo.ensemble.combine`)."""
+    results = [_run(m, images, batch_size) for m in models]
     if len(models) == 1:
-        probs = to_probs(logits[0])
-        return Scores(probs.argmax(1), probs, None)
-    out = combine(logits)
-    return Scores(out.classes, out.probs, out.agreement)
+        (logits, ood), = results
+        p = interpret(logits, models[0].meta, ood)
+        return Scores(p.classes, p.probs, None, p.ood_score, p.in_distribution)
+    out = combine([r[0] for r in results], [m.meta for m in models], [r[1] for r in results])
+    return Scores(out.classes, out.probs, out.agreement, out.ood_score, out.in_distribution)

@@ -28,14 +28,26 @@ def output_format(out: Path) -> str:
     return fmt
 
 
-def output_columns(labels: Sequence[str], ensemble: bool) -> list[str]:
-    """Column names of the output, in order."""
+def output_columns(labels: Sequence[str], ensemble: bool, ood: bool = False) -> list[str]:
+    """Column names of the output, in order: ``path, model_id, top_class, prob_<label>…,
+    [agreement], calibrated, [ood_score, in_distribution]``."""
     probs = [PROB_PREFIX + lab for lab in labels]
-    return ["path", "model_id", "top_class", *probs] + (["agreement"] if ensemble else [])
+    return (["path", "model_id", "top_class", *probs] + (["agreement"] if ensemble else []) + ["calibrated"]
+            + (["ood_score", "in_distribution"] if ood else []))
+
+
+def _arrow_type(column: str) -> Any:
+    import pyarrow as pa
+
+    if column in ("path", "model_id", "top_class"):
+        return pa.string()
+    if column in ("calibrated", "in_distribution"):
+        return pa.bool_()
+    return pa.float32()
 
 
 def write_output(out: Path, fmt: str, columns: list[str], rows: Iterator[list[Any]]) -> int:
-    """Write the rows (``path, model_id, top_class, probs..., [agreement]``); returns their count."""
+    """Write the rows (values in the order of ``columns``); returns their count."""
     count = 0
     if fmt == "parquet":
         import pyarrow as pa
@@ -46,8 +58,7 @@ def write_output(out: Path, fmt: str, columns: list[str], rows: Iterator[list[An
             for c, v in zip(cols, row, strict=True):
                 c.append(v)
             count += 1
-        types = [pa.string()] * 3 + [pa.float32()] * (len(columns) - 3)
-        table = pa.table({name: pa.array(c, type=t) for name, c, t in zip(columns, cols, types, strict=True)})
+        table = pa.table({name: pa.array(c, type=_arrow_type(name)) for name, c in zip(columns, cols, strict=True)})
         atomic_write(out, lambda f: pq.write_table(table, f))
         return count
 

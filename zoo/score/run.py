@@ -27,7 +27,7 @@ from zoo.score.journal import (
     open_journal,
 )
 from zoo.score.listing import FileEntry, display_path, list_folder
-from zoo.score.models import infer, open_models, resolve_models
+from zoo.score.models import has_ood, infer, open_models, resolve_models
 from zoo.score.output import count_rows, output_columns, output_format, write_output
 
 log = logging.getLogger(__name__)
@@ -130,13 +130,17 @@ def _assemble(run: Run, ensemble: bool) -> tuple[int, int]:
         text.flush()
         text.detach()
 
+    calibrated = all(m.meta.calibration is not None for m in run.models)
+    ood = has_ood(run.models)
+
     def rows() -> Iterator[list[Any]]:
         for i in range(run.n_chunks):
-            for rel, top, probs, agreement in run.done[i]["rows"]:
-                yield [display_path(rel), model_id, labels[top], *probs] + ([agreement] if ensemble else [])
+            for rel, top, probs, agreement, ood_score, flag in run.done[i]["rows"]:
+                yield ([display_path(rel), model_id, labels[top], *probs] + ([agreement] if ensemble else [])
+                       + [calibrated] + ([ood_score, flag] if ood else []))
 
     atomic_write(run.errors_out, write_errors)
-    n = write_output(run.out, run.fmt, output_columns(labels, ensemble), rows())
+    n = write_output(run.out, run.fmt, output_columns(labels, ensemble, ood), rows())
     return n, len(errors)
 
 

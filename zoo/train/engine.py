@@ -4,7 +4,8 @@
 directory (:mod:`zoo.train.checkpoint`: lock, snapshots, resume), runs the epochs
 (:mod:`zoo.train.loop`), then evaluates the best weights — chosen on validation — once on the
 test split and writes the bundle with its card, plots and Markdown model card
-(:mod:`zoo.train.report`, :mod:`zoo.modelcard`).
+(:mod:`zoo.train.report`), fits the calibration and the out-of-distribution detector on the
+validation split (:mod:`zoo.trust.fit`) and writes the Markdown model card (:mod:`zoo.modelcard`).
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from tqdm.auto import tqdm
 from zoo.bundle import reserve_dir, save_bundle
 from zoo.card import Card, read_card
 from zoo.data import DataSplits
+from zoo.errors import TrainingError
 from zoo.inference import load_splits, pick_device
 from zoo.io import atomic_write_bytes
-from zoo.modelcard import write_model_card
 from zoo.names import short_name
 from zoo.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from zoo.preprocess.adapter import normalisation_stats
@@ -38,6 +39,7 @@ from zoo.train.checkpoint import Progress, RunDir, progress_of
 from zoo.train.loop import EpochCallback, Session, end_epoch, eval_model, evaluate, train_epoch
 from zoo.train.precision import use_bf16_autocast
 from zoo.train.report import card_fields, plots
+from zoo.trust.fit import fit_bundle
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +114,11 @@ def _finish(s: Session, p: Progress, run: RunDir, store: Path | None, train_time
 
     The best weights are the evaluated network's (raw, or the EMA / SWA average) of the selected
     epoch; they go back into the network, which is evaluated (with the recipe's TTA) and saved."""
-    assert p.best_state is not None, "no epoch was run"
+    if p.best_state is None:  # every validation score was NaN (a diverged run), or no epoch ran
+        metric = s.recipe.train.early_stopping.metric
+        raise TrainingError(f"no epoch had a finite validation {metric} ({len(p.history)} run, last train loss "
+                            f"{p.history[-1]['train_loss'] if p.history else 'none'}): the run diverged or "
+                            "ran no epoch; lower the learning rate or check the data")
     s.net.load_state_dict(p.best_state)
     final = eval_model(s, s.net)
     _, val, _ = evaluate(s, s.splits.val, final)
@@ -124,7 +130,7 @@ def _finish(s: Session, p: Progress, run: RunDir, store: Path | None, train_time
     path = reserve_dir(bundles_dir(store), name)
     save_bundle(path, s.net.cpu(), fields, yaml.safe_dump(s.recipe.to_dict(), sort_keys=False))
     plots(path, p.history, p.best_epoch, test["confusion"], s.splits.labels)
-    write_model_card(path)
+    fit_bundle(path, s.splits)  # calibration and the OOD detector (validation only), README.md
     run.finish(path)
     return path
 

@@ -27,7 +27,6 @@ from zoo.ensemble import COMBINE, check_compatible
 from zoo.errors import EnsembleError
 from zoo.inference import bundle_splits, pick_device, predict_logits
 from zoo.metrics import compute_metrics
-from zoo.modelcard import write_model_card
 from zoo.models import create_model
 from zoo.names import short_name
 from zoo.postprocess import to_probs
@@ -37,6 +36,7 @@ from zoo.store import bundles_dir
 from zoo.train.engine import TrainResult, train
 from zoo.train.loop import EpochCallback
 from zoo.train.report import device_name, ensemble_plots, versions
+from zoo.trust.fit import fit_bundle
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def ensemble_bundles(paths: Sequence[str | Path], data_root: str | Path | None =
     ensemble_plots(path, [(b.card.recipe.get("train", {}).get("seed"), b.card.metrics.history,
                            b.card.metrics.best_epoch) for b in bundles],
                    metrics["test"]["confusion"], splits.labels)
-    write_model_card(path)
+    fit_bundle(path, splits)  # calibration and the OOD detector of the ensemble itself; README.md
     log.info("ensemble of %d members in %.1f s: %s", len(bundles), time.perf_counter() - t0, path.name)
     return TrainResult(bundle=path, card=read_card(path))
 

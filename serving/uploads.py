@@ -1,0 +1,295 @@
+"""Reading uploads before BentoML does: byte limits, a body timeout, multipart or a raw image body.
+
+BentoML 1.4 (checked in 1.4.39) parses a typed endpoint's multipart body itself
+(``_bentoml_impl.serde.MultipartSerde``): a text value in a file field is taken for a URL and
+downloaded by the server, the form is read without any size limit, and a malformed form or a
+failed download ends in a 500 (``api_endpoint_wrapper`` turns every exception that is not a
+``BentoMLException`` or a pydantic ``ValidationError`` into one). :class:`UploadGuard`, an ASGI
+middleware added with ``Service.add_asgi_middleware``, therefore reads the body of the prediction
+routes first:
+
+* ``Content-Length`` above ``max_request_bytes`` → 413 before a byte is read; a body that grows
+  past it while streaming → 413;
+* no body data for ``body_timeout_s`` → 408 (a stalled upload is the client's fault, not a 504);
+* multipart (starlette's parser, with limits on files, fields and text-part size): every part
+  with a filename is an image, whatever its field name; ``top_k`` is the one text field taken; a
+  text value where a file is expected is refused, never fetched; malformed → 400;
+* ``image/*``, ``application/dicom`` or ``application/octet-stream``: the body is one image;
+* anything else → 415.
+
+The result (:class:`ParsedRequest`) goes to the endpoint through the ASGI scope
+(``scope["state"][STATE_KEY]``); :class:`serving.schemas.ImagesInput` picks it up there. It also
+lets ``GET /models`` and ``GET /stats`` through to their (POST) typed endpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+from starlette.datastructures import Headers, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serving.config import Limits
+
+STATE_KEY = "medzoo.request"
+OPTION_FIELDS = ("top_k", "target")  # target: the class an explanation explains (/<task>/explain)
+RAW_TYPES = ("application/octet-stream", "application/dicom")
+TEXT_PART_BYTES = 64 * 1024  # a text form field (top_k) is short; a longer one is a file sent as text
+
+
+class Problem(Exception):
+    """A request refused as a whole: HTTP status and a message for the user."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class Upload:
+    """One uploaded file, or its refusal found before decoding (``data`` None, ``status`` ≠ 200)."""
+
+    index: int
+    filename: str
+    data: bytes | None = None
+    status: int = 200
+    error: str = ""
+
+
+@dataclass
+class ParsedRequest:
+    uploads: list[Upload] = field(default_factory=list)
+    top_k: int | None = None
+    target: str | None = None
+
+
+def megabytes(n: float) -> str:
+    return f"{n / 2**20:.3g} MB"
+
+
+def too_large_request(limits: Limits) -> Problem:
+    return Problem(413, f"request larger than the {megabytes(limits.max_request_bytes)} limit")
+
+
+def parse_top_k(raw: str | None) -> int | None:
+    """``top_k`` from a form field (BentoML's clients send it JSON-encoded) or the query string."""
+    if raw is None or raw.strip() in ("", "null"):
+        return None
+    try:
+        k = int(raw.strip().strip('"'))
+    except ValueError:
+        raise Problem(400, f"top_k must be a positive integer, not {raw!r}") from None
+    if k < 1:
+        raise Problem(400, f"top_k must be a positive integer, not {raw!r}")
+    return k
+
+
+async def body_stream(receive: Receive, limits: Limits) -> AsyncGenerator[bytes, None]:
+    """The request body chunk by chunk: 413 past ``max_request_bytes``, 408 when the client
+    sends nothing for ``body_timeout_s``, 400 when it goes away."""
+    seen = 0
+    while True:
+        with anyio.move_on_after(limits.body_timeout_s) as scope:
+            message = await receive()
+        if scope.cancelled_caught:
+            raise Problem(408, f"the upload stalled: no data for {limits.body_timeout_s:g} s")
+        if message["type"] == "http.disconnect":
+            raise Problem(400, "the client disconnected before the upload was complete")
+        chunk = message.get("body", b"")
+        seen += len(chunk)
+        if seen > limits.max_request_bytes:
+            raise too_large_request(limits)
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return
+
+
+def _file_upload(index: int, name: str, value: UploadFile, limits: Limits) -> Upload:
+    up = Upload(index, value.filename or name)
+    size = value.size or 0
+    if size > limits.max_file_bytes:
+        up.status = 413
+        up.error = f"file of {megabytes(size)} is larger than the {megabytes(limits.max_file_bytes)} limit"
+    else:
+        value.file.seek(0)
+        up.data = value.file.read()
+    return up
+
+
+def _text_upload(index: int, name: str, value: str) -> Upload:
+    shown = value[:60] + ("…" if len(value) > 60 else "")
+    return Upload(index, name, status=400, error=(
+        f"field {name!r} holds text ({shown!r}), not a file: upload the image itself (this service fetches no URLs)"))
+
+
+def as_uploads(images: list[Any], max_file_bytes: int) -> list[Upload]:
+    """An endpoint's ``images``: what UploadGuard read (over HTTP), or paths / bytes (in-process calls)."""
+    out: list[Upload] = []
+    for i, img in enumerate(images):
+        if isinstance(img, Upload):
+            out.append(img)
+        elif isinstance(img, (bytes, bytearray, memoryview)):
+            out.append(Upload(i, f"image-{i}", data=bytes(img)))
+        else:
+            path = Path(img)
+            size = path.stat().st_size
+            if size > max_file_bytes:
+                out.append(Upload(i, path.name, status=413, error=(
+                    f"file of {megabytes(size)} is larger than the {megabytes(max_file_bytes)} limit")))
+            else:
+                out.append(Upload(i, path.name, data=path.read_bytes()))
+    return out
+
+
+def collect(items: Iterable[tuple[str, str | UploadFile]], limits: Limits) -> ParsedRequest:
+    """Uploads and options from parsed form items (files under any field name)."""
+    out = ParsedRequest()
+    for name, value in items:
+        if isinstance(value, UploadFile):
+            out.uploads.append(_file_upload(len(out.uploads), name, value, limits))
+        elif name == "top_k":
+            out.top_k = parse_top_k(value)
+        elif name == "target":
+            out.target = parse_target(value)
+        elif name == "images":
+            out.uploads.append(_text_upload(len(out.uploads), name, value))
+        else:
+            raise Problem(400, f"unexpected form field {name!r}: send image files and optionally top_k (and target)")
+    return out
+
+
+def _multipart_problem(e: MultiPartException, limits: Limits) -> Problem:
+    msg = e.message
+    if msg.startswith("Too many files"):
+        return Problem(413, f"more than {limits.max_images} images in one request")
+    if msg.startswith("Part exceeded"):
+        return Problem(400, f"a text form field is longer than {TEXT_PART_BYTES // 1024} KB: send images as files "
+                            "(curl -F images=@file.png)")
+    return Problem(400, f"malformed multipart body: {msg}")
+
+
+async def read_multipart(headers: Headers, receive: Receive, limits: Limits) -> ParsedRequest:
+    parser = MultiPartParser(headers, body_stream(receive, limits), max_files=limits.max_images,
+                             max_fields=len(OPTION_FIELDS) + 8, max_part_size=TEXT_PART_BYTES)
+    try:
+        form = await parser.parse()
+    except MultiPartException as e:
+        raise _multipart_problem(e, limits) from None
+    except (KeyError, ValueError, UnicodeDecodeError) as e:  # python-multipart on odd headers
+        raise Problem(400, f"malformed multipart body: {type(e).__name__} {e}") from None
+    try:
+        return collect(form.multi_items(), limits)
+    finally:
+        await form.close()
+
+
+async def read_raw(receive: Receive, limits: Limits) -> ParsedRequest:
+    data = b"".join([chunk async for chunk in body_stream(receive, limits)])
+    if len(data) > limits.max_file_bytes:
+        return ParsedRequest([Upload(0, "body", status=413, error=(
+            f"file of {megabytes(len(data))} is larger than the {megabytes(limits.max_file_bytes)} limit"))])
+    return ParsedRequest([Upload(0, "body", data=data)])
+
+
+async def read_request(scope: Scope, receive: Receive, limits: Limits) -> ParsedRequest:
+    """The uploads and ``top_k`` of one prediction request, or :class:`Problem`."""
+    headers = Headers(scope=scope)
+    length = headers.get("content-length")
+    if length is not None:
+        if not length.strip().isdigit():
+            raise Problem(400, "invalid Content-Length header")
+        if int(length) > limits.max_request_bytes:
+            raise too_large_request(limits)
+    ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        parsed = await read_multipart(headers, receive, limits)
+    elif ctype.startswith("image/") or ctype in RAW_TYPES:
+        parsed = await read_raw(receive, limits)
+    else:
+        raise Problem(415, "send multipart/form-data with image files (field 'images'), "
+                           "or one raw image body with Content-Type image/* or application/dicom")
+    query_k = _query_top_k(scope)
+    if parsed.top_k is None and query_k is not None:
+        parsed.top_k = query_k
+    query_target = _query(scope, "target")
+    if parsed.target is None and query_target:
+        parsed.target = parse_target(query_target)
+    if not parsed.uploads:
+        raise Problem(400, "no image in the request: attach one or more files (multipart field 'images')")
+    return parsed
+
+
+def _query(scope: Scope, name: str) -> str | None:
+    from urllib.parse import parse_qs
+
+    values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get(name)
+    return values[-1] if values else None
+
+
+def _query_top_k(scope: Scope) -> int | None:
+    raw = _query(scope, "top_k")
+    return parse_top_k(raw) if raw is not None else None
+
+
+def parse_target(raw: str) -> str | None:
+    """``target`` as sent: plain text, or JSON-encoded by BentoML's clients (``"benign"``, ``3``)."""
+    import json
+
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return None if value is None or value == "" else str(value)
+
+
+def _replay_empty(receive: Receive) -> Receive:
+    """The body is consumed: the app gets an empty one, then the client's later messages (disconnect)."""
+    sent = False
+
+    async def inner() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        return await receive()
+
+    return inner
+
+
+class UploadGuard:
+    """ASGI middleware: reads the prediction routes' uploads with the limits (module docstring)."""
+
+    def __init__(self, app: ASGIApp, upload_routes: Iterable[str], get_routes: Iterable[str], limits: Limits) -> None:
+        self.app = app
+        self.upload_routes = frozenset(upload_routes)
+        self.get_routes = frozenset(get_routes)
+        self.limits = limits
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path, method = scope["path"], scope["method"]
+        if method == "GET" and path in self.get_routes:
+            await self.app({**scope, "method": "POST"}, receive, send)  # a typed endpoint is a POST
+            return
+        if method != "POST" or path not in self.upload_routes:
+            await self.app(scope, receive, send)
+            return
+        try:
+            parsed = await read_request(scope, receive, self.limits)
+        except Problem as p:
+            # The body may be unread: the connection is closed after the answer.
+            body = {"error": p.message, "task": path.strip("/")}
+            await JSONResponse(body, status_code=p.status, headers={"connection": "close"})(scope, receive, send)
+            return
+        scope.setdefault("state", {})[STATE_KEY] = parsed
+        await self.app(scope, _replay_empty(receive), send)

@@ -1,0 +1,121 @@
+"""Training on several processes: ``torch.distributed`` with DistributedDataParallel, as started by
+``torchrun`` (or ``zoo train --nproc N``, which runs torchrun).
+
+torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous; :func:`from_env` reads
+them and joins the process group: gloo on the CPU, NCCL on GPUs (one per local rank). Each rank
+draws its shard of every global batch from the same permutation (the recipe's ``batch_size`` is per
+process, the effective batch is ``batch_size × world_size``), DDP averages the gradients, validation
+is sharded and its logits gathered so that every rank computes the same metrics and makes the same
+model-selection decisions, and rank 0 alone writes snapshots, the bundle and its card. Several
+machines: torchrun's own options (``--nnodes``, ``--node-rank``, ``--rdzv-endpoint``); the store
+must then be on a filesystem every node sees (the snapshot rank 0 writes is what every rank resumes).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the process group."""
+
+    rank: int
+    world: int
+    local_rank: int
+    backend: str
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the process that writes."""
+        return self.rank == 0
+
+    def device(self) -> torch.device:
+        return torch.device(f"cuda:{self.local_rank}") if self.backend == "nccl" else torch.device("cpu")
+
+
+def launched() -> bool:
+    """Whether torchrun started this process (its environment variables are set)."""
+    return all(k in os.environ for k in ENV) and int(os.environ["WORLD_SIZE"]) > 1
+
+
+def from_env(device: str | None = None) -> Dist | None:
+    """Join the process group torchrun set up; None when this is a single process."""
+    if not launched():
+        return None
+    rank, world, local = (int(os.environ[k]) for k in ENV)
+    gpu = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    backend = "nccl" if gpu else "gloo"
+    if gpu:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return Dist(rank, world, local, backend)
+
+
+def shard(indices: torch.Tensor, d: Dist | None) -> torch.Tensor:
+    """This rank's contiguous part of a global batch (sizes differ by at most one)."""
+    return indices if d is None else torch.tensor_split(indices, d.world)[d.rank]
+
+
+def mean(value: float, d: Dist | None) -> float:
+    """The mean of a number over the ranks."""
+    if d is None:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=d.device())
+    dist.all_reduce(t)
+    return float(t.item()) / d.world
+
+
+def gather(local: torch.Tensor, d: Dist | None) -> torch.Tensor:
+    """Every rank's rows, concatenated in rank order (the shards of :func:`shard`), on every rank."""
+    if d is None:
+        return local
+    device = d.device()
+    n = torch.tensor([len(local)], device=device)
+    sizes = [torch.zeros_like(n) for _ in range(d.world)]
+    dist.all_gather(sizes, n)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=device)
+    padded[: len(local)] = local.to(device)
+    parts = [torch.zeros_like(padded) for _ in range(d.world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)]).cpu()
+
+
+def broadcast(obj: Any, d: Dist | None) -> Any:
+    """Rank 0's ``obj`` on every rank (a path, a stop flag)."""
+    if d is None:
+        return obj
+    box = [obj if d.main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(d: Dist | None) -> None:
+    if d is not None:
+        dist.barrier()
+
+
+def close(d: Dist | None) -> None:
+    if d is not None and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
+    """``zoo train --nproc N …`` as the torchrun command that runs N processes of ``zoo train …``."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "zoo.cli", *argv]
+
+
+__all__ = ["Dist", "barrier", "broadcast", "close", "from_env", "gather", "launched", "mean", "shard",
+           "torchrun_command"]

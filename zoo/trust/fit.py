@@ -1,0 +1,116 @@
+"""Fitting calibration and the out-of-distribution detector for a bundle, recorded in its card.
+
+``fit_bundle(path, splits)``: one pass over the validation and test splits (and a subset of the
+train split for the detector's statistics) with the bundle's own weights; temperature and, for a
+binary task, the decision threshold from validation only; ECE / Brier / NLL before and after on
+validation and on test; the detector's statistics written to ``ood.safetensors`` (sha256 in the
+card); ``reliability.png``; the card's ``calibration`` and ``ood`` sections; the Markdown card
+rewritten. Exports made before must be made again (their metadata and graph carry both): the
+``zoo calibrate`` command does that.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from zoo.bundle import load_bundle
+from zoo.card import CalibrationInfo, OODInfo, update_card
+from zoo.data import DataSplits
+from zoo.inference import bundle_splits
+from zoo.io import atomic_file, sha256_of
+from zoo.modelcard import write_model_card
+from zoo.postprocess import calibrated_probs
+from zoo.trust.calibration import (
+    IDENTITY,
+    calibration_metrics,
+    decision_threshold,
+    fit_temperature,
+    reliability_diagram,
+    separable,
+)
+from zoo.trust.ood import (
+    MAX_FIT_IMAGES,
+    METHOD,
+    TARGET_TPR,
+    LayerStats,
+    collect,
+    feature_layers,
+    fit_detector,
+    score,
+    stats_to_tensors,
+)
+
+log = logging.getLogger(__name__)
+RELIABILITY = "reliability.png"
+
+
+def _train_subset(images: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    if len(images) <= MAX_FIT_IMAGES:
+        return images
+    idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:MAX_FIT_IMAGES]
+    return images[idx.sort().values]
+
+
+def fit_calibration(val: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
+                    num_classes: int) -> tuple[CalibrationInfo, dict[str, Any]]:
+    """Temperature (validation), the binary threshold, and metrics before/after on both splits."""
+    (val_logits, val_y), (test_logits, test_y) = val, test
+    temperature = fit_temperature(val_logits, val_y, num_classes)
+    curves, metrics = {}, {}
+    for name, logits, y in (("val", val_logits, val_y), ("test", test_logits, test_y)):
+        before, after = calibrated_probs(logits, None), calibrated_probs(logits, temperature)
+        metrics[name] = {"before": calibration_metrics(before, y), "after": calibration_metrics(after, y)}
+        curves[f"{name} uncalibrated"], curves[f"{name} calibrated"] = (before, y), (after, y)
+    threshold = None
+    if num_classes == 2:
+        threshold = decision_threshold(calibrated_probs(val_logits, temperature), val_y)
+    info = CalibrationInfo(temperature=temperature, threshold=threshold, metrics=metrics)
+    if separable(val_logits, val_y):
+        info.method = IDENTITY
+    return info, curves
+
+
+def fit_ood(feats: dict[str, list[np.ndarray]], layers: list[str]) -> tuple[OODInfo, list[LayerStats]]:
+    """The detector on the train split's features, standardised and thresholded on validation."""
+    stats, threshold = fit_detector(feats["train"], feats["val"])
+    rates = {f"{split}_flagged": float((score(stats, feats[split]) > threshold).mean()) for split in ("val", "test")}
+    info = OODInfo(method=METHOD.format(n=len(layers)), layers=layers, threshold=threshold, target_tpr=TARGET_TPR,
+                   rates=rates)
+    return info, stats
+
+
+def fit_bundle(path: str | Path, splits: DataSplits | None = None, data_root: str | Path | None = None,
+               ood: bool = True, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Fit and record calibration (and the OOD detector) for a bundle; returns the new card sections."""
+    bundle = load_bundle(path, device)
+    splits = splits if splits is not None else bundle_splits(bundle.card, data_root, download=False)
+    layers = feature_layers(bundle.net) if ood else []
+    passes = {"val": splits.val, "test": splits.test}
+    logits, feats = {}, {}
+    for name, ds in passes.items():
+        logits[name], feats[name] = collect(bundle.model, bundle.net, layers, ds.images, device=device)
+    labels = {name: ds.labels.numpy() for name, ds in passes.items()}
+    calibration, curves = fit_calibration((logits["val"], labels["val"]), (logits["test"], labels["test"]),
+                                          bundle.card.num_classes)
+    reliability_diagram(bundle.path / RELIABILITY, curves, f"{bundle.id}: reliability")
+    fields: dict[str, Any] = {"calibration": calibration}
+    if ood:
+        _, feats["train"] = collect(bundle.model, bundle.net, layers, _train_subset(splits.train.images),
+                                    device=device)
+        info, stats = fit_ood(feats, layers)
+        stats_path = bundle.path / info.stats_file
+        atomic_file(stats_path, lambda tmp: save_file(stats_to_tensors(stats), str(tmp)))
+        info.stats_sha256 = sha256_of(stats_path)
+        fields["ood"] = info
+    card = update_card(bundle.path, **fields)
+    write_model_card(bundle.path)
+    return {"calibration": card.calibration, "ood": card.ood}
+
+
+__all__ = ["RELIABILITY", "fit_bundle", "fit_calibration", "fit_ood"]
