@@ -9,7 +9,10 @@ hour with one and two workers. Every figure has its baseline measured in the sam
   local Ray instance, the fixed cost of a job (scoring a folder of one chunk: actors starting,
   sessions opening, tasks scheduled) against local `zoo score` on the same folder, and the
   throughput ratio on the large folder.
-* Training processes: 1 vs 2 (DistributedDataParallel) is measured with the DDP work (issue 13 item 2).
+* Training processes: `zoo train` with one process (torch's threads: one per core) against
+  `zoo train --nproc 2` (torchrun, DistributedDataParallel over gloo, one thread each), the same
+  recipe and global batch (per-process batch halved), on a synthetic DermaMNIST-sized file; samples
+  per second over the training epochs (the card's training time), alternating rounds.
 * Tuning: the same trials (a fixed list of learning rates enqueued in the study; random sampler,
   no pruning, so every trial does the same work) run by one `zoo tune` worker, then by two workers
   started at once on one journal file; trials per hour from launch to the last worker's exit
@@ -48,7 +51,6 @@ from zoo.score.ray_run import ray_session, score_folder_ray  # noqa: E402
 from zoo.tune import open_study  # noqa: E402
 
 REPO = HERE.parent
-DDP_PLACEHOLDER = "1 vs 2 training processes: measured with the DDP work"
 
 
 def timed(fn: Any) -> tuple[Any, float]:
@@ -157,7 +159,33 @@ def bench_tune(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "two_workers_per_hour": args.trials / two * 3600, "two_vs_one": one / two}
 
 
-def report(score: dict[str, Any] | None, tune: dict[str, Any] | None, args: argparse.Namespace) -> None:
+def train_once(data: Path, store: Path, nproc: int, args: argparse.Namespace) -> float:
+    """Training samples per second of one `zoo train` (its card's training time)."""
+    batch = args.ddp_batch // nproc
+    cmd = [sys.executable, "-m", "zoo.cli", "--store", str(store), "train", "derma", args.ddp_arch, "--data-root",
+           str(data), "--epochs", str(args.ddp_epochs), "--batch-size", str(batch), "--offline", "--json",
+           "--nproc", str(nproc)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else str(os.cpu_count() or 1)}
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
+    card = json.loads((Path(json.loads(out.strip().splitlines()[-1])["bundle"]) / "card.json").read_text())
+    return card["dataset"]["sizes"]["train"] * card["training"]["epochs_run"] / card["training"]["time_s"]
+
+
+def bench_ddp(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    data = work / "ddp_data"
+    write_synthetic_medmnist(data, "dermamnist", 28, (7007, 1003, 2005))
+    rates: dict[int, list[float]] = {1: [], 2: []}
+    for r in range(args.repeat):
+        for nproc in (1, 2):
+            rates[nproc].append(train_once(data, work / f"ddp_store_{r}_{nproc}", nproc, args))
+            print(f"  {nproc} process(es): {rates[nproc][-1]:.0f} samples/s", flush=True)
+    one, two = max(rates[1]), max(rates[2])
+    return {"arch": args.ddp_arch, "epochs": args.ddp_epochs, "global_batch": args.ddp_batch,
+            "one_process_per_s": one, "two_processes_per_s": two, "two_vs_one": two / one}
+
+
+def report(score: dict[str, Any] | None, tune: dict[str, Any] | None, args: argparse.Namespace,
+           ddp: dict[str, Any] | None = None) -> None:
     print(f"\nScale-out on {machine()}; Python {sys.version.split()[0]}")
     if score:
         print(f"Scoring: {args.arch} (stem small), 28 px PNGs, batch {args.batch_size}, chunk {args.chunk_size}; "
@@ -169,7 +197,12 @@ def report(score: dict[str, Any] | None, tune: dict[str, Any] | None, args: argp
         print(f"  Ray start (ray.init)     {score['ray_init_s']:8.1f} s")
         print(f"  one chunk ({min(args.chunk_size, 64)} images): local {score['one_chunk_local_s']:.1f} s, "
               f"Ray {score['one_chunk_ray_s']:.1f} s: {score['ray_job_overhead_s']:.1f} s of fixed cost per Ray job")
-    print(f"  {DDP_PLACEHOLDER}")
+    if ddp:
+        print(f"Training: {ddp['arch']} on a synthetic DermaMNIST-sized file (7007 images), global batch "
+              f"{ddp['global_batch']}, {ddp['epochs']} epochs")
+        print(f"  1 process (torch threads = cores)   {ddp['one_process_per_s']:8.0f} samples/s")
+        print(f"  2 processes (DDP, gloo, 1 thread)   {ddp['two_processes_per_s']:8.0f} samples/s "
+              f"= {ddp['two_vs_one']:.2f} x 1 process")
     if tune:
         print(f"Tuning: {tune['trials']} trials of an MLP, {tune['epochs']} epochs on {tune['train_images']} "
               f"synthetic 28 px images each; OMP_NUM_THREADS {args.tune_threads or 'unset'}")
@@ -190,7 +223,10 @@ def main() -> None:
     ap.add_argument("--tune-epochs", type=int, default=3)
     ap.add_argument("--tune-train", type=int, default=7007, help="training images of the tuning data")
     ap.add_argument("--tune-threads", type=int, help="OMP_NUM_THREADS of each `zoo tune` worker (default unset)")
-    ap.add_argument("--skip", choices=["score", "tune"], action="append", default=[])
+    ap.add_argument("--ddp-arch", default="simplecnn")
+    ap.add_argument("--ddp-epochs", type=int, default=2)
+    ap.add_argument("--ddp-batch", type=int, default=128, help="global batch (per process: divided by processes)")
+    ap.add_argument("--skip", choices=["score", "tune", "ddp"], action="append", default=[])
     ap.add_argument("--workdir", help="keep bundle, images and data here (default: a temporary folder)")
     ap.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     args = ap.parse_args()
@@ -202,9 +238,10 @@ def main() -> None:
         os.environ.setdefault("MEDZOO_HOME", str(work / "home"))
         score = bench_score(args, work) if "score" not in args.skip else None
         tune = bench_tune(args, work) if "tune" not in args.skip else None
-    report(score, tune, args)
+        ddp = bench_ddp(args, work) if "ddp" not in args.skip else None
+    report(score, tune, args, ddp)
     if args.json:
-        print(json.dumps({"score": score, "tune": tune, "ddp": DDP_PLACEHOLDER, "machine": machine()}))
+        print(json.dumps({"score": score, "tune": tune, "ddp": ddp, "machine": machine()}))
 
 
 if __name__ == "__main__":

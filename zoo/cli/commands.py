@@ -87,11 +87,34 @@ def _print_members(card: Any) -> None:
         print(f"  member {m.id}  seed {m.seed}  val ACC {val.acc:.4f}  AUC {val.auc:.4f}  (best epoch {m.best_epoch})")
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from zoo.train import train
+    from zoo.train.distributed import close, die_with_parent, from_env, launched, torchrun_command
 
+    if args.nproc > 1 and not launched():  # start N processes of this very command under torchrun
+        import subprocess
+
+        recipe_from_args(args)  # a wrong recipe field fails here, once, not in N processes
+        return subprocess.call(torchrun_command(args.nproc, _without_nproc(args.argv)),
+                               preexec_fn=die_with_parent)  # noqa: PLW1509 - torchrun dies with us
     result = train(recipe_from_args(args), data_root=args.data_root, store=store_of(args), device=args.device,
                    resume=args.resume, download=not args.offline, progress=not args.json)
+    d = from_env(args.device)
+    close(d)
+    if d is not None and not d.main:  # rank 0 reports
+        return 0
     m = result.card.metrics
     if args.json:
         members = result.card.ensemble.model_dump()["members"] if result.card.ensemble else None
@@ -206,6 +229,9 @@ def _train_parser(sub: Any) -> None:
     t.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override any recipe field, e.g. train.grad_clip=0.1")
     t.add_argument("--json", action="store_true", help="print the summary as JSON (no progress bar)")
+    t.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train with N processes (torchrun, DistributedDataParallel: gloo on CPU, NCCL on GPUs); "
+                        "the recipe's batch size is per process. Several machines: run torchrun yourself")
     t.set_defaults(func=cmd_train)
 
 

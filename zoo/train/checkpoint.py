@@ -44,10 +44,13 @@ class Progress:
 class RunDir:
     """A locked run directory (see the module docstring); use as a context manager."""
 
-    def __init__(self, base: Path, run_id: str, resume: bool) -> None:
+    def __init__(self, base: Path, run_id: str, resume: bool, path: Path | None = None) -> None:
         self.run_id = run_id
         self._lock: IO[str] | None = None
-        self.path = self._claim(base, run_id, resume)
+        # ``path`` given: a follower (a distributed rank other than 0) reading rank 0's directory,
+        # which it neither locks nor writes
+        self.writer = path is None
+        self.path = self._claim(base, run_id, resume) if path is None else path
 
     def _try_lock(self, path: Path) -> bool:
         path.mkdir(parents=True, exist_ok=True)
@@ -78,6 +81,8 @@ class RunDir:
         return self.path / STATE
 
     def save(self, snapshot: dict[str, Any]) -> None:
+        if not self.writer:
+            return
         atomic_file(self.state_file, lambda tmp: torch.save(snapshot, tmp))
 
     def load(self, device: torch.device) -> dict[str, Any] | None:

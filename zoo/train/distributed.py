@@ -41,6 +41,17 @@ class Dist:
         return torch.device(f"cuda:{self.local_rank}") if self.backend == "nccl" else torch.device("cpu")
 
 
+def die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent dies (a killed ``zoo train --nproc`` or torchrun
+    must not leave its ranks training on)."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def launched() -> bool:
     """Whether torchrun started this process (its environment variables are set)."""
     return all(k in os.environ for k in ENV) and int(os.environ["WORLD_SIZE"]) > 1
@@ -51,6 +62,7 @@ def from_env(device: str | None = None) -> Dist | None:
     if not launched():
         return None
     rank, world, local = (int(os.environ[k]) for k in ENV)
+    die_with_parent()
     gpu = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
     backend = "nccl" if gpu else "gloo"
     if gpu:
@@ -117,5 +129,5 @@ def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
             "-m", "zoo.cli", *argv]
 
 
-__all__ = ["Dist", "barrier", "broadcast", "close", "from_env", "gather", "launched", "mean", "shard",
-           "torchrun_command"]
+__all__ = ["Dist", "barrier", "broadcast", "close", "die_with_parent", "from_env", "gather", "launched", "mean",
+           "shard", "torchrun_command"]

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ from zoo.preprocess.adapter import normalisation_stats
 from zoo.recipe import Recipe
 from zoo.store import bundles_dir, runs_dir
 from zoo.train.checkpoint import Progress, RunDir, progress_of
+from zoo.train.distributed import Dist, broadcast, from_env
 from zoo.train.loop import EpochCallback, Session, end_epoch, eval_model, evaluate, train_epoch
 from zoo.train.precision import use_bf16_autocast
 from zoo.train.report import card_fields, plots
@@ -90,19 +92,34 @@ def _start(s: Session, run: RunDir, resume: bool) -> Progress:
     return p
 
 
+def _callback(on_epoch: EpochCallback | None, row: dict[str, Any], d: Dist | None) -> None:
+    """``on_epoch`` on rank 0 (the one process without torchrun); when it raises (an Optuna pruner),
+    every rank stops after this epoch and rank 0 raises it on."""
+    error: BaseException | None = None
+    if on_epoch is not None and (d is None or d.main):
+        try:
+            on_epoch(row)
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after the other ranks know
+            error = e
+    if broadcast(error is not None, d):
+        if error is not None:
+            raise error
+        raise TrainingError(f"stopped after epoch {row['epoch']} by rank 0")
+
+
 def _run_epochs(s: Session, p: Progress, run: RunDir, progress: bool, on_epoch: EpochCallback | None) -> None:
     cfg = s.recipe.train
     patience = cfg.early_stopping.patience
+    main = s.dist is None or s.dist.main
     bar = tqdm(range(p.next_epoch, cfg.epochs), initial=p.next_epoch, total=cfg.epochs,
-               desc=f"{s.splits.name} {s.recipe.arch}", unit="epoch", disable=not progress)
+               desc=f"{s.splits.name} {s.recipe.arch}", unit="epoch", disable=not progress or not main)
     for epoch in bar:
         row = end_epoch(s, p, epoch, train_epoch(s))
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{row['val_acc']:.3f}",
                         val_auc=f"{row['val_auc']:.3f}")
         stop = patience is not None and p.bad_epochs >= patience
-        run.save(s.snapshot(epoch, p, stop))
-        if on_epoch is not None:
-            on_epoch(row)
+        run.save(s.snapshot(epoch, p, stop))  # rank 0 only (the others follow its directory)
+        _callback(on_epoch, row, s.dist)
         if stop:
             log.info("early stopping after epoch %d (best %d)", epoch + 1, p.best_epoch)
             break
@@ -123,6 +140,8 @@ def _finish(s: Session, p: Progress, run: RunDir, store: Path | None, train_time
     final = eval_model(s, s.net)
     _, val, _ = evaluate(s, s.splits.val, final)
     _, test, _ = evaluate(s, s.splits.test, final)  # the one and only look at the test split
+    if s.dist is not None and not s.dist.main:  # rank 0 writes the bundle
+        return broadcast(None, s.dist)
     stamp = datetime.now(timezone.utc)
     fields = card_fields(s, p, val, test, train_time, run.path.name, stamp)
     tag = hashlib.sha256(b"".join(v.cpu().numpy().tobytes() for v in p.best_state.values())).hexdigest()[:8]
@@ -132,7 +151,7 @@ def _finish(s: Session, p: Progress, run: RunDir, store: Path | None, train_time
     plots(path, p.history, p.best_epoch, test["confusion"], s.splits.labels)
     fit_bundle(path, s.splits)  # calibration and the OOD detector (validation only), README.md
     run.finish(path)
-    return path
+    return broadcast(path, s.dist)
 
 
 def train(
@@ -150,7 +169,8 @@ def train(
     With ``train.seeds`` > 1 (``zoo train … --seeds N``): one run per seed and one ensemble bundle
     of them (:func:`zoo.train.ensemble.train_ensemble`), which is what is returned.
     """
-    dev = pick_device(device)
+    d = from_env(device)  # under torchrun: this rank joins the process group
+    dev = d.device() if d is not None else pick_device(device)
     use_amp = use_bf16_autocast(recipe.train.precision, dev)  # before any work: bf16 may be refused
     if recipe.train.seeds > 1:
         from zoo.train.ensemble import train_ensemble
@@ -159,18 +179,30 @@ def train(
     seed_everything(recipe.train.seed)
     splits = load_splits(recipe, data_root, download)
     recipe = recipe.for_dataset(splits.name)  # a protocol's augmentation / TTA for this modality
-    with RunDir(runs_dir(store), run_id(recipe, splits), resume) as run:
-        done = run.finished_bundle() if resume else None
+    with _run_dir(store, run_id(recipe, splits), resume, d) as run:
+        done = broadcast(run.finished_bundle() if resume and run.writer else None, d)
         if done is not None:  # this very recipe on this very data has finished: nothing to resume
             log.info("%s has finished already: %s", run.path.name, done)
             return TrainResult(bundle=done, card=read_card(done))
-        s = Session.create(recipe, splits, make_preprocessing(recipe, splits), dev, use_amp)
+        s = Session.create(recipe, splits, make_preprocessing(recipe, splits), dev, use_amp, d)
         p = _start(s, run, resume)
-        atomic_write_bytes(run.path / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False).encode())
+        if d is not None:  # dropout and other draws differ between ranks (the permutation does not)
+            torch.manual_seed(recipe.train.seed * 1000 + d.rank + p.next_epoch)
+        if run.writer:
+            atomic_write_bytes(run.path / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False).encode())
         t0 = time.perf_counter()
         _run_epochs(s, p, run, progress, on_epoch)
         path = _finish(s, p, run, store, time.perf_counter() - t0)
     return TrainResult(bundle=path, card=read_card(path))
+
+
+def _run_dir(store: Path | None, rid: str, resume: bool, d: Dist | None) -> RunDir:
+    """Rank 0 (or the one process) claims the run directory; the other ranks follow it."""
+    if d is None:
+        return RunDir(runs_dir(store), rid, resume)
+    run = RunDir(runs_dir(store), rid, resume) if d.main else None
+    path = broadcast(run.path if run is not None else None, d)
+    return run if run is not None else RunDir(runs_dir(store), rid, resume, path=path)
 
 
 __all__ = ["TrainResult", "make_preprocessing", "run_id", "seed_everything", "train"]

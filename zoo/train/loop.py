@@ -28,6 +28,7 @@ from zoo.recipe import Recipe
 from zoo.train.augment import augment
 from zoo.train.averaging import Averager, make_averager
 from zoo.train.checkpoint import Progress
+from zoo.train.distributed import Dist, gather, mean, shard
 from zoo.train.optim import build_optimizer, build_scheduler, compute_loss, num_outputs, penalty
 
 # Called after every epoch with the epoch's row (epoch, losses, validation metrics). It may raise
@@ -56,10 +57,17 @@ class Session:
     train_y: torch.Tensor
     sample_w: torch.Tensor | None
     averager: Averager | None = None
+    dist: Dist | None = None  # several processes (torchrun): this one's rank
+    train_model: nn.Module | None = None  # ``model`` wrapped in DistributedDataParallel under torchrun
+    aug_gen: torch.Generator | None = None  # per-rank augmentation draws under torchrun (else ``gen``)
+
+    @property
+    def world(self) -> int:
+        return self.dist.world if self.dist is not None else 1
 
     @classmethod
     def create(cls, recipe: Recipe, splits: DataSplits, prep: Preprocessing, device: torch.device,
-               use_amp: bool) -> Session:
+               use_amp: bool, dist: Dist | None = None) -> Session:
         """Build the network (the registry's, with the recipe's pretrained weights), optimiser,
         scheduler and sampler of a run."""
         cfg = recipe.train
@@ -70,7 +78,8 @@ class Session:
         model = full_model(net, prep).to(device, memory_format=torch.channels_last)
         params = [p for p in net.parameters() if p.requires_grad]
         opt = build_optimizer(params, recipe.optimizer)
-        steps = max(1, math.ceil(len(splits.train) / cfg.batch_size))
+        world = dist.world if dist is not None else 1
+        steps = max(1, math.ceil(len(splits.train) / (cfg.batch_size * world)))
         steps = min(steps, cfg.max_batches or steps)
         sched, when = build_scheduler(opt, recipe.scheduler, cfg.epochs, steps, recipe.optimizer.lr)
         sample_w = None
@@ -78,9 +87,17 @@ class Session:
             counts = torch.bincount(splits.train.labels, minlength=splits.num_classes).clamp_min(1)
             sample_w = (1.0 / counts.double())[splits.train.labels]
         averager = make_averager(net, recipe.averaging, cfg.epochs, steps, opt)
-        return cls(recipe, splits, prep, outputs, device, use_amp, net, model, params, opt, sched, when,
-                   torch.Generator().manual_seed(cfg.seed), splits.train.images.to(device),
-                   splits.train.labels.to(device), sample_w, averager)
+        s = cls(recipe, splits, prep, outputs, device, use_amp, net, model, params, opt, sched, when,
+                torch.Generator().manual_seed(cfg.seed), splits.train.images.to(device),
+                splits.train.labels.to(device), sample_w, averager, dist)
+        s.train_model, s.aug_gen = model, s.gen
+        if dist is not None:
+            # gradients averaged over the ranks in backward; every rank draws its own augmentations
+            # (the permutation, from ``gen``, stays the same on every rank)
+            s.train_model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[dist.local_rank] if device.type == "cuda" else None)
+            s.aug_gen = torch.Generator().manual_seed(cfg.seed * 1000 + dist.rank + 1)
+        return s
 
     def snapshot(self, epoch: int, p: Progress, stopped: bool) -> dict[str, Any]:
         return {
@@ -90,6 +107,7 @@ class Session:
             "bad_epochs": p.bad_epochs, "best_score": p.best_score, "best_epoch": p.best_epoch,
             "best_state": p.best_state, "stopped": stopped,
             "averager": self.averager.state_dict() if self.averager is not None else None,
+            "aug_gen": self.aug_gen.get_state() if self.aug_gen is not self.gen else None,
         }
 
     def restore(self, snap: dict[str, Any]) -> None:
@@ -101,6 +119,8 @@ class Session:
         torch.set_rng_state(snap["torch_rng"])
         if self.averager is not None and snap.get("averager") is not None:
             self.averager.load_state_dict(snap["averager"])
+        if self.aug_gen is not self.gen and snap.get("aug_gen") is not None:
+            self.aug_gen.set_state(snap["aug_gen"])
 
 
 def eval_net(s: Session) -> nn.Module:
@@ -117,46 +137,61 @@ def eval_model(s: Session, net: nn.Module | None = None) -> nn.Module:
 
 
 def train_epoch(s: Session) -> float:
-    """One pass over the training split; returns the mean training loss."""
-    cfg, n = s.recipe.train, len(s.train_y)
-    s.model.train()
+    """One pass over the training split; returns the mean training loss (over every rank's images).
+
+    Under torchrun the global batch is ``batch_size × world`` consecutive images of the permutation
+    every rank draws alike, and each rank trains on its contiguous shard of it."""
+    cfg, n, world = s.recipe.train, len(s.train_y), s.world
+    model = s.train_model or s.model
+    model.train()
     if s.sample_w is not None:
         order = torch.multinomial(s.sample_w, n, replacement=True, generator=s.gen)
     else:
         order = torch.randperm(n, generator=s.gen)
     order = order.to(s.device)
     total, seen = 0.0, 0
+    step = cfg.batch_size * world
     if cfg.max_batches is not None:
-        n = min(n, cfg.max_batches * cfg.batch_size)
-    for i in range(0, n, cfg.batch_size):
-        idx = order[i : i + cfg.batch_size]
-        if len(idx) < 2 and i > 0:  # BatchNorm cannot train on one sample
+        n = min(n, cfg.max_batches * step)
+    for i in range(0, n, step):
+        batch = order[i : i + step]
+        if len(batch) < 2 * world and i > 0:  # BatchNorm cannot train on one sample (per rank)
             continue
-        x = augment(s.train_x[idx].float().div_(255), s.recipe.augment, s.gen)
-        x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.use_amp):
-            logits = s.model(x)
-        loss = compute_loss(logits.float(), s.train_y[idx], s.recipe.loss)
-        pen = penalty(s.net, s.recipe.loss)
-        s.opt.zero_grad(set_to_none=True)
-        (loss if pen is None else loss + pen).backward()
-        if cfg.grad_clip:
-            nn.utils.clip_grad_norm_(s.params, cfg.grad_clip)
-        s.opt.step()
-        if s.averager is not None:
-            s.averager.after_step(s.net)
-        if s.sched is not None and s.sched_when == "batch" and not (s.averager and s.averager.holds_lr):
-            s.sched.step()
+        idx = shard(batch, s.dist)
+        loss = _step(s, model, idx)
         total += float(loss.detach()) * len(idx)
         seen += len(idx)
-    return total / max(seen, 1)
+    return mean(total / max(seen, 1), s.dist)
+
+
+def _step(s: Session, model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
+    """Forward, backward and optimiser step on the images ``idx``; returns the loss."""
+    cfg = s.recipe.train
+    x = augment(s.train_x[idx].float().div_(255), s.recipe.augment, s.aug_gen or s.gen)
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.use_amp):
+        logits = model(x)
+    loss = compute_loss(logits.float(), s.train_y[idx], s.recipe.loss)
+    pen = penalty(s.net, s.recipe.loss)
+    s.opt.zero_grad(set_to_none=True)
+    (loss if pen is None else loss + pen).backward()
+    if cfg.grad_clip:
+        nn.utils.clip_grad_norm_(s.params, cfg.grad_clip)
+    s.opt.step()
+    if s.averager is not None:
+        s.averager.after_step(s.net)
+    if s.sched is not None and s.sched_when == "batch" and not (s.averager and s.averager.holds_lr):
+        s.sched.step()
+    return loss
 
 
 def evaluate(s: Session, ds: ArrayDataset, model: nn.Module | None = None) -> tuple[float, dict[str, Any],
                                                                                     torch.Tensor]:
-    """Loss, metrics and logits on a split of ``model`` (default: :func:`eval_model`)."""
+    """Loss, metrics and logits on a split of ``model`` (default: :func:`eval_model`). Under torchrun
+    each rank runs its shard and the logits are gathered: every rank gets the same numbers."""
     model = model if model is not None else eval_model(s)
-    logits = predict_logits(model, ds.images, s.recipe.train.eval_batch_size, s.device)
+    images = ds.images if s.dist is None else ds.images[shard(torch.arange(len(ds)), s.dist)]
+    logits = gather(predict_logits(model, images, s.recipe.train.eval_batch_size, s.device), s.dist)
     loss = float(compute_loss(logits, ds.labels, s.recipe.loss))
     return loss, compute_metrics(ds.labels.numpy(), to_probs(logits.numpy()), s.splits.labels), logits
 

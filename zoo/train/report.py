@@ -93,6 +93,9 @@ def card_fields(s: Session, p: Progress, val: dict[str, Any], test: dict[str, An
             "precision": "bf16 autocast" if s.use_amp else "fp32", "run": run_name,
             "weights": weights_kind(s, len(p.history)), "augment_family": recipe.family_of(splits.name),
             "params": sum(q.numel() for q in s.net.parameters()), "trainable_params": sum(q.numel() for q in s.params),
+            # processes (torchrun): the recipe's batch is per process, the effective batch is the sum
+            "world_size": s.world, "effective_batch_size": recipe.train.batch_size * s.world,
+            "backend": s.dist.backend if s.dist is not None else None,
         },
         "created": stamp.isoformat(timespec="seconds"),
     }
