@@ -164,13 +164,14 @@ def _png_files(folder: Path, images: np.ndarray) -> list[Path]:
 def test_every_architecture_explains(arch: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Untrained, at its smallest standard size: maps of the image's shape, and `zoo explain` writes them."""
     size = get_spec(arch).sizes()[0]
-    path = make_bundle(tmp_path, arch, size)
+    path = make_bundle(tmp_path, arch, size, **get_spec(arch).example_kwargs)
     images = np.random.default_rng(0).integers(0, 256, (3, 1, size, size), dtype=np.uint8)
     exp = Explainer.from_bundle(load_bundle(path))(images)
     assert exp.heatmaps.shape == (3, size, size) and exp.heatmaps.dtype == np.float32
     assert np.isfinite(exp.heatmaps).all() and exp.heatmaps.min() >= 0 and exp.heatmaps.max() <= 1
     assert exp.layer == get_spec(arch).cam_layer
-    assert exp.method == (SALIENCY if arch == "mlp" else GRAD_CAM)
+    # No single convolutional map (an MLP; a seed ensemble of several networks): gradient saliency.
+    assert exp.method == (SALIENCY if get_spec(arch).cam_layer is None else GRAD_CAM)
     if exp.feature_size is not None:
         assert 1 <= min(exp.feature_size) and max(exp.feature_size) <= size
 
@@ -204,7 +205,7 @@ def _forward_order(net: nn.Module, size: int) -> tuple[list[nn.Module], dict[nn.
     return order, shapes
 
 
-VARIANTS = [(a, {}) for a in list_models() if a not in HEAVY and a != "mlp"] + [
+VARIANTS = [(a, {}) for a in list_models() if a not in HEAVY and get_spec(a).cam_layer is not None] + [
     ("cnn28", {"pool": False}), ("cnn128", {"n_convs": 3, "fc_layers": 1}), ("cnn128", {"n_convs": 1}),
     ("simplecnn", {"batchnorm": False, "dropout": False}), ("alexnet", {"batchnorm": True}),
     ("alexnet_nbase", {"dropout": 0.4}), ("lenet_binary", {"base": 8}), ("xception", {"middle_blocks": 1}),

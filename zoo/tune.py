@@ -379,10 +379,13 @@ class Tuner:
         return self.summary(best, here)
 
     def _sweep(self) -> None:
+        """Remove the folders of pruned and failed trials a killed worker left. A completed trial's
+        folder is its own worker's to handle (another worker may be between the trial's end and
+        its promotion), so it is left alone."""
         states = {t.number: t.state for t in self.study.get_trials(deepcopy=False)}
         trials = self.root / "trials"
         for d in trials.iterdir() if trials.is_dir() else ():
-            if d.name.isdigit() and states.get(int(d.name)) not in (TrialState.RUNNING, TrialState.WAITING):
+            if d.name.isdigit() and states.get(int(d.name)) in (TrialState.PRUNED, TrialState.FAIL):
                 shutil.rmtree(d, ignore_errors=True)
 
     def summary(self, best: FrozenTrial | None, here: Path | None) -> TuneSummary:

@@ -22,6 +22,8 @@ from zoo.postprocess import to_probs
 ECE_BINS = 15
 IDENTITY = ("identity (temperature 1): every validation image is classified correctly, so the NLL has no "
             "finite minimum (T → 0 would only make every answer 0 or 1)")
+MISSING_CLASS = ("identity (temperature 1): the validation split lacks class {missing}, too few images to fit "
+                 "a temperature")
 
 
 class _FrozenLogits(ClassifierMixin, BaseEstimator):
@@ -53,20 +55,29 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, n_classes: int) -> f
     """
     logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(labels).reshape(-1)
-    if separable(logits, labels):
+    if identity_reason(logits, labels, n_classes):
         return 1.0
     binary = n_classes == 2
     if binary:
         logits = logits if logits.shape[1] == 1 else (logits[:, 1] - logits[:, 0])[:, None]
     frozen = FrozenEstimator(_FrozenLogits(n_classes).fit(logits, labels))
-    calibrated = CalibratedClassifierCV(frozen, method="temperature").fit(logits, labels)
+    # One "fold" that is the whole split: the network is frozen, so scikit-learn's default 5-fold
+    # cross-validation would only refuse small validation sets (< 5 images of a class).
+    everything = np.arange(len(labels))
+    calibrated = CalibratedClassifierCV(frozen, method="temperature", cv=[(everything, everything)]).fit(logits, labels)
     beta = float(calibrated.calibrated_classifiers_[0].calibrators[0].beta_)
     return 1.0 / (2.0 * beta) if binary else 1.0 / beta
 
 
-def separable(logits: np.ndarray, labels: np.ndarray) -> bool:
-    """Every image classified correctly: temperature scaling is then unidentifiable (kept at 1)."""
-    return bool((to_probs(logits).argmax(axis=1) == np.asarray(labels).reshape(-1)).all())
+def identity_reason(logits: np.ndarray, labels: np.ndarray, n_classes: int) -> str | None:
+    """Why no temperature can be fitted (it is then kept at 1), or None when one can."""
+    labels = np.asarray(labels).reshape(-1)
+    missing = sorted(set(range(n_classes)) - set(labels.tolist()))
+    if missing:
+        return MISSING_CLASS.format(missing=", ".join(map(str, missing)))
+    if (to_probs(logits).argmax(axis=1) == labels).all():
+        return IDENTITY
+    return None
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
@@ -92,9 +103,13 @@ def calibration_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, floa
     return {"ece": expected_calibration_error(probs, labels), "brier": brier, "nll": nll}
 
 
-def decision_threshold(probs: np.ndarray, labels: np.ndarray) -> float:
-    """Binary tasks: the P(class 1) threshold maximising Youden's J (sensitivity + specificity − 1)."""
-    fpr, tpr, thresholds = roc_curve(np.asarray(labels).reshape(-1), probs[:, 1])
+def decision_threshold(probs: np.ndarray, labels: np.ndarray) -> float | None:
+    """Binary tasks: the P(class 1) threshold maximising Youden's J (sensitivity + specificity − 1);
+    None (the arg-max decides) when validation holds a single class and no ROC curve exists."""
+    labels = np.asarray(labels).reshape(-1)
+    if len(np.unique(labels)) < 2:
+        return None
+    fpr, tpr, thresholds = roc_curve(labels, probs[:, 1])
     best = int(np.argmax(tpr - fpr))
     return float(min(1.0, thresholds[best]))
 
@@ -123,5 +138,5 @@ def reliability_diagram(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarr
     plt.close(fig)
 
 
-__all__ = ["ECE_BINS", "IDENTITY", "calibration_metrics", "separable", "decision_threshold",
-           "expected_calibration_error", "fit_temperature", "reliability_diagram"]
+__all__ = ["ECE_BINS", "IDENTITY", "MISSING_CLASS", "calibration_metrics", "decision_threshold",
+           "expected_calibration_error", "fit_temperature", "identity_reason", "reliability_diagram"]

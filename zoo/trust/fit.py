@@ -27,12 +27,11 @@ from zoo.io import atomic_file, sha256_of
 from zoo.modelcard import write_model_card
 from zoo.postprocess import calibrated_probs
 from zoo.trust.calibration import (
-    IDENTITY,
     calibration_metrics,
     decision_threshold,
     fit_temperature,
+    identity_reason,
     reliability_diagram,
-    separable,
 )
 from zoo.trust.ood import (
     MAX_FIT_IMAGES,
@@ -71,8 +70,7 @@ def fit_calibration(val: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, 
     if num_classes == 2:
         threshold = decision_threshold(calibrated_probs(val_logits, temperature), val_y)
     info = CalibrationInfo(temperature=temperature, threshold=threshold, metrics=metrics)
-    if separable(val_logits, val_y):
-        info.method = IDENTITY
+    info.method = identity_reason(val_logits, val_y, num_classes) or info.method
     return info, curves
 
 
