@@ -98,3 +98,34 @@ def test_a_killed_distributed_run_resumes(breast_root: Path, tmp_path: Path) -> 
     card = read_card(bundle)
     assert card.training.epochs_run == 12 and card.training.world_size == 2
     assert not list(tmp_path.glob("runs/*/state.pt"))
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the process tree from /proc (Linux)")
+def test_a_dead_rank_is_restarted_and_the_run_goes_on(breast_root: Path, tmp_path: Path) -> None:
+    """One rank SIGKILLed after a snapshot (a crash, the OOM killer): torchrun restarts both ranks,
+    which resume from rank 0's snapshot and finish the run."""
+    args = ("train", "breast", "lenet", "--data-root", str(breast_root), "--epochs", "12", "--batch-size", "32",
+            "--offline", "--nproc", "2", "-v", "--json")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "zoo.cli", "--store", str(tmp_path), *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not list(tmp_path.glob("runs/*/state.pt")):
+            time.sleep(0.05)
+        (torchrun,) = _children(proc.pid)
+        ranks = _children(torchrun)
+        assert len(ranks) == 2 and list(tmp_path.glob("runs/*/state.pt")), "no snapshot before the run ended"
+        os.kill(ranks[-1], signal.SIGKILL)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-3000:]
+    assert "resuming" in err  # the restarted group continued from the snapshot, not from epoch 1
+    card = read_card(Path(json.loads(out.strip().splitlines()[-1])["bundle"]))
+    assert card.training.epochs_run == 12 and card.training.world_size == 2

@@ -21,6 +21,9 @@ import torch
 import torch.distributed as dist
 
 ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+# torchrun restarts the whole worker group this many times when a rank dies (a crashed or killed
+# rank on a busy or flaky machine); the restarted ranks resume from rank 0's last snapshot.
+MAX_RESTARTS = 2
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,11 @@ def die_with_parent() -> None:
 def launched() -> bool:
     """Whether torchrun started this process (its environment variables are set)."""
     return all(k in os.environ for k in ENV) and int(os.environ["WORLD_SIZE"]) > 1
+
+
+def restarted() -> bool:
+    """Whether torchrun restarted this worker group after a rank died (the run then resumes)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
 
 def from_env(device: str | None = None) -> Dist | None:
@@ -126,8 +134,8 @@ def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
     import sys
 
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "zoo.cli", *argv]
+            f"--max-restarts={MAX_RESTARTS}", "-m", "zoo.cli", *argv]
 
 
-__all__ = ["Dist", "barrier", "broadcast", "close", "die_with_parent", "from_env", "gather", "launched", "mean",
-           "shard", "torchrun_command"]
+__all__ = ["MAX_RESTARTS", "Dist", "barrier", "broadcast", "close", "die_with_parent", "from_env", "gather",
+           "launched", "mean", "restarted", "shard", "torchrun_command"]

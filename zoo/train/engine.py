@@ -37,7 +37,7 @@ from zoo.preprocess.adapter import normalisation_stats
 from zoo.recipe import Recipe
 from zoo.store import bundles_dir, runs_dir
 from zoo.train.checkpoint import Progress, RunDir, progress_of
-from zoo.train.distributed import Dist, broadcast, from_env
+from zoo.train.distributed import Dist, broadcast, from_env, restarted
 from zoo.train.loop import EpochCallback, Session, end_epoch, eval_model, evaluate, train_epoch
 from zoo.train.precision import use_bf16_autocast
 from zoo.train.report import card_fields, plots
@@ -170,6 +170,7 @@ def train(
     of them (:func:`zoo.train.ensemble.train_ensemble`), which is what is returned.
     """
     d = from_env(device)  # under torchrun: this rank joins the process group
+    resume = resume or (d is not None and restarted())  # torchrun restarted the group after a rank died
     dev = d.device() if d is not None else pick_device(device)
     use_amp = use_bf16_autocast(recipe.train.precision, dev)  # before any work: bf16 may be refused
     if recipe.train.seeds > 1:
