@@ -85,8 +85,9 @@ def test_augmentation_and_tta_follow_the_modality() -> None:
     assert organ.augment.hflip_p == organ.augment.vflip_p == 0 and organ.tta == [] and not organ.train.balance
     path = find_recipe("path", "resnet18", recipe="medzoo-28").for_dataset("path")
     assert path.augment.rot90_p > 0 and path.augment.saturation > 0 and path.tta == ["hflip", "vflip"]
-    mnist = find_recipe("mnist", "lenet", recipe="medzoo-28").for_dataset("mnist")  # no family: nothing
-    assert not mnist.augment.enabled and mnist.tta == []
+    # no family (MNIST, image folders): small rotations and shifts only; flips could change the label
+    mnist = find_recipe("mnist", "lenet", recipe="medzoo-28").for_dataset("mnist")
+    assert mnist.augment.rotation_p > 0 and mnist.augment.hflip_p == mnist.augment.vflip_p == 0 and mnist.tta == []
     # 224 px keeps the same families: augmentation, flips and TTA
     big = find_recipe("breast", "resnet18", recipe="medzoo-224").for_dataset("breast")
     assert big.augment == breast.augment and big.tta == ["hflip"] and big.data.size == 224
