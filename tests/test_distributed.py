@@ -129,3 +129,23 @@ def test_a_dead_rank_is_restarted_and_the_run_goes_on(breast_root: Path, tmp_pat
     assert "resuming" in err  # the restarted group continued from the snapshot, not from epoch 1
     card = read_card(Path(json.loads(out.strip().splitlines()[-1])["bundle"]))
     assert card.training.epochs_run == 12 and card.training.world_size == 2
+
+
+def test_a_rank_without_peers_gives_up_within_the_connect_timeout() -> None:
+    """A rank whose peers never connect exits (for torchrun to restart the group) instead of waiting
+    for gloo's 30-minute timeout."""
+    import socket
+
+    from zoo.train.distributed import CONNECT_TIMEOUT_ENV, EXIT_NO_PEERS
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), CONNECT_TIMEOUT_ENV: "3"}
+    t0 = time.perf_counter()
+    run = subprocess.run([sys.executable, "-c", "from zoo.train.distributed import from_env; from_env('cpu')"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == EXIT_NO_PEERS, run.stderr[-2000:]
+    assert "not connected to the other ranks after 3 s" in run.stderr
+    assert time.perf_counter() - t0 < 60

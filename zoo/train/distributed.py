@@ -24,6 +24,12 @@ ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 # torchrun restarts the whole worker group this many times when a rank dies (a crashed or killed
 # rank on a busy or flaky machine); the restarted ranks resume from rank 0's last snapshot.
 MAX_RESTARTS = 2
+# Seconds a rank waits for its peers' connections in init_process_group before it exits (and torchrun
+# restarts the group). Gloo waits for its whole operation timeout (30 min) otherwise, and on a busy
+# host a pair connection was seen to never complete (both ranks listening, neither connected).
+CONNECT_TIMEOUT_ENV = "MEDZOO_DIST_CONNECT_TIMEOUT_S"
+CONNECT_TIMEOUT_S = 120.0
+EXIT_NO_PEERS = 75  # EX_TEMPFAIL: worth a restart
 
 
 @dataclass(frozen=True)
@@ -76,8 +82,29 @@ def from_env(device: str | None = None) -> Dist | None:
     if gpu:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        _join(backend, rank)
     return Dist(rank, world, local, backend)
+
+
+def _join(backend: str, rank: int) -> None:
+    """``init_process_group``, given up after the connect timeout: a watchdog thread ends the process
+    (the main thread is inside gloo's C++ connect and cannot be interrupted), torchrun restarts the group."""
+    import sys
+    import threading
+
+    limit = float(os.environ.get(CONNECT_TIMEOUT_ENV, CONNECT_TIMEOUT_S))
+    joined = threading.Event()
+
+    def watchdog() -> None:
+        if not joined.wait(limit):
+            sys.stderr.write(f"rank {rank}: not connected to the other ranks after {limit:.0f} s "
+                             f"({CONNECT_TIMEOUT_ENV}); exiting so that torchrun restarts the group\n")
+            sys.stderr.flush()
+            os._exit(EXIT_NO_PEERS)
+
+    threading.Thread(target=watchdog, name="medzoo-connect-watchdog", daemon=True).start()
+    dist.init_process_group(backend=backend)
+    joined.set()
 
 
 def shard(indices: torch.Tensor, d: Dist | None) -> torch.Tensor:
@@ -137,5 +164,6 @@ def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
             f"--max-restarts={MAX_RESTARTS}", "-m", "zoo.cli", *argv]
 
 
-__all__ = ["MAX_RESTARTS", "Dist", "barrier", "broadcast", "close", "die_with_parent", "from_env", "gather",
-           "launched", "mean", "restarted", "shard", "torchrun_command"]
+__all__ = ["CONNECT_TIMEOUT_ENV", "CONNECT_TIMEOUT_S", "EXIT_NO_PEERS", "MAX_RESTARTS", "Dist", "barrier", "broadcast",
+           "close", "die_with_parent", "from_env", "gather", "launched", "mean", "restarted", "shard",
+           "torchrun_command"]
