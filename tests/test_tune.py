@@ -28,7 +28,7 @@ from zoo.card import read_card  # noqa: E402
 from zoo.errors import RecipeError  # noqa: E402
 from zoo.recipe import Recipe, all_recipes, find_recipe, load_recipe_file, with_values  # noqa: E402
 from zoo.store import list_bundles  # noqa: E402
-from zoo.tune import default_storage, open_study, shown_storage, suggest, tune  # noqa: E402
+from zoo.tune import Tuner, default_storage, open_study, shown_storage, suggest, tune  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = {
@@ -209,3 +209,22 @@ def test_sqlite_storage_and_the_python_api(breast_root: Path, tmp_path: Path) ->
         open_study(other, "rdb", url)
     assert default_storage("a/b c", tmp_path).endswith("studies/a_b_c.journal")
     assert shown_storage("postgresql://me:secret@db:5432/optuna") == "postgresql://me:***@db:5432/optuna"
+
+
+def test_a_trial_promoted_by_another_workers_finish_is_kept_once(breast_root: Path, tmp_path: Path) -> None:
+    """Worker B ends (finish) between worker A's trial end and A's own promotion of that trial, in the
+    same store: B promotes A's best trial; A's promotion then finds it done, and one bundle is kept."""
+    recipe = load_recipe_file(_recipe_file(tmp_path))
+    url = str(tmp_path / "race.journal")
+    study = open_study(recipe, "race", url)
+    study.enqueue_trial({"optimizer.lr": 0.01, "train.epochs": 1})
+    store = tmp_path / "store"
+    a = Tuner(recipe, study, url, store, breast_root, download=False, progress=False)
+    study.optimize(a.objective, n_trials=1)  # trial 0 complete; A's callback has not run yet
+    (trial,) = study.get_trials()
+    b = Tuner(recipe, open_study(recipe, "race", url), url, store, breast_root, download=False, progress=False)
+    assert b.finish().best["here"]
+    a.after_trial(study, trial)  # the bundle is no longer where A's trial wrote it
+    kept = [(p, c) for p, c in list_bundles(store) if c.tuning is not None]
+    assert len(kept) == 1 and kept[0][1].tuning.trial == 0
+    assert not a.scratch(0).exists()

@@ -332,8 +332,12 @@ class Tuner:
             print(_trial_line(trial, best, self.metric), file=sys.stderr)
 
     def promote(self, study: optuna.Study, trial: FrozenTrial) -> Path:
-        """Move a trial's bundle into the store, record the tuning in its card, drop the study's other."""
+        """Move a trial's bundle into the store, record the tuning in its card, drop the study's other.
+        Called under :meth:`lock`; a trial another worker of this store promoted already is left as is."""
         src = Path(trial.user_attrs["bundle"])
+        done = [p for p, c in self.kept() if c.tuning is not None and c.tuning.trial == trial.number]
+        if done and not src.is_dir():  # a worker's finish() promoted it between this trial's end and now
+            return done[0]
         dst = bundles_dir(self.store) / src.name
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(src), str(dst))
