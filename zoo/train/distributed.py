@@ -103,7 +103,12 @@ def _join(backend: str, rank: int) -> None:
             os._exit(EXIT_NO_PEERS)
 
     threading.Thread(target=watchdog, name="medzoo-connect-watchdog", daemon=True).start()
-    dist.init_process_group(backend=backend)
+    store, _, world = next(dist.rendezvous("env://"))
+    # torchrun keeps its store across restarts of the group, so a restarted rank could read the dead
+    # attempt's gloo addresses (seen: "Connection refused" until gloo's retries ran out): each attempt
+    # gets keys of its own.
+    store = dist.PrefixStore(f"medzoo/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
     joined.set()
 
 
