@@ -228,3 +228,23 @@ def test_a_trial_promoted_by_another_workers_finish_is_kept_once(breast_root: Pa
     kept = [(p, c) for p, c in list_bundles(store) if c.tuning is not None]
     assert len(kept) == 1 and kept[0][1].tuning.trial == 0
     assert not a.scratch(0).exists()
+
+
+def test_finish_sweeps_the_trials_of_dead_workers_only(tmp_path: Path) -> None:
+    """A completed trial's folder is removed once its worker process is gone (killed before its
+    callback ran), and kept while the worker lives (it may be about to promote it)."""
+    import socket
+
+    recipe = load_recipe_file(_recipe_file(tmp_path))
+    url = str(tmp_path / "sweep.journal")
+    study = open_study(recipe, "sweep", url)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    tuner = Tuner(recipe, study, url, tmp_path / "store", progress=False)
+    for worker, value in ((os.getpid(), 0.1), (dead.pid, 0.5), (os.getpid(), 0.9)):
+        trial = study.ask()
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{worker}")
+        (tuner.scratch(trial.number) / "bundles").mkdir(parents=True)
+        study.tell(trial, value)
+    tuner.finish()
+    assert [tuner.scratch(n).exists() for n in range(3)] == [True, False, True]

@@ -373,7 +373,8 @@ class Tuner:
                     here = path
                 else:
                     shutil.rmtree(path, ignore_errors=True)
-            if best is not None and here is None and Path(best.user_attrs.get("bundle", "")).is_dir():
+            left = best.user_attrs.get("bundle") if best is not None else None
+            if best is not None and here is None and left and Path(left).is_dir():
                 here = self.promote(self.study, best)
             if here is not None:  # the card counts the study's trials as they stand now
                 card = update_card(here, tuning={**_plain_tuning(here), "trials": _counts(self.study)})
@@ -383,13 +384,17 @@ class Tuner:
         return self.summary(best, here)
 
     def _sweep(self) -> None:
-        """Remove the folders of pruned and failed trials a killed worker left. A completed trial's
-        folder is its own worker's to handle (another worker may be between the trial's end and
-        its promotion), so it is left alone."""
-        states = {t.number: t.state for t in self.study.get_trials(deepcopy=False)}
-        trials = self.root / "trials"
-        for d in trials.iterdir() if trials.is_dir() else ():
-            if d.name.isdigit() and states.get(int(d.name)) in (TrialState.PRUNED, TrialState.FAIL):
+        """Remove the trial folders killed workers left: pruned and failed trials, and completed ones
+        whose worker process (on this host) is gone. A live worker's completed trial is its own to
+        handle: it may be between the trial's end and its promotion."""
+        trials = {t.number: t for t in self.study.get_trials(deepcopy=False)}
+        folder = self.root / "trials"
+        for d in folder.iterdir() if folder.is_dir() else ():
+            t = trials.get(int(d.name)) if d.name.isdigit() else None
+            if t is None:
+                continue
+            if t.state in (TrialState.PRUNED, TrialState.FAIL) or (
+                    t.state == TrialState.COMPLETE and not _worker_alive(str(t.user_attrs.get("worker", "")))):
                 shutil.rmtree(d, ignore_errors=True)
 
     def summary(self, best: FrozenTrial | None, here: Path | None) -> TuneSummary:
@@ -400,6 +405,20 @@ class Tuner:
                     "host": best.user_attrs.get("host"), "here": here is not None}
         return TuneSummary(self.study.study_name, self.storage, f"val_{self.metric}", self.recipe.tune_direction,
                            _counts(self.study), list(self.ran), info)
+
+
+def _worker_alive(worker: str) -> bool:
+    """Whether the worker ``host:pid`` may still be running (True when it is on another host)."""
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a process of another user holds that pid
+        return True
+    return True
 
 
 def selected_value(card: Card, metric: str) -> float:
