@@ -26,6 +26,14 @@ from serving.uploads import STATE_KEY, ParsedRequest
 FORMATS = "PNG, JPEG, TIFF, BMP or DICOM"
 
 
+def _parsed(request: Any) -> ParsedRequest:
+    """What :class:`~serving.uploads.UploadGuard` parsed from this request (in the ASGI scope)."""
+    parsed = request.scope.get("state", {}).get(STATE_KEY)
+    if not isinstance(parsed, ParsedRequest):
+        raise RuntimeError(f"{request.url.path}: UploadGuard did not read this request (middleware missing)")
+    return parsed
+
+
 class ImagesInput(bentoml.IODescriptor):
     """One or more image files and how many classes to answer per image."""
 
@@ -41,9 +49,7 @@ class ImagesInput(bentoml.IODescriptor):
     @classmethod
     async def from_http_request(cls, request: Any, serde: Any) -> ImagesInput:
         """The uploads :class:`~serving.uploads.UploadGuard` read (BentoML's own parsing is bypassed)."""
-        parsed = request.scope.get("state", {}).get(STATE_KEY)
-        if not isinstance(parsed, ParsedRequest):
-            raise RuntimeError(f"{request.url.path}: UploadGuard did not read this request (middleware missing)")
+        parsed = _parsed(request)
         return cls.model_construct(images=parsed.uploads, top_k=parsed.top_k)
 
 
@@ -55,9 +61,7 @@ class ExplainInput(ImagesInput):
 
     @classmethod
     async def from_http_request(cls, request: Any, serde: Any) -> ExplainInput:
-        parsed = request.scope.get("state", {}).get(STATE_KEY)
-        if not isinstance(parsed, ParsedRequest):
-            raise RuntimeError(f"{request.url.path}: UploadGuard did not read this request (middleware missing)")
+        parsed = _parsed(request)
         return cls.model_construct(images=parsed.uploads, top_k=parsed.top_k, target=parsed.target)
 
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,3 +81,39 @@ def bundle_copy(breast_bundle: Path, tmp_path: Path) -> Path:
     dst = tmp_path / breast_bundle.name
     shutil.copytree(breast_bundle, dst)
     return dst
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):
+    on a small CPU shared with other jobs, two OpenMP threads wait on each other whenever one is
+    descheduled (5-10x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], url: str, output: Callable[[], str], limit_s: float = 240) -> None:
+    """Poll ``GET {url}/readyz`` until it answers 200; fail with the server's output when the
+    process exits first or ``limit_s`` passes."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited with {proc.returncode}:\n{output()[-4000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"the server was not ready within {limit_s:.0f} s:\n{output()[-4000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def wait_ready() -> Callable[[subprocess.Popen[bytes], str, Callable[[], str]], None]:
+    """The started server's readiness wait (see :func:`_wait_ready`)."""
+    return _wait_ready

@@ -36,15 +36,7 @@ from zoo.runtime import METADATA_KEY, OnnxModel
 HEAVY = {"resnet50", "resnet50_tl", "resnet152", "xception"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Any:
-    """One intra-op thread for this module: on a small CPU shared with other jobs, two OpenMP
-    threads wait on each other whenever one is descheduled (eager resnet152 is ~10x slower).
-    Parity compares against eager in the same process, so the thread count does not matter."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_bundle(root: Path, arch: str, image_size: int, input_size: int | None = None, in_channels: int = 1,

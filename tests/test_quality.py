@@ -35,12 +35,7 @@ MEDZOO = ("medzoo-28", "medzoo-224")
 TINY = {"epochs": 1, "batch_size": 4, "train.max_batches": 1, "train.eval_batch_size": 8, "pretrained": False}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from zoo.card import read_card
 from zoo.cli import main
@@ -15,13 +14,7 @@ from zoo.data.synthetic import write_synthetic_medmnist
 from zoo.reproduce import V2_ROWS, recipes_for
 from zoo.store import bundles_dir
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> object:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _rows(folder: Path) -> list[dict[str, str]]:

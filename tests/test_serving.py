@@ -191,7 +191,8 @@ def server_env(served: Served, config: Path, bentoml_home: Path) -> dict[str, st
 
 
 @pytest.fixture(scope="module")
-def server(served: Served, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(served: Served, tmp_path_factory: pytest.TempPathFactory,
+           wait_ready: Callable[..., None]) -> Iterator[Server]:
     """``bentoml serve serving.service:MedZoo`` on a free loopback port, until the module ends."""
     work = tmp_path_factory.mktemp("server")
     config = work / "serve.yaml"
@@ -208,19 +209,8 @@ def server(served: Served, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             stderr=subprocess.STDOUT, start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server was not ready within 240 s:\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_ready(proc, url, log.read_text)
         yield Server(url=url, log=log, proc=proc)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # the group of the server this fixture started
@@ -874,7 +864,8 @@ def test_tiff_with_an_unsupported_codec_gets_415_with_the_reason(server: Server)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
-def test_signal_to_zoo_serve_leaves_nothing_behind(served: Served, tmp_path: Path, sig: int) -> None:
+def test_signal_to_zoo_serve_leaves_nothing_behind(served: Served, tmp_path: Path, sig: int,
+                                                   wait_ready: Callable[..., None]) -> None:
     """``zoo serve`` (the real CLI) gets SIGTERM / SIGINT: it exits, no process of its server tree
     remains and the port is free for the next ``zoo serve``."""
     import psutil
@@ -887,16 +878,8 @@ def test_signal_to_zoo_serve_leaves_nothing_behind(served: Served, tmp_path: Pat
                              "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:] if proc.stderr else ""
-            assert time.monotonic() < deadline, "zoo serve was not ready within 240 s"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        # stderr is read only when the process has exited, for the failure message
+        wait_ready(proc, f"http://127.0.0.1:{port}", lambda: proc.stderr.read().decode() if proc.stderr else "")
         tree = psutil.Process(proc.pid).children(recursive=True)
         assert len(tree) >= 3  # the BentoML arbiter, the API worker, the inference worker
         proc.send_signal(sig)

@@ -19,8 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,23 +66,9 @@ def _store(root: Path, breast_bundle: Path, breast_root: Path) -> dict[str, str]
     return {"breast": full.name, "noweights": str(bare)}
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
-    deadline = time.monotonic() + 240
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"the server was not ready within 240 s:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, breast_bundle: Path, breast_root: Path) -> Iterator[Server]:
+def server(tmp_path_factory: pytest.TempPathFactory, breast_bundle: Path, breast_root: Path,
+           wait_ready: Callable[..., None]) -> Iterator[Server]:
     work = tmp_path_factory.mktemp("ui_server")
     config = work / "serve.yaml"
     config.write_text(yaml.safe_dump(_store(work / "store", breast_bundle, breast_root)))
@@ -105,7 +90,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, breast_bundle: Path, breast
             env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(proc, url, log)
+        wait_ready(proc, url, log.read_text)
         yield Server(url=url, log=log, images=images, bundle=work / "store" / "bundles" / breast_bundle.name)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

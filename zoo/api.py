@@ -24,6 +24,7 @@ Importing this module does not import torch; ``backend="torch"`` and exporting d
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,7 +120,7 @@ def _name(item: Any, i: int) -> str:
     return f"image {i}"
 
 
-class _Predictor:
+class _Predictor(ABC):
     """What a single model and an ensemble share: preprocessing, decoding, batching."""
 
     labels: list[str]
@@ -166,8 +167,9 @@ class _Predictor:
 
     __call__ = predict
 
+    @abstractmethod
     def _answer(self, batch: np.ndarray, top_k: int) -> list[Prediction]:
-        raise NotImplementedError
+        """The answers for one batch of uint8 images (N, C, H, W)."""
 
 
 class Model(_Predictor):
