@@ -22,7 +22,15 @@ YAML layout (every key optional)::
     max_request_megapixels: 256           # all the images of one request, idem
     body_timeout_s: 10                    # an upload pausing longer is answered 408
     request_timeout_s: 60                 # a request taking longer is stopped (504), decoding included
-    decode_threads: 2                     # images decoded at once per API worker (bounds its memory)
+    idle_timeout_s: 5                     # a connection without a request in progress for this long is closed
+    max_connections: 4096                 # open connections per API worker: the oldest idle one is dropped, else 503
+    shutdown_grace_s: 20                  # SIGTERM: requests in flight get this long to finish
+    decode_threads: 2                     # images decoded at once per API worker
+    decode_memory_mb: 512                 # memory the images being decoded may take per API worker (estimated
+                                          # from their headers; one image alone may take up to it)
+    decode_queue_s: null                  # a request is admitted only if the decoding already admitted and its own
+                                          # are due to finish within this many seconds (measured rate), else 503;
+                                          # null: a third of request_timeout_s
     refuse_ood: false                     # true: an image flagged out of distribution is answered 422, not classified
     api_workers: 1                        # processes decoding requests (the API layer)
     access_log: true                      # BentoML's per-request access log lines
@@ -33,7 +41,9 @@ Environment: ``MEDZOO_SERVE_<TASK>`` (e.g. ``MEDZOO_SERVE_SKIN``) sets a task's 
 ``MEDZOO_TOP_K``, ``MEDZOO_MAX_BATCH_SIZE``, ``MEDZOO_MAX_LATENCY_MS``, ``MEDZOO_MAX_FILE_MB``,
 ``MEDZOO_MAX_REQUEST_MB``, ``MEDZOO_MAX_IMAGES``, ``MEDZOO_MAX_IMAGE_MEGAPIXELS``,
 ``MEDZOO_MAX_REQUEST_MEGAPIXELS``, ``MEDZOO_BODY_TIMEOUT_S``, ``MEDZOO_REQUEST_TIMEOUT_S``,
-``MEDZOO_DECODE_THREADS``, ``MEDZOO_REFUSE_OOD``, ``MEDZOO_API_WORKERS``, ``MEDZOO_ACCESS_LOG``,
+``MEDZOO_IDLE_TIMEOUT_S``, ``MEDZOO_MAX_CONNECTIONS``, ``MEDZOO_SHUTDOWN_GRACE_S``,
+``MEDZOO_DECODE_THREADS``, ``MEDZOO_DECODE_MEMORY_MB``, ``MEDZOO_DECODE_QUEUE_S``, ``MEDZOO_REFUSE_OOD``,
+``MEDZOO_API_WORKERS``, ``MEDZOO_ACCESS_LOG``,
 ``MEDZOO_ORT_THREADS`` the settings,
 ``MEDZOO_HOME`` the store and
 ``MEDZOO_SERVE_SOURCE`` (``auto``, ``store`` or ``bento``) where the bundles are read from.
@@ -76,8 +86,10 @@ RESERVED_ROUTES = frozenset(
      "to_async", "to_sync", "bento_service", "table", "ui", "explain", "frontend", "inference"}
 )
 SETTINGS = ("top_k", "max_batch_size", "max_latency_ms", "max_file_mb", "max_request_mb", "max_images",
-            "max_image_megapixels", "max_request_megapixels", "body_timeout_s", "request_timeout_s", "decode_threads",
-            "refuse_ood", "api_workers", "access_log", "ort_threads")
+            "max_image_megapixels", "max_request_megapixels", "body_timeout_s", "request_timeout_s",
+            "idle_timeout_s", "max_connections", "shutdown_grace_s",
+            "decode_threads",
+            "decode_memory_mb", "decode_queue_s", "refuse_ood", "api_workers", "access_log", "ort_threads")
 TASK_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 
 
@@ -149,7 +161,12 @@ class ServeConfig(BaseSettings):
     max_request_megapixels: float = Field(256, gt=0)
     body_timeout_s: float = Field(10, gt=0)
     request_timeout_s: float = Field(60, gt=0)
+    idle_timeout_s: float = Field(5, gt=0)  # header / keep-alive timeout (serving.connections)
+    max_connections: int = Field(4096, ge=1)  # per API worker, capped by its RLIMIT_NOFILE
+    shutdown_grace_s: float = Field(20, gt=0)  # SIGTERM drain (serving.launch)
     decode_threads: int = Field(2, ge=1)
+    decode_memory_mb: float = Field(512, gt=0)  # decoding memory per API worker (serving.decoding)
+    decode_queue_s: float | None = Field(None, gt=0)  # admission (serving.decoding); None: request_timeout_s / 3
     refuse_ood: bool = False  # flagged images answered 422 (per image) instead of classified
     api_workers: int = Field(1, ge=1)
     access_log: bool = True
@@ -186,6 +203,13 @@ class ServeConfig(BaseSettings):
             check_task_name(name)
         return tasks
 
+    @model_validator(mode="after")
+    def _admission_within_the_time_limit(self) -> ServeConfig:
+        if self.decode_queue_s is not None and self.decode_queue_s >= self.request_timeout_s:
+            raise ValueError(f"decode_queue_s ({self.decode_queue_s:g}) must be below request_timeout_s "
+                             f"({self.request_timeout_s:g}): what is admitted must be able to finish in time")
+        return self
+
     @field_validator("store", mode="before")
     @classmethod
     def _expand(cls, v: Any) -> Any:
@@ -202,6 +226,11 @@ class ServeConfig(BaseSettings):
     @property
     def ensemble_arch(self) -> str:
         return self.ensemble.arch
+
+    @property
+    def admission_s(self) -> float:
+        """How soon an admitted request's decoding must be due to finish (``decode_queue_s``)."""
+        return self.decode_queue_s if self.decode_queue_s is not None else self.request_timeout_s / 3
 
     @property
     def limits(self) -> Limits:

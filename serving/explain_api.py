@@ -25,11 +25,12 @@ from typing_extensions import TypedDict
 from serving.config import ENSEMBLE_ROUTE
 from serving.explainer import MedZooExplainer
 from serving.frontend import Frontend, Item
-from serving.schemas import FORMATS, ExplainInput
+from serving.schemas import ExplainInput
 from serving.uploads import Problem, Upload, as_uploads
 from zoo.errors import UserError
 from zoo.postprocess import class_index
 from zoo.preprocess import Preprocessing
+from zoo.preprocess.image import FORMATS_TEXT
 
 log = logging.getLogger("serving")
 
@@ -124,8 +125,8 @@ def explain_endpoint(route: str, default_top_k: int, respond: Callable[..., Any]
 
     what = "the pathology ensemble (the mean of its members' maps)" if route == ENSEMBLE_ROUTE else f"the {route} model"
     endpoint.__name__ = endpoint.__qualname__ = f"explain_{route}"
-    endpoint.__doc__ = (f"Where {what} looked: for each uploaded image ({FORMATS}, multipart field `images`) the top "
-                        "classes and a Grad-CAM overlay (gradient saliency for MLPs) as a base64 PNG, for the "
+    endpoint.__doc__ = (f"Where {what} looked: for each uploaded image ({FORMATS_TEXT}, multipart field `images`) "
+                        "the top classes and a Grad-CAM overlay (gradient saliency for MLPs) as a base64 PNG, for the "
                         "predicted class or `target` (class index or label). Refusals per image as in the "
                         "prediction endpoints; 503 while the task has no model or the explanation worker cannot "
                         "answer.")

@@ -4,13 +4,15 @@ Every request is checked and decoded here, in the API worker, so only well-forme
 (N, C, H, W)`` arrays reach the batchable inference methods: a bad upload fails alone, before
 batching, and never takes a batch with it.
 
-* Headers first: :func:`zoo.preprocess.probe` reads each file's format and size without decoding
-  it; an image above ``max_image_pixels`` is refused (413), a format the service does not take
-  (415), and a request whose images hold more than ``max_request_pixels`` in all is refused as a
-  whole (413) before anything is decoded.
-* Then decoding (:func:`zoo.preprocess.load_image`), one image at a time in a worker thread, at
-  most ``decode_threads`` images at once in this process (that bounds its memory). A request
-  that is cancelled (past ``request_timeout_s``, or its client gone) stops between two images.
+* Headers first: :func:`zoo.preprocess.probe` reads each file's format, size and frames without
+  decoding it, in bounded time; an image above ``max_image_pixels``, of an absurd aspect ratio or
+  with too many frames is refused (413), a file that is not PNG, JPEG, TIFF, BMP or DICOM (415), and
+  a request whose images hold more than ``max_request_pixels`` in all is refused as a whole (413)
+  before anything is decoded.
+* Then admission and decoding (:mod:`serving.decoding`): a request whose decoding would not finish
+  soon is refused with 503 and ``Retry-After``; the images of an admitted one are decoded
+  (:func:`zoo.preprocess.load_image`) in the worker's decode threads under its memory budget. A
+  request that is cancelled (past ``request_timeout_s``, or its client gone) abandons its decoding.
 * Logits become answers through :func:`zoo.postprocess.interpret` and
   :func:`zoo.ensemble.combine` only.
 
@@ -24,16 +26,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import anyio
 import numpy as np
 
 from serving.batching import Coalescer
 from serving.config import ENSEMBLE_ROUTE, Limits
+from serving.decoding import AbandonableBytes, Abandoned, DecodePool
 from serving.outputs import unpack
 from serving.schemas import (
     ClassScore,
@@ -54,14 +57,13 @@ from zoo.card import ModelInfo
 from zoo.ensemble import COMBINE, combine
 from zoo.postprocess import interpret, top_classes
 from zoo.preprocess import ImageError, ImageHeader, Preprocessing, load_image, probe
+from zoo.preprocess.image import decode_bytes
 
 log = logging.getLogger("serving")
 
-# Formats the service takes, as zoo.preprocess.probe names them (MPO: a JPEG with extra pictures).
-ACCEPTED_FORMATS = frozenset({"PNG", "JPEG", "MPO", "TIFF", "BMP", "DICOM"})
-FORMATS = "PNG, JPEG, TIFF, BMP or DICOM"
 # zoo.preprocess.ImageError.kind → HTTP status
 IMAGE_ERROR_STATUS = {"empty": 400, "too_large": 413, "unsupported": 415, "corrupt": 422}
+HEADER_WORK = 8 << 20  # what reading a request's headers may take (its files are in memory already)
 
 
 class Backend(Protocol):
@@ -105,45 +107,40 @@ def check_header(item: Item, limits: Limits) -> None:
         item.refuse(400, "empty file")
         return
     try:
-        header = probe(item.data, max_pixels=limits.max_image_pixels)
+        item.header = probe(item.data, max_pixels=limits.max_image_pixels)
     except ImageError as e:
         item.refuse(image_error_status(e), str(e))
-        return
-    if header.format not in ACCEPTED_FORMATS:
-        item.refuse(415, f"{header.format or 'this'} files are not taken: send {FORMATS}")
-        return
-    item.header = header
 
 
-def decode_item(item: Item, prep: Preprocessing, max_pixels: int) -> None:
+def check_headers(items: list[Item], limits: Limits, abandoned: threading.Event) -> None:
+    """Every item's header (at most ``max_images`` of them, each read in bounded time)."""
+    for it in items:
+        if abandoned.is_set():
+            return
+        check_header(it, limits)
+
+
+def decode_item(item: Item, prep: Preprocessing, max_pixels: int, abandoned: threading.Event) -> None:
     """Decode one image whose header passed; the bytes are dropped afterwards."""
     if item.header is None or item.data is None:
         return
     try:
-        item.array = load_image(item.data, prep, max_pixels=max_pixels)
+        item.array = load_image(AbandonableBytes(item.data, abandoned), prep, max_pixels=max_pixels)
     except ImageError as e:
         item.refuse(image_error_status(e), str(e))
+    except Abandoned:  # nobody waits for this answer any more
+        item.refuse(503, "abandoned: the request was cancelled")
     item.data = None
 
 
-def request_budget(items: list[Item], limits: Limits) -> None:
-    """The per-request pixel budget, from the headers: 413 for the whole request."""
-    sized = [it for it in items if it.header is not None]
-    total = sum(it.header.pixels for it in sized if it.header is not None)
+def request_pixels(items: list[Item], limits: Limits) -> int:
+    """The request's pixels from the headers; 413 for the whole request above its budget."""
+    sized = [it.header for it in items if it.header is not None]
+    total = sum(h.pixels for h in sized)
     if total > limits.max_request_pixels:
         raise Problem(413, f"the {len(sized)} images of this request hold {total:,} pixels in all, more than the "
                            f"{limits.max_request_pixels:,} pixel limit per request: send fewer or smaller images")
-
-
-def check_and_decode_first(items: list[Item], prep: Preprocessing, limits: Limits) -> None:
-    """Every header, the request's budget, then the first image (one thread hop for the common
-    one-image request); :class:`Problem` when the budget is exceeded."""
-    for it in items:
-        check_header(it, limits)
-    request_budget(items, limits)
-    first = next((it for it in items if it.header is not None), None)
-    if first is not None:
-        decode_item(first, prep, limits.max_image_pixels)
+    return total
 
 
 def _refused(it: Item) -> ImageResult:
@@ -196,19 +193,18 @@ def _log_table(table: dict[str, Any]) -> None:
 class Frontend:
     """Request handling shared by every endpoint; ``backend`` does the inference."""
 
-    def __init__(self, backend: Backend, limits: Limits, top_k: int, decode_threads: int = 2,
+    def __init__(self, backend: Backend, limits: Limits, top_k: int, pool: DecodePool | None = None,
                  max_batch: int = 64, refuse_ood: bool = False) -> None:
         self.backend = backend
         self.refuse_ood = refuse_ood
         self.limits = limits
         self.top_k = top_k
-        self.decode_threads = decode_threads
+        self.pool = pool or DecodePool(threads=2, memory_bytes=512 << 20, queue_s=20)
         self.max_batch = max_batch
         self.requests: Counter[str] = Counter()
         self._table: dict[str, Any] | None = None
         self._infos: dict[str, tuple[Preprocessing, ModelInfo | None]] = {}
         self._lock = asyncio.Lock()
-        self._limiter: anyio.CapacityLimiter | None = None
         self._batchers: dict[str, Coalescer] = {}
 
     async def table(self) -> dict[str, Any]:
@@ -235,19 +231,22 @@ class Frontend:
             self._batchers[name] = Coalescer(call, self.max_batch)
         return self._batchers[name]
 
-    async def _thread(self, fn: Callable[..., None], *args: Any) -> None:
-        """``fn`` in a worker thread, at most ``decode_threads`` at once in this process."""
-        if self._limiter is None:
-            self._limiter = anyio.CapacityLimiter(self.decode_threads)
-        await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
-
     async def decode(self, uploads: list[Upload], prep: Preprocessing) -> list[Item]:
-        """Headers and budgets first, then one image at a time (a cancelled request stops here)."""
+        """Headers first (limits, admission), then the images, concurrently under the decode pool's
+        limits (a cancelled request stops there: :mod:`serving.decoding`)."""
         items = [Item(u.index, u.filename, u.data, status=u.status, error=u.error) for u in uploads]
-        await self._thread(check_and_decode_first, items, prep, self.limits)
-        for it in items:
-            if it.header is not None and it.data is not None:
-                await self._thread(decode_item, it, prep, self.limits.max_image_pixels)
+        abandoned = threading.Event()
+        await self.pool.run(check_headers, items, self.limits, abandoned, work=HEADER_WORK, abandoned=abandoned)
+        request_pixels(items, self.limits)
+        todo = [(it, decode_bytes(it.header, prep.image_size)) for it in items if it.header is not None]
+        with self.pool.admit(sum(work for _, work in todo)) as admitted:
+
+            async def one(it: Item, work: int) -> None:
+                await self.pool.run(decode_item, it, prep, self.limits.max_image_pixels, abandoned, work=work,
+                                    abandoned=abandoned)
+                admitted.done(work)
+
+            await asyncio.gather(*(one(it, work) for it, work in todo))
         return items
 
     async def _infer(self, call: Awaitable[Any]) -> Any:

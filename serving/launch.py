@@ -2,15 +2,22 @@
 
 ``bentoml serve`` starts a process tree (an arbiter, API workers, the inference worker). The tree
 runs in its own process group; SIGINT and SIGTERM given to ``zoo serve`` are passed on to the
-whole group, which then has ``GRACE_S`` seconds to stop before it is killed, and on Linux the
-child also gets SIGTERM if ``zoo serve`` itself dies (``PR_SET_PDEATHSIG``). Nothing is left
-holding the port.
+whole group, which then has the grace period (``shutdown_grace_s`` + ``KILL_MARGIN_S``, else
+``GRACE_S``) to stop before it is killed, and on Linux the child also gets SIGTERM if ``zoo serve``
+itself dies (``PR_SET_PDEATHSIG``). Nothing is left holding the port.
+
+The drain on SIGTERM: the API workers stop listening at once (new connections are refused) and
+uvicorn lets the requests in flight finish for up to ``shutdown_grace_s`` (``--timeout-graceful-shutdown``);
+the inference and explanation workers keep answering until the API workers are gone
+(:mod:`serving.connections`). ``--timeout-keep-alive`` is ``idle_timeout_s``: uvicorn closes an
+idle keep-alive connection as the connection guard does.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -19,11 +26,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from serving.config import CONFIG_ENV
+from serving.config import CONFIG_ENV, ServeConfig
 
 log = logging.getLogger("serving")
 REPO = Path(__file__).resolve().parents[1]
-GRACE_S = 20
+GRACE_S = 20  # seconds to stop when no config is given
+KILL_MARGIN_S = 5  # after shutdown_grace_s: the dependency workers and the arbiter stopping
 
 
 def server_env(store: str | Path | None, config: str | Path | None) -> dict[str, str]:
@@ -38,9 +46,19 @@ def server_env(store: str | Path | None, config: str | Path | None) -> dict[str,
     return env
 
 
-def server_command(port: int, host: str) -> list[str]:
-    return [sys.executable, "-m", "bentoml", "serve", "serving.service:MedZoo",
-            "--port", str(port), "--host", host, "--working-dir", str(REPO)]
+def server_command(port: int, host: str, cfg: ServeConfig | None = None) -> list[str]:
+    """``bentoml serve``; with a config, uvicorn's keep-alive and graceful-shutdown timeouts (whole seconds)."""
+    cmd = [sys.executable, "-m", "bentoml", "serve", "serving.service:MedZoo",
+           "--port", str(port), "--host", host, "--working-dir", str(REPO)]
+    if cfg is not None:
+        cmd += ["--timeout-keep-alive", str(max(1, math.ceil(cfg.idle_timeout_s))),
+                "--timeout-graceful-shutdown", str(max(1, math.ceil(cfg.shutdown_grace_s)))]
+    return cmd
+
+
+def stop_grace(cfg: ServeConfig | None) -> float:
+    """Seconds between SIGTERM and SIGKILL for the server tree."""
+    return GRACE_S if cfg is None else cfg.shutdown_grace_s + KILL_MARGIN_S
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -68,8 +86,9 @@ def stop_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace: 
         return proc.wait()
 
 
-def run_server(cmd: Sequence[str], env: dict[str, str]) -> int:
-    """Run the server until it exits or this process gets SIGINT / SIGTERM (passed on)."""
+def run_server(cmd: Sequence[str], env: dict[str, str], grace: float = GRACE_S) -> int:
+    """Run the server until it exits or this process gets SIGINT / SIGTERM (passed on as SIGTERM;
+    the tree is killed ``grace`` seconds later if it still runs)."""
     proc = subprocess.Popen(list(cmd), env=env, cwd=REPO, preexec_fn=_die_with_parent)  # noqa: PLW1509
     received: list[int] = []
 
@@ -82,7 +101,7 @@ def run_server(cmd: Sequence[str], env: dict[str, str]) -> int:
         return proc.wait()
     except KeyboardInterrupt:
         sig = received[-1] if received else signal.SIGINT
-        stop_group(proc, signal.SIGTERM)
+        stop_group(proc, signal.SIGTERM, grace)
         return 128 + int(sig)
     finally:
         for s, handler in old.items():
@@ -91,4 +110,5 @@ def run_server(cmd: Sequence[str], env: dict[str, str]) -> int:
             stop_group(proc, signal.SIGKILL, 5)
 
 
-__all__ = ["GRACE_S", "REPO", "run_server", "server_command", "server_env", "stop_group"]
+__all__ = ["GRACE_S", "KILL_MARGIN_S", "REPO", "run_server", "server_command", "server_env", "stop_grace",
+           "stop_group"]

@@ -22,8 +22,7 @@ import bentoml
 from pydantic import BaseModel, ConfigDict, Field
 
 from serving.uploads import STATE_KEY, ParsedRequest
-
-FORMATS = "PNG, JPEG, TIFF, BMP or DICOM"
+from zoo.preprocess.image import FORMATS_TEXT
 
 
 def _parsed(request: Any) -> ParsedRequest:
@@ -38,7 +37,7 @@ class ImagesInput(bentoml.IODescriptor):
     """One or more image files and how many classes to answer per image."""
 
     images: list[Path] = Field(
-        description=f"{FORMATS} files, one per part (multipart/form-data; field name 'images' or any other). "
+        description=f"{FORMATS_TEXT} files, one per part (multipart/form-data; field name 'images' or any other). "
                     "A single image may also be sent as the raw body (Content-Type image/*, application/dicom "
                     "or application/octet-stream).",
     )

@@ -34,6 +34,8 @@ import numpy as np
 from starlette.responses import Response
 
 from serving.config import ENSEMBLE_ROUTE, load_config
+from serving.connections import install as install_connections
+from serving.decoding import DecodePool
 from serving.explain_api import explain_paths, explain_routes
 from serving.frontend import Frontend
 from serving.pages import UI_PATH, ui_app
@@ -155,11 +157,13 @@ class DependencyBackend:
 
 async def answer(work: Awaitable[tuple[int, Any]]) -> Response:
     """The JSON answer with its status; fields that are None are left out."""
+    headers: dict[str, str] = {}
     try:
         status, body = await work
     except Problem as p:
-        status, body = p.status, ErrorAnswer(error=p.message)
-    return Response(body.model_dump_json(exclude_none=True), status_code=status, media_type="application/json")
+        status, body, headers = p.status, ErrorAnswer(error=p.message), p.headers
+    return Response(body.model_dump_json(exclude_none=True), status_code=status, headers=headers,
+                    media_type="application/json")
 
 
 async def _ok(work: Awaitable[Any]) -> tuple[int, Any]:
@@ -187,7 +191,9 @@ def _api_namespace() -> dict[str, Any]:
 
     def __init__(self: Any) -> None:
         self.frontend = Frontend(DependencyBackend(self.inference), CONFIG.limits, CONFIG.top_k,
-                                 CONFIG.decode_threads, CONFIG.max_batch_size, CONFIG.refuse_ood)
+                                 DecodePool(CONFIG.decode_threads, int(CONFIG.decode_memory_mb * 2**20),
+                                            CONFIG.admission_s),
+                                 CONFIG.max_batch_size, CONFIG.refuse_ood)
         log.info("endpoints: %s", ", ".join(f"/{t}" for t in (*TASK_NAMES, ENSEMBLE_ROUTE, "models", "stats")))
 
     async def __is_ready__(self: Any) -> bool:
@@ -242,3 +248,5 @@ MedZoo.add_asgi_middleware(
     UploadGuard, upload_routes=[f"/{t}" for t in (*TASK_NAMES, ENSEMBLE_ROUTE)] + explain_paths(TASK_NAMES),
     get_routes=["/models", "/stats"], limits=CONFIG.limits,
 )
+# Idle / header timeout, a cap on open connections, the drain on SIGTERM (serving.connections).
+install_connections(MedZoo, CONFIG.shutdown_grace_s, CONFIG.idle_timeout_s, CONFIG.max_connections)

@@ -30,12 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.config import Limits
+from zoo.io import display_name
 
 STATE_KEY = "medzoo.request"
 OPTION_FIELDS = ("top_k", "target")  # target: the class an explanation explains (/<task>/explain)
@@ -46,10 +48,11 @@ TEXT_PART_BYTES = 64 * 1024  # a text form field (top_k) is short; a longer one 
 class Problem(Exception):
     """A request refused as a whole: HTTP status and a message for the user."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers or {}  # e.g. Retry-After with a 503
 
 
 @dataclass
@@ -82,13 +85,11 @@ def parse_top_k(raw: str | None) -> int | None:
     """``top_k`` from a form field (BentoML's clients send it JSON-encoded) or the query string."""
     if raw is None or raw.strip() in ("", "null"):
         return None
-    try:
-        k = int(raw.strip().strip('"'))
-    except ValueError:
-        raise Problem(400, f"top_k must be a positive integer, not {raw!r}") from None
-    if k < 1:
+    digits = raw.strip().strip('"')
+    # ASCII digits only: int() also takes "٣", "+3" and "1_0"
+    if not (digits.isascii() and digits.isdigit()) or int(digits) < 1:
         raise Problem(400, f"top_k must be a positive integer, not {raw!r}")
-    return k
+    return int(digits)
 
 
 async def body_stream(receive: Receive, limits: Limits) -> AsyncGenerator[bytes, None]:
@@ -112,8 +113,17 @@ async def body_stream(receive: Receive, limits: Limits) -> AsyncGenerator[bytes,
             return
 
 
+def upload_filename(value: UploadFile) -> str | None:
+    """An uploaded file's name by the one rule of :func:`zoo.io.display_name` (UTF-8, other bytes
+    as ``\\xNN``), read from the part's raw header: starlette falls back to latin-1 for a name that
+    is not UTF-8, and that text cannot be told apart from a UTF-8 name."""
+    disposition = next((v for k, v in value.headers.raw if k == b"content-disposition"), None)
+    raw = parse_options_header(disposition)[1].get(b"filename") if disposition else None
+    return display_name(raw) if raw is not None else value.filename
+
+
 def _file_upload(index: int, name: str, value: UploadFile, limits: Limits) -> Upload:
-    up = Upload(index, value.filename or name)
+    up = Upload(index, upload_filename(value) or name)
     size = value.size or 0
     if size > limits.max_file_bytes:
         up.status = 413
@@ -278,8 +288,21 @@ class UploadGuard:
             await self.app(scope, receive, send)
             return
         path, method = scope["path"], scope["method"]
-        if method == "GET" and path in self.get_routes:
-            await self.app({**scope, "method": "POST"}, receive, send)  # a typed endpoint is a POST
+        if path in self.get_routes:
+            # Typed endpoints without input: BentoML parses a multipart body anyway (and fails with a
+            # 500) and ignores other bodies; only no body or a JSON object (BentoML's clients) goes on.
+            headers = Headers(scope=scope)
+            has_body = headers.get("content-length", "0").strip() != "0" or "transfer-encoding" in headers
+            json_body = headers.get("content-type", "").split(";")[0].strip().lower() == "application/json"
+            if method not in ("GET", "POST"):
+                status, message, extra = 405, f"{path} answers GET and POST, not {method}", {"allow": "GET, POST"}
+            elif has_body and not json_body:
+                status, message, extra = 400, f"{path} takes no request body (or a JSON object)", {}
+            else:
+                await self.app({**scope, "method": "POST"}, receive, send)  # a typed endpoint is a POST
+                return
+            await JSONResponse({"error": message}, status_code=status, headers={"connection": "close", **extra})(
+                scope, receive, send)
             return
         if method != "POST" or path not in self.upload_routes:
             await self.app(scope, receive, send)

@@ -212,7 +212,8 @@ def test_cli_rerun_is_a_noop_and_overwrite_rescores(scored: dict[str, Any], imag
 
 def test_listing_rules(tmp_path: Path) -> None:
     """Recursive, sorted, hidden and excluded paths skipped, special files kept for the errors file."""
-    from zoo.score import SPECIAL, display_path, list_folder
+    from zoo.io import display_name
+    from zoo.score import SPECIAL, list_folder
 
     for rel in ("b/2.png", "b/10.png", "a.jpg", ".hidden/x.png", "b/.x.png", "out.csv.partial/chunk-000000.json"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -223,7 +224,7 @@ def test_listing_rules(tmp_path: Path) -> None:
     rels = [e.rel for e in entries]
     assert rels == sorted(rels) == ["a.jpg", "b/10.png", "b/2.png", *(["b/pipe.png"] if hasattr(os, "mkfifo") else [])]
     assert all(e.size == 1 for e in entries[:3]) and (len(entries) == 3 or entries[3].size == SPECIAL)
-    assert display_path(os.fsdecode(b"caf\xe9.png")) == "caf\\xe9.png"
+    assert display_name(os.fsdecode(b"caf\xe9.png")) == "caf\\xe9.png"
 
 
 def _crash_after(chunks: int) -> Any:

@@ -368,6 +368,9 @@ BAD_FILES: dict[str, tuple[Callable[[], bytes], set[int]]] = {
     "text": (lambda: b"just some text, not an image\n", {415}),
     "pdf": (lambda: b"%PDF-1.4\n1 0 obj << >> endobj\n%%EOF\n", {415}),
     "gif": (lambda: encode(noise_image("P"), "GIF"), {415}),
+    "bmp of a variant Pillow does not read": (
+        lambda: encode(noise_image(size=(8, 8)), "BMP")[:30] + struct.pack("<I", 7) + encode(noise_image(size=(8, 8)),
+                                                                                           "BMP")[34:], {415}),
     "png signature then garbage": (lambda: b"\x89PNG\r\n\x1a\n" + b"garbage" * 20, {415, 422}),
     "corrupt png": (_corrupt_png, {422}),
     "truncated png": (lambda: _good_png()[: len(_good_png()) // 2], {422}),
@@ -843,6 +846,137 @@ def test_bomb_refusals_quote_the_services_limit(server: Server) -> None:
         msg = r.json()["results"][0]["error"]
         assert "64,000,000 pixel limit" in msg, msg
         assert "178956970" not in msg and "89478485" not in msg
+
+
+def _many_frames_tiff(frames: int) -> bytes:
+    """A TIFF of ``frames`` 1 x 1 pages (about 120 bytes each), written directly: Pillow's own writer
+    takes minutes for tens of thousands of pages."""
+    entry = struct.Struct("<HHII")
+    header_size, strip = 8, 8  # the one pixel byte every page points at sits at offset 8
+    first = header_size + 2  # IFDs start after the header and the pixel (padded to a word)
+    ifd_size = 2 + 9 * entry.size + 4
+    out = bytearray(b"II*\x00" + struct.pack("<I", first) + b"\x7f\x00")
+    for i in range(frames):
+        nxt = first + (i + 1) * ifd_size if i + 1 < frames else 0
+        tags = [(256, 4, 1, 1), (257, 4, 1, 1), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1), (273, 4, 1, strip),
+                (277, 3, 1, 1), (278, 4, 1, 1), (279, 4, 1, 1)]
+        out += struct.pack("<H", len(tags)) + b"".join(entry.pack(*t) for t in tags) + struct.pack("<I", nxt)
+    return bytes(out)
+
+
+def _sample_rss(worker: Any, stop: Any, peak: list[int]) -> None:
+    """The API worker's RSS every 20 ms until ``stop`` is set; the largest seen in ``peak[0]``."""
+    while not stop.is_set():
+        peak[0] = max(peak[0], worker.memory_info().rss)
+        time.sleep(0.02)
+
+
+def test_frame_and_aspect_ratio_bombs_are_refused_from_the_header(server: Server) -> None:
+    """A TIFF of 8,000 pages (counting them took 2.5 s) and an image of 1 x 1,000,000 pixels (Pillow's
+    resize of such a shape took gigabytes): 413 within a second each, saying why."""
+    for name, data, reason in (("pages.tif", _many_frames_tiff(8_000), "frames"),
+                               ("tall.png", encode(Image.new("L", (1, 1_000_000))), "aspect ratio")):
+        t0 = time.monotonic()
+        r = server.client().post("/organ", files=files((name, data), ("ok.png", _good_png())))
+        took = time.monotonic() - t0
+        assert r.status_code == 200 and took < 2, (took, r.text[:300])
+        res = r.json()["results"]
+        assert res[0]["status"] == 413 and reason in res[0]["error"], res[0]
+        assert res[1]["status"] == 200
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_overload_is_shed_with_503_and_what_is_admitted_finishes(server: Server) -> None:
+    """16 requests of four 64 MP images each at once (they all ran into 504 before): each is answered
+    200 or, when its decoding could not finish soon, 503 with Retry-After; none times out, and the
+    API worker stays under 1 GB all along (RGB and RGBA images, whose decoding takes 256-512 MB)."""
+    import threading
+
+    images = [encode(Image.new("L", (8000, 8000), 9)), encode(Image.new("RGB", (8000, 8000), (9, 8, 7))),
+              encode(Image.new("RGBA", (8000, 8000), (9, 8, 7, 200))), encode(Image.new("L", (8000, 8000), 3))]
+    worker = server.api_worker()
+    stop, peak = threading.Event(), [0]
+    sampler = threading.Thread(target=_sample_rss, args=(worker, stop, peak))
+    sampler.start()
+
+    async def flood() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=REQUEST_TIMEOUT_S + 30) as c:
+            return await asyncio.gather(*[c.post("/organ", files=files(*[(f"{r}-{i}.png", data)
+                                                                          for i, data in enumerate(images)]))
+                                          for r in range(16)])
+
+    try:
+        answers = asyncio.run(flood())
+    finally:
+        stop.set()
+        sampler.join()
+    statuses = Counter(r.status_code for r in answers)
+    assert set(statuses) <= {200, 503} and statuses[200] >= 1, statuses
+    for r in answers:
+        if r.status_code == 503:
+            assert int(r.headers["retry-after"]) >= 1 and "retry in" in r.json()["error"], r.text
+        else:
+            assert [x["status"] for x in r.json()["results"]] == [200] * 4
+    assert peak[0] < 2**30, f"the API worker reached {peak[0] / 2**20:.0f} MB"
+    assert server.client().post("/organ", files=files(("ok.png", _good_png()))).status_code == 200
+
+
+FUZZ_PER_FORMAT = 40
+
+
+def test_fuzzed_files_get_the_same_verdict_over_http_in_zoo_score_and_the_python_api(
+        server: Server, served: Served, tmp_path: Path) -> None:
+    """Mutated real PNG / JPEG / TIFF / BMP / DICOM files, and GIF, WebP and TGA files: over HTTP each
+    request (one good image among them) answers 200 with every file's own status, never 5xx; `zoo
+    score` and `zoo.load().predict` accept exactly the files the service answers and refuse the rest."""
+    import csv
+
+    from fuzzing import FORMATS, corpus
+
+    import zoo
+    from zoo.errors import ImageError
+    from zoo.score import score_folder
+
+    ext = {"png": "png", "jpeg": "jpg", "tiff": "tif", "bmp": "bmp", "dicom": "dcm"}
+    sample = [(f"{name}.{ext[fmt]}", data) for fmt in FORMATS for name, data in corpus(fmt, FUZZ_PER_FORMAT, seed=7)]
+    sample += [("other.gif", encode(noise_image("P"), "GIF")), ("other.webp", encode(noise_image(), "WEBP")),
+               ("other.tga", encode(noise_image(), "TGA"))]
+    http: dict[str, int] = {}
+    for start in range(0, len(sample), MAX_IMAGES - 1):
+        r = server.client().post("/skin", files=files(("good.png", _good_png()), *sample[start:start + MAX_IMAGES - 1]))
+        assert r.status_code == 200, r.text[:500]
+        for res in r.json()["results"][1:]:
+            assert res["status"] in (200, 400, 413, 415, 422), res
+            http[res["filename"]] = res["status"]
+    assert [http[f"other.{e}"] for e in ("gif", "webp", "tga")] == [415] * 3
+    folder = tmp_path / "fuzz"
+    folder.mkdir()
+    for name, data in sample:
+        (folder / name).write_bytes(data)
+    summary = score_folder(folder, [served.bundles["skin"]], tmp_path / "scores.csv", workers=0, progress=False)
+    with open(summary.out, newline="") as f:
+        scored = {row["path"] for row in csv.DictReader(f)}
+    model = zoo.load(served.bundles["skin"])
+    api = set()
+    for name, data in sample:
+        try:
+            model.predict(data)
+            api.add(name)
+        except ImageError:
+            pass
+    answered = {name for name, status in http.items() if status == 200}
+    assert answered == scored == api
+    assert 0 < len(answered) < len(sample)
+
+
+def test_odd_top_k_and_file_names(server: Server) -> None:
+    """top_k takes ASCII digits only; a file name that is not UTF-8 comes back by zoo score's rule."""
+    c = server.client()
+    assert c.post("/skin", files=files(("a.png", _good_png())), data={"top_k": "\u0663"}).status_code == 400
+    body = (b"--b\r\nContent-Disposition: form-data; name=\"images\"; filename=\"caf\xe9.png\"\r\n"
+            b"Content-Type: image/png\r\n\r\n" + _good_png() + b"\r\n--b--\r\n")
+    r = c.post("/skin", content=body, headers={"content-type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 200 and r.json()["results"][0]["filename"] == "caf\\xe9.png", r.text
 
 
 def _tiff_with_compression(code: int) -> bytes:

@@ -6,10 +6,13 @@ What is checked: every built-in search space samples into valid recipes, and tho
 it, diverging trials pruned from the engine's per-epoch validation loss), and the store keeps one
 bundle, the best trial's, which loads and whose card names the study, the storage and the values;
 ``optuna.load_study`` and optuna-dashboard read the storage; an RDB (SQLite) storage works too.
+Workers started at the same moment on a new storage (SQLite, with its lock or with the retry alone
+as on a server RDB, and a journal file) all join one study, ``zoo tune`` processes included.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -248,3 +251,119 @@ def test_finish_sweeps_the_trials_of_dead_workers_only(tmp_path: Path) -> None:
         study.tell(trial, value)
     tuner.finish()
     assert [tuner.scratch(n).exists() for n in range(3)] == [True, False, True]
+
+
+# Two workers started together on a NEW storage (issue 18): one used to die creating it, with
+# "table studies already exists" (SQLite) or a UNIQUE constraint on alembic_version.
+START_TOGETHER = """
+import os, sys, time
+import zoo.cli, zoo.tune
+ready = sys.argv[1]
+# the slow imports first (torch, optuna; SQLAlchemy and Alembic, which opening an RDB imports), so that
+# both workers reach the new storage together
+zoo.tune.open_storage(f"sqlite:///{ready}-warm-{os.getpid()}.db")
+open(os.path.join(ready, str(os.getpid())), "w").close()
+while len(os.listdir(ready)) < int(sys.argv[2]):
+    time.sleep(0.001)
+sys.exit(zoo.cli.main(sys.argv[3:]))
+"""
+
+
+def _open_study_at_once(recipe: Recipe, storage: str, ready: Any, study: str) -> None:
+    """A worker's start (:func:`open_study`), released together with the others by ``ready``."""
+    ready.wait()
+    open_study(recipe, study, storage)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "sqlite-retry-only", "journal"])
+def test_workers_opening_a_new_storage_at_once_share_one_study(
+        tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three workers released by a barrier open a new storage and the same study, three times over:
+    every one succeeds and the storage holds one study. ``sqlite-retry-only`` opens SQLite without
+    the lock file, the way a server RDB (PostgreSQL, MySQL) is opened: the retry alone copes."""
+    import multiprocessing
+
+    import zoo.tune
+
+    recipe = load_recipe_file(_recipe_file(tmp_path))
+    if kind == "sqlite-retry-only":
+        monkeypatch.setattr(zoo.tune, "_creation_lock", lambda url: contextlib.ExitStack())
+    open_study(recipe, "warm", f"sqlite:///{tmp_path / 'warm.db'}")  # imports SQLAlchemy, Alembic before forking
+    ctx = multiprocessing.get_context("fork")  # the children share this process's imports: they start in ms
+    for n in range(3):
+        storage = str(tmp_path / f"{n}.journal") if kind == "journal" else f"sqlite:///{tmp_path / f'{n}.db'}"
+        ready = ctx.Barrier(3)
+        workers = [ctx.Process(target=_open_study_at_once, args=(recipe, storage, ready, "s")) for _ in range(3)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(60)
+        assert [w.exitcode for w in workers] == [0, 0, 0], f"round {n}: a worker failed (its traceback is above)"
+        assert optuna.get_all_study_names(storage=zoo.tune.open_storage(storage)) == ["s"]
+
+
+def test_a_lost_creation_race_is_retried_then_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker that lost a creation race to another tries again; one that keeps losing gets an
+    error that says why; any other database error (a server that does not answer) is not retried."""
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    import zoo.tune
+    from zoo.errors import UserError
+
+    pauses: list[float] = []
+    monkeypatch.setattr(zoo.tune.time, "sleep", pauses.append)
+    lost = IntegrityError("INSERT INTO alembic_version", {}, Exception("UNIQUE constraint failed"))
+    tries = iter([lost, lost])
+
+    def make() -> str:
+        e = next(tries, None)
+        if e is not None:
+            raise e
+        return "opened"
+
+    assert zoo.tune._retry_creation("sqlite:///x.db", make) == "opened" and len(pauses) == 2
+
+    def always() -> str:
+        raise OperationalError("CREATE TABLE studies", {}, Exception("table studies already exists"))
+
+    with pytest.raises(UserError, match="other workers were creating it.*after 6 tries.*already exists"):
+        zoo.tune._retry_creation("sqlite:///x.db", always)
+
+    def unreachable() -> str:  # not a race: raised at once
+        raise OperationalError("connect", {}, Exception("could not connect to server"))
+
+    pauses.clear()
+    with pytest.raises(OperationalError):
+        zoo.tune._retry_creation("postgresql://db/optuna", unreachable)
+    assert pauses == []
+
+
+@pytest.mark.slow
+def test_two_zoo_tune_workers_create_a_new_sqlite_storage_together(breast_root: Path, tmp_path: Path) -> None:
+    """The README's way: two `zoo tune` processes on one new ``sqlite:///`` storage, released at the
+    same moment (a barrier after their imports): both finish, and the storage holds one study with
+    the trials of both."""
+    raw = json.loads(json.dumps(RECIPE))
+    raw["train"]["epochs"] = 1
+    raw["tune"]["params"] = {"optimizer.lr": {"type": "float", "low": 1e-3, "high": 0.1, "log": True}}
+    recipe_file = tmp_path / "tiny.yaml"
+    recipe_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    storage = f"sqlite:///{tmp_path / 'new' / 'studies.db'}"
+    (tmp_path / "new").mkdir()
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    cmd = [sys.executable, "-c", START_TOGETHER, str(ready), "2", "tune", "breast", "mlp", "--recipe",
+           str(recipe_file), "--trials", "1", "--study", "together", "--storage", storage, "--store",
+           str(tmp_path / "store"), "--data-root", str(breast_root), "--offline", "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    workers = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+               for _ in range(2)]
+    outs = [w.communicate(timeout=300) for w in workers]
+    for w, (_, err) in zip(workers, outs):
+        assert w.returncode == 0, err.decode()[-3000:]
+    ran = sorted(n for out, _ in outs for n in json.loads(out.decode().strip().splitlines()[-1])["ran"])
+    assert ran == [0, 1]
+    assert optuna.get_all_study_names(storage=storage) == ["together"]
+    trials = optuna.load_study(study_name="together", storage=storage).get_trials()
+    assert len({t.user_attrs["worker"] for t in trials}) == 2 and len(trials) == 2
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)

@@ -21,6 +21,14 @@ from typing import IO, Any
 _UMASK_LOCK = threading.Lock()
 
 
+def display_name(name: str | bytes) -> str:
+    """A file name as valid UTF-8 text, the one rule for every answer and output: the bytes of a name
+    that are not UTF-8 appear as ``\\xNN``. ``name``: raw bytes, or text from the file system
+    (``os.fsdecode``: undecodable bytes held as surrogates)."""
+    raw = name if isinstance(name, bytes) else name.encode("utf-8", "surrogateescape")
+    return raw.decode("utf-8", "backslashreplace")
+
+
 def current_umask() -> int:
     """The process umask (read by setting it and putting it back, under a lock)."""
     with _UMASK_LOCK:

@@ -23,6 +23,12 @@ share a study through ``--storage`` (an RDB URL, or a journal file on a shared f
 same study name; each keeps the best bundle in its own store, and when its run ends a store whose
 bundle is no longer the study's best drops it, so the best bundle lives in the store of the machine
 that trained it (``zoo tune --json`` says which).
+
+Workers started together on a new storage do not race to create it: on an SQLite file they take
+turns (a lock file beside the database, ``<db>.lock``) creating its tables and the study; on a
+server RDB (PostgreSQL, MySQL) a worker that lost the race to create a table, a version row or the
+study's attributes tries again a few times (:func:`_retry_creation`). Journals (a file, Redis) need
+neither: Optuna creates a study there by appending to the log, and the first entry wins.
 """
 
 from __future__ import annotations
@@ -33,17 +39,19 @@ import hashlib
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import socket
 import sys
+import time
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import optuna
@@ -62,6 +70,8 @@ log = logging.getLogger(__name__)
 
 ATTR_IDENTITY = "medzoo.identity"  # study user attribute: what the study tunes (recipe, space, metric)
 SQLITE_HEADER = b"SQLite format 3\x00"
+CREATE_TRIES = 6  # an RDB (a server one above all): tries at creating the tables and the study before giving up
+T = TypeVar("T")
 
 
 class TrialFailure(RuntimeError):
@@ -106,7 +116,15 @@ def shown_storage(url: str) -> str:
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """An Optuna storage: an RDB URL (``postgresql://…``, ``mysql+pymysql://…``, ``sqlite:///…``;
     workers heartbeat, so the trial of a killed worker is marked failed and run again), a Redis
-    journal (``redis://…``) or a journal file (any other value: a path)."""
+    journal (``redis://…``) or a journal file (any other value: a path). Safe when several workers
+    create the same new storage at once (see the module docstring)."""
+    with _creation_lock(url):
+        return _retry_creation(url, lambda: _make_storage(url))
+
+
+def _make_storage(url: str) -> optuna.storages.BaseStorage:
+    """:func:`open_storage` without the lock and the retry; errors are the user's (:class:`UserError`),
+    except a lost creation race (:func:`_creation_race`), raised as is for the retry."""
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
 
@@ -123,9 +141,81 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     except (ImportError, ValueError, OSError) as e:  # a missing DB driver, a malformed URL, an unwritable path
         raise UserError(f"cannot open the Optuna storage {shown_storage(url)}: {e}") from None
     except Exception as e:  # SQLAlchemy's OperationalError and friends: a server that does not answer
-        if type(e).__module__.startswith(("sqlalchemy", "redis")):
+        if type(e).__module__.startswith(("sqlalchemy", "redis")) and not _creation_race(e):
             raise UserError(f"cannot open the Optuna storage {shown_storage(url)}: {str(e).splitlines()[0]}") from None
         raise
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive POSIX ``flock`` on ``path`` (created with its folder if missing) for the block;
+    other processes asking for it wait. Closing the file (the block's end, or the process's) releases it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        yield
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The database file of an ``sqlite:///`` URL; None for another storage or an in-memory database."""
+    if not url.startswith("sqlite"):
+        return None
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        db = make_url(url).database
+    except ArgumentError:  # a malformed URL: opening it says so
+        return None
+    if not db or db == ":memory:" or db.startswith("file:"):
+        return None
+    return Path(db)
+
+
+def _creation_lock(url: str) -> contextlib.ExitStack:
+    """Held while a worker opens the storage and creates or joins the study: for an SQLite file, the
+    lock file ``<db>.lock`` beside it, so that workers started together take turns creating its tables
+    (SQLAlchemy's ``create_all`` checks, then creates: two at once fail with "table … already exists")."""
+    stack = contextlib.ExitStack()
+    db = _sqlite_file(url)
+    if db is not None:
+        try:
+            stack.enter_context(file_lock(db.with_name(db.name + ".lock")))
+        except OSError as e:
+            raise UserError(f"cannot open the Optuna storage {shown_storage(url)}: {e}") from None
+    return stack
+
+
+def _creation_race(e: BaseException) -> bool:
+    """Whether ``e`` is what a worker gets when another one created the same table, row or study
+    attribute between its check and its write (an RDB, most of all a server one)."""
+    from sqlalchemy import exc
+
+    if isinstance(e, exc.IntegrityError):  # a unique row another worker inserted first (version, attribute)
+        return True
+    # CREATE TABLE / INDEX of one another worker made: OperationalError (SQLite, MySQL), ProgrammingError (PostgreSQL)
+    return isinstance(e, (exc.OperationalError, exc.ProgrammingError)) and "already exists" in str(e).lower()
+
+
+def _retry_creation(url: str, make: Callable[[], T]) -> T:
+    """``make()``, tried again after a short random pause (up to :data:`CREATE_TRIES` tries) while it
+    loses a creation race (:func:`_creation_race`) to another worker: the next try finds what the
+    other created. Still losing after that: a :class:`UserError` that says so."""
+    for attempt in range(1, CREATE_TRIES + 1):
+        try:
+            return make()
+        except Exception as e:
+            if not _creation_race(e):
+                raise
+            first = str(e).splitlines()[0]
+            if attempt == CREATE_TRIES:
+                raise UserError(f"cannot create the Optuna storage or study in {shown_storage(url)}: other workers "
+                                f"were creating it at the same time, and it still failed after {CREATE_TRIES} "
+                                f"tries ({first}); start this worker again") from e
+            log.info("another worker is creating %s (%s): trying again", shown_storage(url), first)
+            # random: workers that collided once do not collide again in step
+            time.sleep(0.1 * 2**attempt * random.uniform(0.5, 1.5))
+    raise AssertionError("unreachable")
 
 
 def _rdb(url: str) -> optuna.storages.BaseStorage:
@@ -206,23 +296,37 @@ def identity(recipe: Recipe) -> str:
 
 def open_study(recipe: Recipe, study_name: str, storage: str, seed: int | None = None) -> optuna.Study:
     """Create the study or join it (``load_if_exists``); a study made for another recipe, search
-    space or metric is refused."""
-    if recipe.tune is None:
+    space or metric is refused. Safe when several workers start it at once (:func:`open_storage`)."""
+    tune_cfg = recipe.tune
+    if tune_cfg is None:
         raise RecipeError(f"recipe {recipe.name} has no tune: section (the search space); add one, "
                           "or pass --recipe FILE with it (see docs)")
-    study = optuna.create_study(study_name=study_name, storage=open_storage(storage),
-                                sampler=make_sampler(recipe.tune, seed), pruner=make_pruner(recipe.tune.pruner),
-                                direction=recipe.tune_direction, load_if_exists=True)
+
+    def attempt() -> optuna.Study:
+        study = optuna.create_study(study_name=study_name, storage=_make_storage(storage),
+                                    sampler=make_sampler(tune_cfg, seed), pruner=make_pruner(tune_cfg.pruner),
+                                    direction=recipe.tune_direction, load_if_exists=True)
+        _claim(study, recipe, storage)
+        return study
+
+    with _creation_lock(storage):
+        return _retry_creation(storage, attempt)
+
+
+def _claim(study: optuna.Study, recipe: Recipe, storage: str) -> None:
+    """Mark a new study as tuning this recipe (:func:`identity`), or refuse one that tunes another."""
     mine = identity(recipe)
     theirs = study.user_attrs.get(ATTR_IDENTITY)
     if theirs is None:
+        # on a server RDB a worker writing it at the same moment makes this an IntegrityError (retried);
+        # a journal keeps the last write: read back what the study holds
         study.set_user_attr(ATTR_IDENTITY, mine)
-    elif theirs != mine:
+        theirs = study.user_attrs.get(ATTR_IDENTITY)
+    if theirs != mine:
         old = json.loads(theirs)
         diff = [k for k, v in json.loads(mine).items() if old.get(k) != v]
-        raise RecipeError(f"study {study_name!r} in {shown_storage(storage)} tunes recipe {old.get('recipe')} "
+        raise RecipeError(f"study {study.study_name!r} in {shown_storage(storage)} tunes recipe {old.get('recipe')} "
                           f"with another {', '.join(diff)}; give another --study, or the same recipe and space")
-    return study
 
 
 @dataclass
@@ -283,10 +387,8 @@ class Tuner:
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """Workers sharing this store take turns keeping and removing bundles (POSIX flock)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / "lock", "a") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        """Workers sharing this store take turns keeping and removing bundles (:func:`file_lock`)."""
+        with file_lock(self.root / "lock"):
             yield
 
     def on_epoch(self, trial: optuna.Trial) -> EpochCallback:
@@ -490,5 +592,5 @@ def tune(
     return tuner.finish()
 
 
-__all__ = ["TrialFailure", "TuneSummary", "Tuner", "default_storage", "default_study_name", "identity",
+__all__ = ["TrialFailure", "TuneSummary", "Tuner", "default_storage", "default_study_name", "file_lock", "identity",
            "open_storage", "open_study", "selected_value", "shown_storage", "studies_dir", "suggest", "tune"]

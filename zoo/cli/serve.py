@@ -22,7 +22,7 @@ def _say(msg: str) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from serving.config import load_config
-    from serving.launch import REPO, run_server, server_command, server_env
+    from serving.launch import REPO, run_server, server_command, server_env, stop_grace
     from zoo.bootstrap import build_default_models, export_served, tasks_to_build
 
     if args.store:
@@ -41,9 +41,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tag = package_models(cfg)
         print(f"packaged {tag}; now run `bentoml build` in {REPO}")
         return 0
-    cmd = server_command(args.port, args.host)
+    cmd = server_command(args.port, args.host, cfg)
     _say(f"serve: {' '.join(cmd[2:])}")
-    return run_server(cmd, server_env(args.store, args.config))
+    return run_server(cmd, server_env(args.store, args.config), stop_grace(cfg))
 
 
 def register(sub: Any) -> None:

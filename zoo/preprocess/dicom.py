@@ -47,7 +47,7 @@ from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, Implic
 from pydicom.valuerep import DSfloat
 
 from zoo.errors import ImageError
-from zoo.preprocess.image import ImageHeader, Window, too_large
+from zoo.preprocess.image import ImageHeader, Window, check_size
 
 _STRIP_PIXELS = 1 << 20
 # What pydicom may raise on a damaged dataset, while reading it or reading a value from it.
@@ -125,10 +125,7 @@ def _check(ds: Dataset, max_pixels: int) -> ImageHeader:
     if frames > 1:
         raise ImageError(f"multi-frame DICOM ({frames} frames) is not supported: medzoo classifies single "
                          "2D images; send one frame per file", "unsupported")
-    if rows * cols > max_pixels:
-        raise too_large(cols, rows, max_pixels)
-    if rows == 0 or cols == 0:
-        raise ImageError("image has no pixels", "empty")
+    check_size(cols, rows, max_pixels)
     check_decodable(_transfer_syntax(ds))
     return ImageHeader("DICOM", cols, rows, frames, pi)
 

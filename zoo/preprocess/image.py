@@ -44,6 +44,7 @@ a compressed DICOM transfer syntax no installed handler decodes), multi-frame DI
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import os
@@ -67,6 +68,18 @@ if TYPE_CHECKING:
 
 # A 224 px model never needs more than this; a larger upload is refused before it is decoded.
 MAX_PIXELS = 64_000_000
+# The whole image is squashed to a square: beyond this ratio of its sides nothing recognisable is left, and
+# Pillow's resize allocates coefficients in proportion to the long side (1 x 64,000,000 pixels: 1.5 GB).
+MAX_ASPECT_RATIO = 20
+# Frames are counted by walking them (40,000 one-pixel TIFF pages: 21 s); the count stops here, and a file
+# with more is refused before anything is decoded. Only the first frame is ever used.
+MAX_FRAMES = 256
+# The file formats read, as Pillow names them (DICOM through pydicom). One rule for every front end
+# (service, zoo score, Python API): Pillow's other decoders are never run on a client's bytes.
+PILLOW_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
+# What a header may then say: Pillow's JPEG reader names a JPEG with extra pictures "MPO".
+ACCEPTED_FORMATS = frozenset((*PILLOW_FORMATS, "MPO", "DICOM"))
+FORMATS_TEXT = "PNG, JPEG, TIFF, BMP or DICOM"
 
 # What load_image takes: a file (path, bytes, binary file object), a decoded image or an array.
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, Image.Image, np.ndarray, "Dataset"]
@@ -146,11 +159,35 @@ def _bomb(e: Exception, max_pixels: int) -> ImageError:
     return ImageError(f"image of {size} is larger than the {min(max_pixels, pillow):,} pixel limit", "too_large")
 
 
-def _check_size(w: int, h: int, max_pixels: int) -> None:
+def check_size(w: int, h: int, max_pixels: int) -> None:
+    """The limits read from a header: pixels, aspect ratio, not empty."""
     if w * h > max_pixels:
         raise too_large(w, h, max_pixels)
     if w == 0 or h == 0:
         raise ImageError("image has no pixels", "empty")
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        raise ImageError(f"image of {w}x{h} pixels has an aspect ratio above the {MAX_ASPECT_RATIO}:1 limit "
+                         f"(the whole image is resized to a square)", "too_large")
+
+
+# Peak memory of decoding one image, bytes per pixel of its header's size and mode: the decoded image plus
+# the copies its mode rules make (measured on 12- and 64-megapixel files; tests/test_decoding.py checks
+# that the estimate, with its 1/8 margin, bounds the measured peak).
+_DECODE_BYTES_PER_PIXEL = {"1": 2, "L": 1, "P": 5, "RGB": 4, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2,
+                           "I": 4, "F": 6, "MONOCHROME1": 6, "MONOCHROME2": 6}
+_DEFAULT_BYTES_PER_PIXEL = 8  # alpha, CMYK, YCbCr, LAB, colour DICOM: two full-size copies at 4 bytes
+
+
+def decode_bytes(header: ImageHeader, size: int) -> int:
+    """An upper bound of the memory :func:`load_image` takes to decode this image to ``size``, from
+    its header: what a server budgets before it decodes. JPEGs count at their DCT-reduced size."""
+    pixels = header.pixels
+    if header.format in ("JPEG", "MPO"):
+        scale = 8
+        while scale > 1 and min(header.width, header.height) < 2 * size * scale:
+            scale //= 2
+        pixels = -(-header.width // scale) * -(-header.height // scale)
+    return pixels * _DECODE_BYTES_PER_PIXEL.get(header.mode, _DEFAULT_BYTES_PER_PIXEL) * 9 // 8 + (2 << 20)
 
 
 def is_dicom(head: bytes) -> bool:
@@ -244,40 +281,107 @@ class _keep_position:  # noqa: N801 - used as a context manager like open()
 
 def probe(src: str | os.PathLike[str] | bytes | BinaryIO, max_pixels: int = MAX_PIXELS) -> ImageHeader:
     """Format, size and frame count from the header alone (DICOM included); :class:`ImageError`
-    when the data is not an image this package reads, or is larger than ``max_pixels``."""
+    when the data is not an image this package reads, or is above the limits (pixels, aspect
+    ratio, frames). Its cost does not grow with what the header claims."""
     fp = _open_source(src)
     head = _head(fp)
-    if is_dicom(head):
-        from zoo.preprocess import dicom
+    with decoder_errors(max_pixels):
+        if is_dicom(head):
+            from zoo.preprocess import dicom
 
-        return dicom.probe(fp, max_pixels, bare=False)
+            return dicom.probe(fp, max_pixels, bare=False)
+        try:
+            with _pillow_open(fp, max_pixels) as (img, frames):
+                return ImageHeader(img.format or "", *img.size, frames, img.mode)
+        except UnidentifiedImageError as e:
+            if maybe_bare_dicom(head):
+                from zoo.preprocess import dicom
+
+                return dicom.probe(fp, max_pixels, bare=True)
+            raise _unidentified(fp, head) from e
+
+
+@contextlib.contextmanager
+def decoder_errors(max_pixels: int = MAX_PIXELS) -> Iterator[None]:
+    """Every failure of a decoder (Pillow, pydicom and their plugins) on a file's bytes, as
+    :class:`ImageError`. They raise far more than ``OSError`` on damaged data — ``TypeError``,
+    ``KeyError``, ``IndexError``, ``struct.error``, ``NotImplementedError``, … (found by fuzzing) —
+    and a client's file is never a server error."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below
-            with Image.open(fp) as img:
-                w, h = img.size
-                header = ImageHeader(img.format or "", w, h, int(getattr(img, "n_frames", 1) or 1), img.mode)
-                _check_tiff_codec(img)
+            # Pillow's warning threshold (89 MP) is not ours: our own limit is checked on opening.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
         raise _bomb(e, max_pixels) from e
-    except UnidentifiedImageError as e:
-        if maybe_bare_dicom(head):
-            from zoo.preprocess import dicom
+    except MemoryError as e:
+        raise ImageError("decoding this image needs more memory than it is allowed", "too_large") from e
+    except Exception as e:  # noqa: BLE001 - whatever a decoder raises on a client's bytes is the file's fault
+        raise _decoder_failure(e) from e
 
-            return dicom.probe(fp, max_pixels, bare=True)
-        raise _unknown_tiff(fp) or _not_an_image() from e
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageError(f"corrupt or truncated image: {e}") from e
-    if header.pixels > max_pixels:
-        raise too_large(w, h, max_pixels)
-    return header
+
+def _decoder_failure(e: Exception) -> ImageError:
+    """The refusal for a decoder's exception: a variant it does not implement (415), else damage (422)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if isinstance(e, NotImplementedError) or "unsupported" in text.lower() or "not supported" in text.lower():
+        return ImageError(f"unsupported image variant: {text}", "unsupported")
+    if isinstance(e, (OSError, SyntaxError, ValueError, EOFError)):
+        return ImageError(f"corrupt or truncated image: {text}")
+    return ImageError(f"corrupt image: the decoder failed ({type(e).__name__}: {text})")
+
+
+@contextlib.contextmanager
+def _pillow_open(fp: Any, max_pixels: int) -> Iterator[tuple[Image.Image, int]]:
+    """The image opened by Pillow's decoders of :data:`PILLOW_FORMATS` only (no other plugin runs on
+    the bytes), its limits checked from the header; with its frame count."""
+    with Image.open(fp, formats=PILLOW_FORMATS) as img:
+        check_size(*img.size, max_pixels)
+        _check_tiff_codec(img)
+        yield img, _frame_count(img)
+
+
+def _frame_count(img: Image.Image) -> int:
+    """Frames of a file, walked up to :data:`MAX_FRAMES` at most (refused above); frame 0 stays selected."""
+    if not getattr(img, "is_animated", False):
+        return 1
+    try:
+        img.seek(MAX_FRAMES)
+    except EOFError:
+        frames = int(img.n_frames)  # the walk just found the last frame: no further seeking
+    else:
+        raise ImageError(f"file of more than {MAX_FRAMES} frames (pages): only the first is used, send it alone",
+                         "too_large")
+    img.seek(0)
+    return frames
+
+
+def _format_name(head: bytes) -> str | None:
+    """The format Pillow would take these bytes for (its plugins' prefix checks only: nothing is parsed)."""
+    Image.init()
+    for name, (_, accept) in Image.OPEN.items():
+        try:
+            if accept is not None and accept(head) is True:
+                return name
+        except Exception:  # noqa: BLE001 - a plugin's prefix check failing means "not this format"
+            continue
+    return None
+
+
+def _unidentified(fp: Any, head: bytes) -> ImageError:
+    """The refusal of bytes no reader of :data:`ACCEPTED_FORMATS` recognised."""
+    unknown_tiff = _unknown_tiff(fp)
+    if unknown_tiff is not None:
+        return unknown_tiff
+    name = _format_name(head)
+    if name is not None and name not in ACCEPTED_FORMATS:
+        return ImageError(f"{name} files are not read: send {FORMATS_TEXT}", "unsupported")
+    return _not_an_image()
 
 
 def _not_an_image() -> ImageError:
-    return ImageError("not an image file medzoo can read (PNG, JPEG, TIFF, BMP, GIF, WebP, … or DICOM)",
-                      "unsupported")
+    return ImageError(f"not an image file medzoo reads ({FORMATS_TEXT}), or a damaged one", "unsupported")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,26 +392,25 @@ def load_image(src: ImageSource, prep: Preprocessing, max_pixels: int = MAX_PIXE
                window: Window | None = None) -> np.ndarray:
     """Decode an image into ``uint8 (C, image_size, image_size)`` following the mode rules.
 
-    ``src``: a path, bytes or binary file object (any format Pillow reads, or DICOM), a
+    ``src``: a path, bytes or binary file object (PNG, JPEG, TIFF, BMP or DICOM), a
     ``PIL.Image``, a pydicom ``Dataset`` or a numpy array (see the module docstring).
     ``window``: ``(center, width)`` for DICOM grey images, in the modality's units after the
     rescale (Hounsfield units for CT), used instead of the file's own VOI LUT or window; other
-    images do not carry such units and ignore it.
+    images do not carry such units and ignore it. Anything refused raises :class:`ImageError`.
     """
     size, channels = prep.image_size, prep.in_channels
     if window is not None and not (len(window) == 2 and float(window[1]) > 0):
         raise ValueError(f"window must be (center, width) with a positive width, not {window!r}")
-    if isinstance(src, Image.Image):
-        _check_size(*src.size, max_pixels)
-        img = _fit(_loaded(src, max_pixels), size)
-    elif isinstance(src, np.ndarray):
+    if isinstance(src, np.ndarray):
         img = _fit(array_to_image(src, max_pixels), size, owned=True)
-    elif _is_dicom_dataset(src):
-        from zoo.preprocess import dicom
-
-        img = _fit(dicom.to_image(src, max_pixels, window), size)
+    elif isinstance(src, Image.Image) or _is_dicom_dataset(src):
+        with decoder_errors(max_pixels):
+            img = _decode_object(src, size, max_pixels, window)
     else:
-        img = _decode_file(_open_source(src), size, max_pixels, window)
+        fp = _open_source(src)
+        head = _head(fp)  # a missing or unreadable file raises its OSError here: not the image's fault
+        with decoder_errors(max_pixels):
+            img = _decode_file(fp, head, size, max_pixels, window)
     target = "L" if channels == 1 else "RGB"
     if img.mode != target:
         img = img.convert(target)
@@ -316,45 +419,35 @@ def load_image(src: ImageSource, prep: Preprocessing, max_pixels: int = MAX_PIXE
     return np.ascontiguousarray(arr)
 
 
-def _loaded(img: Image.Image, max_pixels: int) -> Image.Image:
-    """A caller's ``PIL.Image``, its pixels loaded (lazy images fail here, with the reason)."""
-    try:
-        img.load()
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageError(f"corrupt or truncated image: {e}") from e
-    return img
+def _decode_object(src: Image.Image | Dataset, size: int, max_pixels: int, window: Window | None) -> Image.Image:
+    """A decoded image (``PIL.Image``) or a DICOM dataset, reduced to ``size``."""
+    if isinstance(src, Image.Image):
+        check_size(*src.size, max_pixels)
+        src.load()  # a lazy image fails here, with the reason
+        return _fit(src, size)
+    from zoo.preprocess import dicom
+
+    return _fit(dicom.to_image(src, max_pixels, window), size)
 
 
-def _decode_file(fp: Any, size: int, max_pixels: int, window: Window | None) -> Image.Image:
+def _decode_file(fp: Any, head: bytes, size: int, max_pixels: int, window: Window | None) -> Image.Image:
     """A file's image reduced to ``size`` (L, RGB or their alpha variants), DICOM or Pillow."""
-    head = _head(fp)
     if is_dicom(head):
         from zoo.preprocess import dicom
 
         return _fit(dicom.load(fp, max_pixels, window, bare=False), size, owned=True)
     try:
-        with warnings.catch_warnings():
-            # Pillow's warning threshold (89 MP) is not ours: our own limit is checked just below.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(fp) as img:
-                _check_size(*img.size, max_pixels)
-                _check_tiff_codec(img)
-                if img.format == "JPEG":
-                    img.draft(None, (2 * size, 2 * size))  # DCT-domain 1/2..1/8 scaling, still >= 2x size
-                img.load()  # decode now so truncation shows here, not later
-                return _fit(img, size, owned=True)
-    except ImageError:
-        raise
+        with _pillow_open(fp, max_pixels) as (img, _):
+            if img.format == "JPEG":
+                img.draft(None, (2 * size, 2 * size))  # DCT-domain 1/2..1/8 scaling, still >= 2x size
+            img.load()  # decode now so truncation shows here, not later
+            return _fit(img, size, owned=True)
     except UnidentifiedImageError as e:
         if maybe_bare_dicom(head):
             from zoo.preprocess import dicom
 
             return _fit(dicom.load(fp, max_pixels, window, bare=True), size, owned=True)
-        raise _unknown_tiff(fp) or _not_an_image() from e
-    except Image.DecompressionBombError as e:
-        raise _bomb(e, max_pixels) from e
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageError(f"corrupt or truncated image: {e}") from e
+        raise _unidentified(fp, head) from e
 
 
 def _fit(img: Image.Image, size: int | None, owned: bool = False) -> Image.Image:
@@ -483,7 +576,7 @@ def array_to_image(arr: np.ndarray, max_pixels: int = MAX_PIXELS) -> Image.Image
     if axis is not None and arr.shape[-1] == 1:
         arr = arr[..., 0]
     h, w = arr.shape[:2]
-    _check_size(w, h, max_pixels)
+    check_size(w, h, max_pixels)
     kind = arr.dtype.kind
     # Pillow infers the mode from the dtype and shape: L, RGB, RGBA, I;16, I (int32), F (float32)
     if arr.ndim == 3 and arr.dtype != np.uint8:

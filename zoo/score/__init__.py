@@ -27,12 +27,12 @@ fraction of members whose own top class is the ensemble's.
 """
 
 from zoo.score.decode import CRASH_REASON, decode_entries
-from zoo.score.listing import SPECIAL, FileEntry, display_path, list_folder
+from zoo.score.listing import SPECIAL, FileEntry, list_folder
 from zoo.score.models import ensure_onnx, infer, open_models, resolve_models
 from zoo.score.output import output_columns, output_format
 from zoo.score.ray_run import score_folder_ray
 from zoo.score.run import ScoreSummary, score_folder
 
-__all__ = ["CRASH_REASON", "SPECIAL", "FileEntry", "ScoreSummary", "decode_entries", "display_path",
+__all__ = ["CRASH_REASON", "SPECIAL", "FileEntry", "ScoreSummary", "decode_entries",
            "ensure_onnx", "infer", "list_folder", "open_models", "output_columns",
            "output_format", "resolve_models", "score_folder", "score_folder_ray"]

@@ -61,11 +61,6 @@ def list_folder(folder: Path, exclude: Sequence[Path] = ()) -> list[FileEntry]:
     return entries
 
 
-def display_path(rel: str) -> str:
-    """A relative path as valid UTF-8 text: bytes of a non-UTF-8 file name appear as ``\\xNN``."""
-    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
 def listing_digest(entries: Sequence[FileEntry]) -> str:
     """sha256 of the listing (paths, sizes, mtimes): a resume requires the same one."""
     h = hashlib.sha256()

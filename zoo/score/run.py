@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from zoo.io import atomic_write, atomic_write_bytes
+from zoo.io import atomic_write, atomic_write_bytes, display_name
 from zoo.runtime import OnnxModel
 from zoo.score.decode import Decoder, default_workers
 from zoo.score.journal import (
@@ -26,7 +26,7 @@ from zoo.score.journal import (
     journal_manifest,
     open_journal,
 )
-from zoo.score.listing import FileEntry, display_path, list_folder
+from zoo.score.listing import FileEntry, list_folder
 from zoo.score.models import has_ood, infer, open_models, resolve_models
 from zoo.score.output import count_rows, output_columns, output_format, write_output
 
@@ -120,7 +120,7 @@ def _assemble(run: Run, ensemble: bool) -> tuple[int, int]:
     labels = run.models[0].labels
     model_id = "+".join(m.model_id for m in run.models)
 
-    errors = [[display_path(rel), reason] for i in range(run.n_chunks) for rel, reason in run.done[i]["errors"]]
+    errors = [[display_name(rel), reason] for i in range(run.n_chunks) for rel, reason in run.done[i]["errors"]]
 
     def write_errors(f: IO[bytes]) -> None:
         text = io.TextIOWrapper(f, encoding="utf-8", newline="")
@@ -136,7 +136,7 @@ def _assemble(run: Run, ensemble: bool) -> tuple[int, int]:
     def rows() -> Iterator[list[Any]]:
         for i in range(run.n_chunks):
             for rel, top, probs, agreement, ood_score, flag in run.done[i]["rows"]:
-                yield ([display_path(rel), model_id, labels[top], *probs] + ([agreement] if ensemble else [])
+                yield ([display_name(rel), model_id, labels[top], *probs] + ([agreement] if ensemble else [])
                        + [calibrated] + ([ood_score, flag] if ood else []))
 
     atomic_write(run.errors_out, write_errors)
