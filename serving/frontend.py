@@ -143,8 +143,8 @@ def request_pixels(items: list[Item], limits: Limits) -> int:
     return total
 
 
-def _refused(it: Item) -> ImageResult:
-    return ImageResult(index=it.index, filename=it.filename, status=it.status, error=it.error)
+def _refused(it: Item, kind: type[ImageResult] = ImageResult) -> ImageResult:
+    return kind(index=it.index, filename=it.filename, status=it.status, error=it.error)
 
 
 def _overall(items: list[Item]) -> tuple[int, str | None]:
@@ -298,7 +298,8 @@ class Frontend:
         prep, _ = self._model(ENSEMBLE_ROUTE, info)
         items = await self.decode(uploads, prep)
         good = [it for it in items if it.array is not None]
-        results: dict[int, ImageResult] = {it.index: _refused(it) for it in items if it.array is None}
+        results: dict[int, ImageResult] = {it.index: _refused(it, EnsembleImageResult) for it in items
+                                           if it.array is None}
         members = [ModelRef(id=m["id"], weights_sha256=m["weights_sha256"]) for m in info["members"]]
         if good:
             batcher = self._batcher(ENSEMBLE_ROUTE, self.backend.predict_members)
@@ -308,7 +309,7 @@ class Frontend:
             out = combine(logits, cards if all(cards) else None, list(ood) if ood is not None else None)
             for n, it in enumerate(good):
                 if self._refused_as_ood(it, out, n, None):
-                    results[it.index] = _refused(it)
+                    results[it.index] = _refused(it, EnsembleImageResult)
                     continue
                 results[it.index] = self._ensemble_result(it, out, n, members, info["labels"], top_k or self.top_k)
         status, error = _overall(items)

@@ -441,6 +441,11 @@ def test_mixed_request_answers_per_item(server: Server, served: Served) -> None:
     # every image bad: the request fails with their status
     r = server.client().post("/skin", files=files(("b.png", _corrupt_png()), ("c.png", _corrupt_png())))
     assert r.status_code == 422 and len(r.json()["results"]) == 2
+    # the ensemble answers per image too (a refused one used to fail the whole request with 400)
+    r = server.client().post("/pathology_ensemble", files=files(("a.png", good0), ("b.png", _corrupt_png())))
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    assert res[0]["status"] == 200 and res[0]["members"] and res[1]["status"] == 422 and "corrupt" in res[1]["error"]
 
 
 def _mode_cases() -> dict[str, bytes]:

@@ -1,8 +1,10 @@
 """Calibrated probabilities and the out-of-distribution flag, on the real BreastMNIST.
 
-Acceptance (issue 11): a trained bundle's calibrated test ECE is lower than its uncalibrated one,
-and the card, the Markdown card and ``zoo eval`` show both; the detector separates BreastMNIST test
-images from natural photographs (AUROC ≥ 0.95) while flagging at most 10 % of the test images.
+Acceptance (issue 11, made deterministic in issue 18): a trained bundle's temperature is the
+validation NLL's minimum (so that NLL never rises), and the card, the Markdown card and ``zoo eval``
+show the metrics before and after; the detector separates BreastMNIST test
+images from natural photographs (AUROC ≥ 0.95) while flagging few test images (5 % of validation
+by construction).
 """
 
 from __future__ import annotations
@@ -19,19 +21,6 @@ from sklearn.metrics import roc_auc_score
 
 from zoo.card import read_card
 from zoo.cli import main
-
-
-@pytest.fixture(scope="module")
-def overconfident_bundle(breast_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """LeNet trained long enough on 546 images to be overconfident (selection on val ACC: epoch 13
-    of 30, temperature ≈ 1.6 on this machine)."""
-    from zoo.recipe import apply_overrides, find_recipe
-    from zoo.train import train
-
-    recipe = apply_overrides(find_recipe("breast", "lenet"), {
-        "epochs": 30, "lr": 1e-3, "batch_size": 32, "train.early_stopping.metric": "acc"})
-    store = tmp_path_factory.mktemp("trust_store")
-    return train(recipe, data_root=breast_root, store=store, progress=False, download=False).bundle
 
 
 def _nll_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -72,22 +61,41 @@ def test_interpret_applies_the_card(breast_bundle: Path) -> None:
     assert not interpret(logits).calibrated and interpret(logits).in_distribution is None
 
 
-def test_calibration_lowers_test_ece_and_is_shown_everywhere(overconfident_bundle: Path, breast_root: Path,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
-    card = read_card(overconfident_bundle)
+def test_calibration_is_the_nll_optimum_and_is_shown_everywhere(breast_bundle: Path, breast_root: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """What temperature scaling guarantees, not an effect a re-run can flip (a lower test ECE is
+    not guaranteed: 0.0558 before, 0.0568 after was seen): the card's temperature is scipy's NLL
+    minimum on the validation logits, so the validation NLL it was fitted on never rises; the
+    metrics before and after are in the card, the Markdown card and ``zoo eval``."""
+    import torch
+
+    from zoo.bundle import load_bundle
+    from zoo.inference import bundle_splits, predict_logits
+    from zoo.trust.calibration import identity_reason
+
+    card = read_card(breast_bundle)
     cal = card.calibration
-    assert cal is not None and cal.temperature > 1  # an overconfident model is softened
+    assert cal is not None and set(cal.metrics) == {"val", "test"}
+    val = bundle_splits(card, breast_root).val
+    with torch.no_grad():
+        logits = predict_logits(load_bundle(breast_bundle).model, val.images).double().numpy()
+    labels = val.labels.numpy()
+    if identity_reason(logits, labels, card.num_classes):
+        assert cal.temperature == 1.0
+    else:
+        assert cal.temperature == pytest.approx(_nll_temperature(logits, labels), rel=1e-3)
+    val_nll = cal.metrics["val"]
+    assert val_nll["after"]["nll"] <= val_nll["before"]["nll"] + 1e-6, val_nll  # up to the optimiser's tolerance
     test = cal.metrics["test"]
-    assert test["after"]["ece"] < test["before"]["ece"], test
-    assert set(cal.metrics) == {"val", "test"} and {"ece", "brier", "nll"} <= set(test["after"])
+    assert {"ece", "brier", "nll"} <= set(test["after"]) and {"ece", "brier", "nll"} <= set(test["before"])
     assert cal.threshold is not None and 0 < cal.threshold < 1  # binary task: the decision threshold
-    assert (overconfident_bundle / "reliability.png").stat().st_size > 1000
-    readme = (overconfident_bundle / "README.md").read_text()
+    assert (breast_bundle / "reliability.png").stat().st_size > 1000
+    readme = (breast_bundle / "README.md").read_text()
     assert f"{test['before']['ece']:.3f}" in readme and f"{test['after']['ece']:.3f}" in readme
-    assert main(["eval", str(overconfident_bundle), "--data-root", str(breast_root)]) == 0
+    assert main(["eval", str(breast_bundle), "--data-root", str(breast_root)]) == 0
     out = capsys.readouterr().out
     assert f"ECE {test['before']['ece']:.4f} -> {test['after']['ece']:.4f}" in out
-    assert main(["eval", str(overconfident_bundle), "--data-root", str(breast_root), "--json"]) == 0
+    assert main(["eval", str(breast_bundle), "--data-root", str(breast_root), "--json"]) == 0
     cal_json = json.loads(capsys.readouterr().out)["calibration"]
     assert cal_json["after"]["ece"] == pytest.approx(test["after"]["ece"], abs=1e-9)
 
@@ -95,7 +103,9 @@ def test_calibration_lowers_test_ece_and_is_shown_everywhere(overconfident_bundl
 def test_the_detector_separates_photographs_and_flags_few_test_images(breast_bundle: Path, breast_root: Path,
                                                                       tmp_path: Path) -> None:
     """Through the exported ONNX file, as served: AUROC ≥ 0.95 against natural photographs (grey,
-    28 px), at most 10 % of the BreastMNIST test images flagged at the fitted threshold."""
+    28 px; measured 1.000). Flagged in-distribution images: on validation at most 1 − TARGET_TPR by
+    construction (the threshold is its quantile); on test a generalisation, so only bounded far from
+    what was measured (7.1 % of 156 images; the bound 20 % is 20 images further)."""
     from export import ensure_exported
     from zoo.data.shifted import natural_photographs
     from zoo.inference import bundle_splits
@@ -107,12 +117,15 @@ def test_the_detector_separates_photographs_and_flags_few_test_images(breast_bun
     card = read_card(bundle)
     model = OnnxModel.open(bundle)
     assert model.has_ood and model.meta.ood.threshold == card.ood.threshold
-    test = model.outputs(bundle_splits(card, breast_root).test.images.numpy())["ood_score"]
+    splits = bundle_splits(card, breast_root)
+    test = model.outputs(splits.test.images.numpy())["ood_score"]
     photos = model.outputs(natural_photographs(28, 1))["ood_score"]
     auroc = roc_auc_score(np.r_[np.zeros(len(test)), np.ones(len(photos))], np.r_[test, photos])
     flagged = float((test > card.ood.threshold).mean())
     print(f"\nOOD AUROC BreastMNIST test vs {len(photos)} photographs: {auroc:.3f}; test flagged {flagged:.1%}")
-    assert auroc >= 0.95 and flagged <= 0.10
+    assert auroc >= 0.95 and flagged <= 0.20
+    # numpy's quantile interpolates between two images: one more than 5 % may lie above it
+    assert card.ood.rates["val_flagged"] <= 1 - card.ood.target_tpr + 1 / len(splits.val)
     assert card.ood.rates["test_flagged"] == pytest.approx(flagged, abs=1e-6)
 
 

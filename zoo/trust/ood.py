@@ -18,6 +18,14 @@ statistics that tell an ultrasound from a photograph; the last layers alone do n
 
 The score is computed inside the exported model (``ood_score`` output beside ``logits``), so a
 lone ONNX file flags images without torch and without the statistics file.
+
+Numerics: the graph runs in float32, so it never holds an inverse covariance. The statistics are
+kept in float64 (``ood.safetensors``, the same keys since the detector exists) and folded, in
+float64, into one centring and one whitening matrix per layer, W with W Wᵀ = precision; the score
+is then a sum of squares of (f − centre) W, whose float32 error grows with cond(W) = √cond(cov),
+and the fit floors the covariance's eigenvalues at :data:`EIGEN_FLOOR` of the largest. On the organ
+default model (issue 18) ONNX and eager scores now differ by 1e-4 (3e-5 of the score scale), against
+8e-3 for the quadratic form dᵀ P d.
 """
 
 from __future__ import annotations
@@ -35,10 +43,11 @@ MAX_DIM = 512  # wider features are projected on their first PCA_DIM principal c
 PCA_DIM = 256
 MAX_FIT_IMAGES = 10_000  # training images used for the statistics (a random subset above this)
 TARGET_TPR = 0.95
+EIGEN_FLOOR = 1e-6  # covariance eigenvalues kept ≥ this × the largest (fit_layer says why)
 INPUT = ":in"  # suffix of a layer name whose input (not output) is tapped
 METHOD = ("multi-layer Mahalanobis distance (Lee et al., NeurIPS 2018): pooled activations of {n} layers, "
-          "Ledoit-Wolf covariance on the train split, standardised and averaged; threshold at the validation "
-          "split's 95th percentile")
+          "Ledoit-Wolf covariance on the train split (eigenvalues floored at 1e-6 of the largest), standardised "
+          "and averaged; threshold at the validation split's 95th percentile")
 
 
 def feature_layers(net: nn.Module) -> list[str]:
@@ -90,25 +99,45 @@ class FeatureTap:
 
 @dataclass
 class LayerStats:
-    """One layer's Gaussian (in its possibly PCA-reduced space) and the validation normalisation."""
+    """One layer's Gaussian (in its possibly PCA-reduced space) and the validation normalisation.
 
-    mean: np.ndarray  # (D,)
-    precision: np.ndarray  # (D, D)
-    proj_mean: np.ndarray | None  # (C,) when projected
-    proj: np.ndarray | None  # (C, D) when projected
+    Stored as written since the detector exists (``ood.safetensors``: mean, precision, projection,
+    norm), so every bundle loads; the whitening the scores are computed with is derived from the
+    precision (:meth:`whitening`)."""
+
+    mean: np.ndarray  # (C,)
+    precision: np.ndarray  # (C, C)
+    proj_mean: np.ndarray | None  # (D,) when projected
+    proj: np.ndarray | None  # (D, C) when projected: orthonormal columns (PCA components)
     loc: float = 0.0  # validation mean of the distance
     scale: float = 1.0  # validation standard deviation of the distance
 
-    def reduce(self, f: np.ndarray) -> np.ndarray:
-        return f if self.proj is None else (f - self.proj_mean) @ self.proj
+    def whitening(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(centre (D,), W (D, C))`` in float64 with distance(f) = ‖(f − centre) W‖².
+
+        Why: the quadratic form dᵀ P d in float32 loses digits in proportion to cond(P) (its terms
+        are large and cancel); the sum of squares of W d loses them in proportion to
+        √cond(P) = cond(W), and the fitted floor (:data:`EIGEN_FLOOR`) bounds that. W = V √Λ from
+        P = V Λ Vᵀ (``eigh``, float64); round-off negatives of a semi-definite P are clipped to 0.
+        The PCA projection is folded in: its columns are orthonormal, so
+        (f − m) Q − μ = (f − m − Q μ) Q and one centring and one matrix remain."""
+        precision = (self.precision + self.precision.T) / 2
+        vals, vecs = np.linalg.eigh(precision)
+        w = vecs * np.sqrt(np.clip(vals, 0.0, None))
+        if self.proj is None:
+            return self.mean, w
+        return self.proj_mean + self.proj @ self.mean, self.proj @ w
 
     def distance(self, f: np.ndarray) -> np.ndarray:
-        d = self.reduce(f.astype(np.float64)) - self.mean
-        return np.einsum("ij,jk,ik->i", d, self.precision, d)
+        """Squared Mahalanobis distance of features (N, D), in float64."""
+        centre, w = self.whitening()
+        z = (f.astype(np.float64) - centre) @ w
+        return np.einsum("ij,ij->i", z, z)
 
 
 def fit_layer(train_features: np.ndarray) -> LayerStats:
-    """A Gaussian with Ledoit-Wolf covariance, after PCA when the features are wide."""
+    """A Gaussian with Ledoit-Wolf covariance (after PCA when the features are wide), its
+    eigenvalues floored at :data:`EIGEN_FLOOR` × the largest."""
     from sklearn.covariance import LedoitWolf
     from sklearn.decomposition import PCA
 
@@ -119,34 +148,41 @@ def fit_layer(train_features: np.ndarray) -> LayerStats:
         proj_mean, proj = pca.mean_, pca.components_.T
         f = (f - proj_mean) @ proj
     lw = LedoitWolf().fit(f)
-    return LayerStats(lw.location_, lw.precision_, proj_mean, proj)
+    vals, vecs = np.linalg.eigh(lw.covariance_)
+    # A constant feature (a channel that never fires on these images) or fewer images than
+    # dimensions makes the sample covariance singular; Ledoit-Wolf's shrinkage lifts its zero
+    # eigenvalues only by shrinkage × mean variance, which is near 0 when images are many. The floor
+    # bounds cond(covariance) by 1 / EIGEN_FLOOR, so float32 inference stays within the parity
+    # tolerance, and caps what a direction the training images never varied in can add.
+    vals = np.maximum(vals, EIGEN_FLOOR * max(float(vals.max()), np.finfo(np.float64).tiny))
+    precision = (vecs / vals) @ vecs.T
+    return LayerStats(lw.location_, precision, proj_mean, proj)
 
 
 class OODScorer(nn.Module):
-    """Standardised Mahalanobis distances of the tapped activations, averaged over the layers."""
+    """Standardised Mahalanobis distances of the tapped activations, averaged over the layers.
+
+    Each layer is one centring and one float32 matrix, folded in float64 at construction from
+    the stored statistics: z = (f − centre) W / √(scale · layers), so that the score is
+    Σ ‖z‖² − Σ loc / (scale · layers), a sum of squares (no inverse covariance in the graph)."""
 
     def __init__(self, stats: Sequence[LayerStats]) -> None:
         super().__init__()
-        for i, s in enumerate(stats):
-            self.register_buffer(f"mean{i}", torch.tensor(s.mean, dtype=torch.float32))
-            self.register_buffer(f"precision{i}", torch.tensor(s.precision, dtype=torch.float32))
-            self.register_buffer(f"norm{i}", torch.tensor([s.loc, s.scale], dtype=torch.float32))
-            if s.proj is not None:
-                self.register_buffer(f"proj_mean{i}", torch.tensor(s.proj_mean, dtype=torch.float32))
-                self.register_buffer(f"proj{i}", torch.tensor(s.proj, dtype=torch.float32))
         self.n = len(stats)
-        self.projected = [s.proj is not None for s in stats]
+        offset = 0.0
+        for i, s in enumerate(stats):
+            centre, w = s.whitening()
+            self.register_buffer(f"centre{i}", torch.tensor(centre, dtype=torch.float32))
+            self.register_buffer(f"whiten{i}", torch.tensor(w / np.sqrt(s.scale * self.n), dtype=torch.float32))
+            offset += s.loc / (s.scale * self.n)
+        self.register_buffer("offset", torch.tensor(offset, dtype=torch.float32))
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        total = torch.zeros(features[0].shape[0], dtype=torch.float32, device=features[0].device)
+        total = -self.offset
         for i, f in enumerate(features):
-            if self.projected[i]:
-                f = (f - getattr(self, f"proj_mean{i}")) @ getattr(self, f"proj{i}")
-            d = f - getattr(self, f"mean{i}")
-            dist = ((d @ getattr(self, f"precision{i}")) * d).sum(dim=1)
-            norm = getattr(self, f"norm{i}")
-            total = total + (dist - norm[0]) / norm[1]
-        return total / self.n
+            z = (f - getattr(self, f"centre{i}")) @ getattr(self, f"whiten{i}")
+            total = total + (z * z).sum(dim=1)
+        return total
 
 
 class ScoredModel(nn.Module):
@@ -192,8 +228,6 @@ def stats_from_tensors(tensors: dict[str, torch.Tensor], n: int) -> list[LayerSt
     return out
 
 
-
-
 @torch.no_grad()
 def collect(model: nn.Sequential, net: nn.Module, layers: Sequence[str], images: torch.Tensor, batch_size: int = 128,
             device: torch.device | str = "cpu") -> tuple[np.ndarray, list[np.ndarray]]:
@@ -234,5 +268,6 @@ def score(stats: Sequence[LayerStats], feats: Sequence[np.ndarray]) -> np.ndarra
     return total / len(stats)
 
 
-__all__ = ["INPUT", "MAX_FIT_IMAGES", "METHOD", "TARGET_TPR", "FeatureTap", "LayerStats", "OODScorer", "ScoredModel",
-           "collect", "feature_layers", "fit_detector", "fit_layer", "score", "stats_from_tensors", "stats_to_tensors"]
+__all__ = ["EIGEN_FLOOR", "INPUT", "MAX_FIT_IMAGES", "METHOD", "TARGET_TPR", "FeatureTap", "LayerStats", "OODScorer",
+           "ScoredModel", "collect", "feature_layers", "fit_detector", "fit_layer", "score", "stats_from_tensors",
+           "stats_to_tensors"]
