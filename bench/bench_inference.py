@@ -37,6 +37,7 @@ from zoo.models import create_model
 from zoo.preprocess import Preprocessing
 from zoo.preprocess.adapter import full_model
 from zoo.runtime import create_session
+from zoo.settings import runtime_options
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ def measure(cfg: Config, batches: list[int], seconds: float, repeats: int, threa
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / "model.onnx"
         onnx_path.write_bytes(to_onnx(model, prep).SerializeToString())
-        session, provider = create_session(onnx_path, threads=threads)
+        session, provider = create_session(onnx_path, runtime_options(threads=threads))
         ts_path = Path(tmp) / "model.torchscript.pt"
         save_torchscript(to_torchscript(model, prep), meta, ts_path)
         scripted = load_torchscript(ts_path).module

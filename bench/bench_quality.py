@@ -24,7 +24,6 @@ On a host shared with other jobs the wall time grows with their load; the CPU ti
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import statistics
@@ -36,7 +35,7 @@ from typing import Any
 import torch
 
 from zoo.benchmarks import best_published, published
-from zoo.io import atomic_write_bytes
+from zoo.io import atomic_write_bytes, file_lock
 from zoo.recipe import apply_overrides, find_recipe
 from zoo.train import train
 
@@ -59,9 +58,7 @@ def load_results(path: Path) -> list[dict[str, Any]]:
 def append_result(path: Path, row: dict[str, Any]) -> None:
     """Append one line: read-modify-write through the atomic writer, under a lock, so that parallel
     runs filling the same file neither tear nor lose lines."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+    with file_lock(path.with_name(path.name + ".lock")):
         rows = load_results(path) + [row]
         atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
 

@@ -48,6 +48,7 @@ from zoo.recipe import load_recipe_file  # noqa: E402
 from zoo.score import score_folder  # noqa: E402
 from zoo.score.decode import default_workers  # noqa: E402
 from zoo.score.ray_run import ray_session, score_folder_ray  # noqa: E402
+from zoo.settings import runtime_options  # noqa: E402
 from zoo.tune import open_study  # noqa: E402
 
 REPO = HERE.parent
@@ -65,7 +66,8 @@ def score_round(folder: Path, bundle: Path, out: Path, args: argparse.Namespace)
     opts = {"batch_size": args.batch_size, "chunk_size": args.chunk_size, "overwrite": True, "progress": False}
     local, t_local = timed(lambda: score_folder(folder, [bundle], out / "local.csv", **opts))
     ray, t_ray = timed(lambda: score_folder_ray(folder, [bundle], out / "ray.csv", **opts))
-    _, t_local1 = timed(lambda: score_folder(folder, [bundle], out / "local1.csv", threads=1, **opts))
+    one = runtime_options(threads=1)
+    _, t_local1 = timed(lambda: score_folder(folder, [bundle], out / "local1.csv", options=one, **opts))
     assert (out / "local.csv").read_bytes() == (out / "ray.csv").read_bytes(), "Ray's output differs"
     assert local.scored == ray.scored == local.files
     return {"local_s": t_local, "local_t1_s": t_local1, "ray_s": t_ray}

@@ -45,6 +45,7 @@ from zoo.recipe import Recipe
 from zoo.runtime import OnnxModel
 from zoo.score import ensure_onnx, list_folder, score_folder
 from zoo.score.decode import _decode_task, _init_worker, default_workers
+from zoo.settings import runtime_options
 from zoo.store import list_bundles
 from zoo.train import train
 
@@ -81,7 +82,7 @@ def make_folder(folder: Path, n: int, seed: int = 1) -> None:
 
 def decode_only(folder: Path, prep: Preprocessing, workers: int, chunk: int) -> float:
     """images/s of reading + decoding every file with load_image in ``workers`` processes."""
-    entries = [(e.rel, e.size) for e in list_folder(folder)]
+    entries = list_folder(folder)
     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                              initargs=(str(folder), prep, os.getpid())) as pool:
@@ -108,8 +109,8 @@ def zoo_score(folder: Path, bundle: Path, out: Path, batch: int, chunk: int, wor
               threads: int | None) -> tuple[float, float]:
     """(end-to-end images/s, decode+inference loop images/s) of score_folder."""
     t0 = time.perf_counter()
-    s = score_folder(folder, [bundle], out, batch_size=batch, chunk_size=chunk, workers=workers, threads=threads,
-                     overwrite=True, progress=False)
+    s = score_folder(folder, [bundle], out, batch_size=batch, chunk_size=chunk, workers=workers,
+                     options=runtime_options(threads=threads), overwrite=True, progress=False)
     seconds = time.perf_counter() - t0
     assert s.scored == s.files and s.errors == 0
     return s.files / seconds, s.images_per_s
@@ -182,7 +183,7 @@ def main() -> None:
             make_folder(folder, args.images)
         print(f"setup (bundle, {args.images} PNGs): {time.perf_counter() - t0:.0f} s")
 
-        model = OnnxModel.open(bundle, threads=args.threads)
+        model = OnnxModel.open(bundle, runtime_options(threads=args.threads))
         prep = model.preprocessing
         arrays = np.stack([load_image(folder / e.rel, prep) for e in list_folder(folder)])
         best: dict[str, float] = {"decode": 0.0, "engine": 0.0, "score": 0.0, "score_loop": 0.0}

@@ -19,6 +19,11 @@ worker, inference worker) and the load client spent per request (``/proc``), and
 the model saw (``/stats``).
 
     python bench/bench_serve.py [--requests 200] [--concurrency 1 16 64] [--rounds 2] [--markdown]
+                                [--before TREE]
+
+``--before TREE`` serves the same bundle from another checkout too (e.g. ``git worktree add /tmp/before
+COMMIT``), measured in the same rounds: ``after / before`` = this tree's served req/s ÷ that tree's,
+for a change of the serving code.
 """
 
 from __future__ import annotations
@@ -101,9 +106,9 @@ def raw_ort(bundle: Path, batch: int = 64, seconds: float = 4.0) -> float:
     options the service's inference worker uses (idle intra-op threads sleep rather than spin:
     on this shared 2-core machine that is also the faster setting, see docs/BENCHMARKS.md)."""
     from zoo.runtime import OnnxModel
+    from zoo.settings import runtime_options
 
-    os.environ["MEDZOO_ORT_SPINNING"] = "0"
-    model = OnnxModel.open(bundle)
+    model = OnnxModel.open(bundle, runtime_options(spinning=False))
     x = (np.random.default_rng(0).random((batch, 3, SIZE, SIZE)) * 255).astype(np.uint8)
     model.predict(x)
     n, t0 = 0, time.perf_counter()
@@ -304,14 +309,14 @@ def median_level(runs: list[Level]) -> Level:
                  sum(r.errors for r in runs), cpu, batch)
 
 
-def bench(levels: list[int], n_requests: int, rounds: int) -> dict[str, Any]:
-    """Both servers up at once; per level and round: raw ORT, then BentoML, then naive (interleaved,
-    so that the three see the same background load on a shared machine)."""
+def bench(levels: list[int], n_requests: int, rounds: int, before: Path | None = None) -> dict[str, Any]:
+    """Every server up at once; per level and round: raw ORT, then BentoML (and the ``before`` tree's),
+    then naive (interleaved, so that they see the same background load on a shared machine)."""
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
-        return _bench(Path(tmp), levels, n_requests, rounds)
+        return _bench(Path(tmp), levels, n_requests, rounds, before)
 
 
-def _bench(work: Path, levels: list[int], n_requests: int, rounds: int) -> dict[str, Any]:
+def _bench(work: Path, levels: list[int], n_requests: int, rounds: int, before: Path | None) -> dict[str, Any]:
     import httpx
 
     bundle = make_bundle(work / "store")
@@ -322,29 +327,35 @@ def _bench(work: Path, levels: list[int], n_requests: int, rounds: int) -> dict[
     env.pop("MEDZOO_SERVE_CONFIG", None)
     urls: dict[str, str] = {}
     procs: list[subprocess.Popen] = []  # type: ignore[type-arg]
+    trees = {"bentoml": REPO, **({"before": before.resolve()} if before else {})}
     try:
-        for name in ("bentoml", "naive"):
+        for name in (*trees, "naive"):
             port = free_port()
             urls[name] = f"http://127.0.0.1:{port}"
-            if name == "bentoml":
+            server_env = env
+            if name in trees:
                 cmd = [sys.executable, "-m", "bentoml", "serve", "serving.service:MedZoo", "--host", "127.0.0.1",
-                       "--port", str(port), "--working-dir", str(REPO)]
+                       "--port", str(port), "--working-dir", str(trees[name])]
+                server_env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(trees[name]),
+                                                                                os.environ.get("PYTHONPATH")])),
+                              "BENTOML_HOME": str(work / f"bentoml_home_{name}")}
             else:
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--naive-server", str(bundle),
                        "--port", str(port)]
-            procs.append(start(cmd, env, work / f"{name}.log"))
-            wait_ready(urls[name], procs[-1], "/readyz" if name == "bentoml" else "/pathology")
+            procs.append(start(cmd, server_env, work / f"{name}.log"))
+            wait_ready(urls[name], procs[-1], "/readyz" if name in trees else "/pathology")
         ort: dict[int, list[float]] = {c: [] for c in levels}
         ort_1: list[float] = []
-        runs: dict[str, dict[int, list[Level]]] = {"bentoml": {c: [] for c in levels}, "naive": {c: [] for c in levels}}
-        served_procs = worker_processes(procs[0])
+        runs: dict[str, dict[int, list[Level]]] = {k: {c: [] for c in levels} for k in (*trees, "naive")}
+        served_procs = {name: worker_processes(proc) for name, proc in zip(trees, procs, strict=False)}
         for c in levels:
             for _ in range(rounds):
                 ort[c].append(raw_ort(bundle, seconds=2.0))
                 if c == 1:  # the ceiling where nothing can be batched
                     ort_1.append(raw_ort(bundle, batch=1, seconds=2.0))
                 n = max(n_requests, 2 * c)
-                runs["bentoml"][c].append(measured_load(urls["bentoml"], pngs, c, n, served_procs))
+                for name in trees:
+                    runs[name][c].append(measured_load(urls[name], pngs, c, n, served_procs[name]))
                 runs["naive"][c].append(asyncio.run(_load(urls["naive"], pngs, c, n)))
         stats = httpx.get(urls["bentoml"] + "/stats", timeout=30).json()["batches"].get("pathology", {})
     finally:
@@ -353,7 +364,9 @@ def _bench(work: Path, levels: list[int], n_requests: int, rounds: int) -> dict[
     ratios = {c: float(np.median([s.rps / o for s, o in zip(runs["bentoml"][c], ort[c], strict=True)])) for c in levels}
     vs_naive = {c: float(np.median([s.rps / n.rps for s, n in zip(runs["bentoml"][c], runs["naive"][c], strict=True)]))
                 for c in levels}
-    return {"ort": {c: float(np.median(v)) for c, v in ort.items()},
+    vs_before = {c: float(np.median([s.rps / b.rps for s, b in zip(runs["bentoml"][c], runs["before"][c],
+                                                                     strict=True)])) for c in levels} if before else {}
+    return {"ort": {c: float(np.median(v)) for c, v in ort.items()}, "vs_before": vs_before,
             "ort_1": float(np.median(ort_1)) if ort_1 else raw_ort(bundle, batch=1, seconds=2.0), "ratios": ratios,
             "vs_naive": vs_naive, "rounds": rounds,
             "results": {k: [median_level(v[c]) for c in levels] for k, v in runs.items()},
@@ -380,6 +393,11 @@ def report(out: dict[str, Any], markdown: bool) -> str:
         rows.append([f"{c}", f"{s.requests}", f"{s.rps:.1f}", f"{s.p50_ms:.0f}", f"{s.p99_ms:.0f}",
                      f"{out['ort'][c]:.0f}", f"{out['ratios'][c]:.2f}", f"{s.mean_batch or 0:.1f}", f"{n.rps:.1f}",
                      f"{n.p50_ms:.0f}", f"{n.p99_ms:.0f}", f"{out['vs_naive'][c]:.2f}", f"{s.errors + n.errors}"])
+    if out["vs_before"]:
+        before = {s.concurrency: s for s in out["results"]["before"]}
+        for row in rows:
+            c = int(row[0])
+            row += [f"{before[c].rps:.1f}", f"{out['vs_before'][c]:.2f}"]
     hist = out["stats"].get("sizes", {})
     notes = [f"Batch sizes the served model saw over the whole run (images per call: calls): "
              f"{', '.join(f'{k}: {v}' for k, v in hist.items())}; mean {out['stats'].get('mean', 0):.1f}.",
@@ -388,6 +406,8 @@ def report(out: dict[str, Any], markdown: bool) -> str:
                  for s in served if s.cpu_ms) + "."]
     names = ["concurrency", "requests", "served req/s", "p50 ms", "p99 ms", "raw ORT img/s", "served / ORT",
              "mean batch", "naive req/s", "naive p50 ms", "naive p99 ms", "served / naive", "errors"]
+    if out["vs_before"]:
+        names += ["before req/s", "after / before"]
     if markdown:
         lines = [head, "", "| " + " | ".join(names) + " |", "|" + "---:|" * len(names)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -404,13 +424,14 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds per level (medians reported)")
     p.add_argument("--markdown", action="store_true", help="print the table for docs/BENCHMARKS.md")
+    p.add_argument("--before", type=Path, metavar="TREE", help="also serve from this checkout (after / before)")
     p.add_argument("--naive-server", metavar="BUNDLE", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.naive_server:
         run_naive(Path(args.naive_server), args.port)
         return
-    print(report(bench(args.concurrency, args.requests, args.rounds), args.markdown))
+    print(report(bench(args.concurrency, args.requests, args.rounds, args.before), args.markdown))
 
 
 if __name__ == "__main__":

@@ -68,9 +68,10 @@ def report(arch: str, bundle: Path) -> None:
     from zoo.card import read_card
     from zoo.inference import bundle_splits
     from zoo.runtime import OnnxModel
+    from zoo.settings import runtime_options
 
     card = read_card(bundle)
-    model = OnnxModel.open(bundle)
+    model = OnnxModel.open(bundle, runtime_options())
     test = bundle_splits(card, DATA).test.images.numpy()
     out = model.outputs(test)
     cal = card.calibration.metrics["test"]

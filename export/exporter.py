@@ -30,8 +30,10 @@ import torch
 from export import onnx_export, parity, torchscript_export
 from zoo.bundle import load_bundle
 from zoo.card import EXPORT_FILES, ONNX_FILE, read_card, update_card
-from zoo.errors import ExportError, ModelFileError, ParityError
+from zoo.errors import ExportError, ModelFileError, ParityError, UsageError
 from zoo.io import sha256_of
+from zoo.runtime import RuntimeOptions
+from zoo.settings import runtime_options
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ def resolve_formats(formats: Sequence[str] | None, fp16: bool) -> list[str]:
         chosen.append("onnx_fp16")
     unknown = [f for f in chosen if f not in EXPORT_FILES]
     if unknown:
-        raise ValueError(f"unknown export format(s) {', '.join(unknown)}; choose from {', '.join(EXPORT_FILES)}")
+        raise UsageError(f"unknown export format(s) {', '.join(unknown)}; choose from {', '.join(EXPORT_FILES)}")
     return list(dict.fromkeys(chosen))
 
 
@@ -67,17 +69,19 @@ def export_bundle(
     formats: Sequence[str] | None = None,
     fp16: bool = False,
     data_root: str | Path | None = None,
-    providers: Sequence[str] | None = None,
+    options: RuntimeOptions | None = None,
     opset: int | None = None,
     batch_sizes: Sequence[int] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Export a bundle, check parity, then move the files in and record them in the card.
 
+    ``options``: the ONNX Runtime settings of the parity check (default :func:`zoo.settings.runtime_options`).
     Returns the card's new ``exports`` entries (one per format). Raises
     :class:`export.parity.ParityError` when a check fails, :class:`ExportError` when a format cannot
     be exported; in both cases no new file is left in the bundle and the card is unchanged.
     """
     fmts = resolve_formats(formats, fp16)
+    options = runtime_options() if options is None else options
     opset = opset or onnx_export.DEFAULT_OPSET
     bundle = load_bundle(path, "cpu")
     prep = bundle.preprocessing
@@ -104,7 +108,7 @@ def export_bundle(
                 onnx_export.write_onnx(variant, meta, dest)
                 extra = {"opset": onnx_export.opset_of(variant),
                          "precision": "fp16" if fmt == "onnx_fp16" else "fp32"}
-            reports[fmt] = parity.check_file(fmt, dest, bundle.card, inputs, reference, providers)
+            reports[fmt] = parity.check_file(fmt, dest, bundle.card, inputs, reference, options)
             records[fmt] = _record(dest, fmt, reports[fmt], extra)
         parity.raise_on_failure(bundle.id, reports, "nothing was written")
         for fmt in fmts:
@@ -120,10 +124,11 @@ def check_bundle(
     path: str | Path,
     formats: Sequence[str] | None = None,
     data_root: str | Path | None = None,
-    providers: Sequence[str] | None = None,
+    options: RuntimeOptions | None = None,
     batch_sizes: Sequence[int] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Re-run the parity check on a bundle's exported files (all present ones by default).
+    """Re-run the parity check on a bundle's exported files (all present ones by default), on ONNX
+    Runtime with ``options`` (default :func:`zoo.settings.runtime_options`).
 
     Each file is first verified against the card (sha256, metadata). On success the card's
     ``exports`` entries get the new parity numbers; on failure :class:`export.parity.ParityError`
@@ -141,8 +146,9 @@ def check_bundle(
             raise ModelFileError(f"{bundle.path} has no exported model; run `zoo export {bundle.path}` first")
     inputs = parity.parity_inputs(bundle, data_root, batch_sizes or parity.BATCH_SIZES)
     reference = parity.Reference.of(bundle, inputs)
+    options = runtime_options() if options is None else options
     reports = {
-        fmt: parity.check_file(fmt, bundle.path / EXPORT_FILES[fmt], bundle.card, inputs, reference, providers)
+        fmt: parity.check_file(fmt, bundle.path / EXPORT_FILES[fmt], bundle.card, inputs, reference, options)
         for fmt in fmts
     }
     parity.raise_on_failure(bundle.id, reports, "the card was not changed")
@@ -157,7 +163,7 @@ def check_bundle(
 
 def ensure_exported(
     path: str | Path, formats: Sequence[str] = ("onnx",), data_root: str | Path | None = None,
-    providers: Sequence[str] | None = None,
+    options: RuntimeOptions | None = None,
 ) -> dict[str, Path]:
     """The one "export if missing": export the formats a bundle lacks (parity-checked, recorded
     in the card), leave the others; returns format → file. A failure is a
@@ -168,7 +174,7 @@ def ensure_exported(
         log.warning("%s has no %s yet: exporting it first", p.name, ", ".join(EXPORT_FILES[f] for f in missing))
         try:
             export_bundle(p, formats=[f for f in missing if f != "onnx_fp16"] or ["onnx"],
-                          fp16="onnx_fp16" in missing, data_root=data_root, providers=providers)
+                          fp16="onnx_fp16" in missing, data_root=data_root, options=options)
         except (ExportError, ParityError) as e:
             raise ModelFileError(f"{p} has no {', '.join(EXPORT_FILES[f] for f in missing)} and exporting it "
                                  f"failed: {e}") from e

@@ -1,17 +1,23 @@
 """Serving configuration: which bundle serves which task, batching and upload limits.
 
 Sources, later ones winning: built-in defaults, the YAML file named by ``MEDZOO_SERVE_CONFIG``
-(or ``zoo serve --config``), then environment variables.
+(or ``zoo serve --config``), then environment variables. Every setting is a field of
+:class:`ServeConfig` (its ``description`` is what the README's table shows); tasks have their own
+section, and any other top-level key is refused with the closest names, so that a mistyped setting
+never becomes a task.
 
 YAML layout (every key optional)::
 
-    skin: dermamnist-simplecnn-…          # a bundle id in the store, or a bundle directory
+    tasks:                                # task: bundle; each task is served at POST /<task>
+      breast: breastmnist-simplecnn-…     # a bundle id in the store, or a bundle directory
+      chest: null                         # null: the store's best bundle of the task's dataset
+    skin: dermamnist-simplecnn-…          # skin, organ, pathology (always served) may stay at the top level
     organ: /path/to/bundle
     pathology: null                       # null / absent: the best pathology bundle of the store
-    breast: breastmnist-simplecnn-…       # any other key is an extra task served at /breast
     ensemble:
       members: [id-1, id-2]               # default: every pathology bundle with arch ``arch``
       arch: resnet152
+    store: null                           # the bundle store (null: $MEDZOO_HOME)
     top_k: 3
     max_batch_size: 64
     max_latency_ms: 60000                 # a request queued longer is shed with 503
@@ -35,18 +41,13 @@ YAML layout (every key optional)::
     api_workers: 1                        # processes decoding requests (the API layer)
     access_log: true                      # BentoML's per-request access log lines
     ort_threads: null                     # ONNX Runtime intra-op threads (null: its default)
+    ort_spinning: false                   # idle ONNX Runtime threads spin (they share the CPU with the API workers)
 
-Environment: ``MEDZOO_SERVE_<TASK>`` (e.g. ``MEDZOO_SERVE_SKIN``) sets a task's bundle,
-``MEDZOO_ENSEMBLE_MEMBERS`` (comma-separated) and ``MEDZOO_ENSEMBLE_ARCH`` the ensemble,
-``MEDZOO_TOP_K``, ``MEDZOO_MAX_BATCH_SIZE``, ``MEDZOO_MAX_LATENCY_MS``, ``MEDZOO_MAX_FILE_MB``,
-``MEDZOO_MAX_REQUEST_MB``, ``MEDZOO_MAX_IMAGES``, ``MEDZOO_MAX_IMAGE_MEGAPIXELS``,
-``MEDZOO_MAX_REQUEST_MEGAPIXELS``, ``MEDZOO_BODY_TIMEOUT_S``, ``MEDZOO_REQUEST_TIMEOUT_S``,
-``MEDZOO_IDLE_TIMEOUT_S``, ``MEDZOO_MAX_CONNECTIONS``, ``MEDZOO_SHUTDOWN_GRACE_S``,
-``MEDZOO_DECODE_THREADS``, ``MEDZOO_DECODE_MEMORY_MB``, ``MEDZOO_DECODE_QUEUE_S``, ``MEDZOO_REFUSE_OOD``,
-``MEDZOO_API_WORKERS``, ``MEDZOO_ACCESS_LOG``,
-``MEDZOO_ORT_THREADS`` the settings,
-``MEDZOO_HOME`` the store and
-``MEDZOO_SERVE_SOURCE`` (``auto``, ``store`` or ``bento``) where the bundles are read from.
+Environment: ``MEDZOO_<SETTING>`` for each setting (``MEDZOO_TOP_K``, ``MEDZOO_MAX_FILE_MB``, …);
+``MEDZOO_SERVE_<TASK>`` sets a task's bundle, and adds the task when the file has none of that
+name (``MEDZOO_SERVE_BREAST=ID`` serves ``/breast``); ``MEDZOO_ENSEMBLE_MEMBERS`` (comma-separated)
+and ``MEDZOO_ENSEMBLE_ARCH`` the ensemble; ``MEDZOO_HOME`` the store; ``MEDZOO_SERVE_SOURCE``
+(``auto``, ``store`` or ``bento``) where the bundles are read from.
 """
 
 from __future__ import annotations
@@ -64,7 +65,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from zoo.ensemble import choose_members
-from zoo.errors import BundleError, ConfigError, EnsembleError, UnknownNameError, describe_validation_error
+from zoo.errors import (
+    BundleError,
+    ConfigError,
+    EnsembleError,
+    UnknownNameError,
+    describe_validation_error,
+    did_you_mean,
+)
 from zoo.names import TASKS
 from zoo.store import best_bundle, bundles_dir, home, resolve_bundle
 
@@ -85,11 +93,9 @@ RESERVED_ROUTES = frozenset(
      "static_content", "assets", ENSEMBLE_ROUTE, "ensemble", "describe", "config", "source",
      "to_async", "to_sync", "bento_service", "table", "ui", "explain", "frontend", "inference"}
 )
-SETTINGS = ("top_k", "max_batch_size", "max_latency_ms", "max_file_mb", "max_request_mb", "max_images",
-            "max_image_megapixels", "max_request_megapixels", "body_timeout_s", "request_timeout_s",
-            "idle_timeout_s", "max_connections", "shutdown_grace_s",
-            "decode_threads",
-            "decode_memory_mb", "decode_queue_s", "refuse_ood", "api_workers", "access_log", "ort_threads")
+SHORTHAND_TASKS = tuple(TASKS)  # skin, organ, pathology may also be written at the top level (skin: ID)
+SECTIONS = ("tasks", "ensemble")  # the top-level keys that are not settings
+SET_BY_LOAD = ("source", "bento_dir")  # where the bundles come from: load_config says, not the file
 TASK_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 
 
@@ -122,8 +128,9 @@ class EnsembleConfig(BaseModel):
 
 
 class _TaskEnvSource(PydanticBaseSettingsSource):
-    """``MEDZOO_SERVE_<TASK>`` (a task's bundle), ``MEDZOO_ENSEMBLE_MEMBERS`` (comma-separated) and
-    ``MEDZOO_ENSEMBLE_ARCH``: environment keys that are not fixed fields."""
+    """``MEDZOO_SERVE_<TASK>`` (a task's bundle; a task the file does not name is added),
+    ``MEDZOO_ENSEMBLE_MEMBERS`` (comma-separated) and ``MEDZOO_ENSEMBLE_ARCH``: environment keys that
+    are not settings (pydantic-settings reads ``MEDZOO_<SETTING>`` itself)."""
 
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
         return None, field_name, False
@@ -149,29 +156,57 @@ class ServeConfig(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="MEDZOO_", extra="forbid", frozen=True)
 
-    tasks: dict[str, str | None] = Field(default_factory=lambda: {t: None for t in TASKS})
-    ensemble: EnsembleConfig = EnsembleConfig()
-    top_k: int = Field(3, ge=1)
-    max_batch_size: int = Field(64, ge=2)  # BentoML's adaptive batching needs room
-    max_latency_ms: int = Field(60_000, ge=1)  # BentoML sheds (503) requests whose estimated wait exceeds it
-    max_file_mb: float = Field(20, gt=0)
-    max_request_mb: float = Field(100, gt=0)
-    max_images: int = Field(64, ge=1)
-    max_image_megapixels: float = Field(64, gt=0)
-    max_request_megapixels: float = Field(256, gt=0)
-    body_timeout_s: float = Field(10, gt=0)
-    request_timeout_s: float = Field(60, gt=0)
-    idle_timeout_s: float = Field(5, gt=0)  # header / keep-alive timeout (serving.connections)
-    max_connections: int = Field(4096, ge=1)  # per API worker, capped by its RLIMIT_NOFILE
-    shutdown_grace_s: float = Field(20, gt=0)  # SIGTERM drain (serving.launch)
-    decode_threads: int = Field(2, ge=1)
-    decode_memory_mb: float = Field(512, gt=0)  # decoding memory per API worker (serving.decoding)
-    decode_queue_s: float | None = Field(None, gt=0)  # admission (serving.decoding); None: request_timeout_s / 3
-    refuse_ood: bool = False  # flagged images answered 422 (per image) instead of classified
-    api_workers: int = Field(1, ge=1)
-    access_log: bool = True
-    ort_threads: int | None = Field(None, ge=1)  # None: ONNX Runtime's default (one per physical core)
-    store: Path | None = Field(None, exclude=True)  # YAML only; None: $MEDZOO_HOME
+    # The settings are these fields (in this order, README table and module docstring alike); each
+    # description is what the README's configuration table shows. tasks and ensemble are sections.
+    tasks: dict[str, str | None] = Field(
+        default_factory=lambda: {t: None for t in TASKS},
+        description="bundle id or directory per task (null: the store's best bundle of the task's dataset); each "
+                    "task is served at `POST /<task>`; `skin`, `organ` and `pathology` always are, and may also be "
+                    "given at the top level (`skin: ID`)")
+    ensemble: EnsembleConfig = Field(
+        EnsembleConfig(), description="`members`: bundle ids or directories (null: every pathology bundle of "
+                                      "`arch`), and `arch`")
+    store: Path | None = Field(None, exclude=True, description="the bundle store (null: `$MEDZOO_HOME`)")
+    top_k: int = Field(3, ge=1, description="classes per image when the request does not say")
+    max_batch_size: int = Field(64, ge=2,  # BentoML's adaptive batching needs room
+                                description="adaptive batching: the most images in one ONNX Runtime call")
+    max_latency_ms: int = Field(60_000, ge=1, description="adaptive batching: a request whose estimated wait is "
+                                                          "longer is shed with 503")
+    max_file_mb: float = Field(20, gt=0, description="one uploaded file, in MiB (413 above)")
+    max_request_mb: float = Field(100, gt=0, description="one request body, in MiB (413 above)")
+    max_images: int = Field(64, ge=1, description="files in one request (413 above)")
+    max_image_megapixels: float = Field(64, gt=0, description="one image, read from its header before decoding "
+                                                              "(413 above)")
+    max_request_megapixels: float = Field(256, gt=0, description="all the images of one request, read from their "
+                                                                 "headers (413 above)")
+    body_timeout_s: float = Field(10, gt=0, description="an upload that stalls longer is answered 408")
+    request_timeout_s: float = Field(60, gt=0, description="a request taking longer, decoding included, is stopped "
+                                                           "and answered 504")
+    idle_timeout_s: float = Field(5, gt=0, description=(  # header / keep-alive timeout (serving.connections)
+        "a connection with no request in progress (nothing sent yet, headers incomplete, idle keep-alive) is "
+        "closed after this long"))
+    max_connections: int = Field(4096, ge=1, description=(
+        "open connections per API worker (capped by its file-descriptor limit less 256; the soft limit is raised "
+        "as needed, up to the hard limit): at the limit the oldest idle connection is closed for a new one, and "
+        "when none is idle the new one gets 503"))
+    shutdown_grace_s: float = Field(20, gt=0, description=(  # the SIGTERM drain (serving.launch)
+        "SIGTERM / SIGINT to `zoo serve`: new connections are refused at once, requests in flight get this long "
+        "to finish; the server is killed 5 s later if still running"))
+    decode_threads: int = Field(2, ge=1, description="images decoded at once per API worker")
+    decode_memory_mb: float = Field(512, gt=0, description=(  # serving.decoding
+        "memory the images being decoded may hold per API worker, estimated from their headers (one image alone "
+        "may take it all)"))
+    decode_queue_s: float | None = Field(None, gt=0, description=(  # admission (serving.decoding)
+        "admission: a request whose decoding would not finish within this (after what is admitted, at the rate "
+        "measured) gets 503 with `Retry-After`; below `request_timeout_s` (null: a third of it)"))
+    refuse_ood: bool = Field(False, description="an image flagged out of distribution is answered 422 instead of "
+                                                "classified")
+    api_workers: int = Field(1, ge=1, description="processes reading and decoding requests (the API layer)")
+    access_log: bool = Field(True, description="BentoML's per-request access log lines")
+    ort_threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads per model (null: its "
+                                                            "default, one per physical core)")
+    ort_spinning: bool = Field(False, description="idle ONNX Runtime threads spin-wait (they share the CPU with the "
+                                                  "API workers)")
     source: str = Field("store", exclude=True)  # "store" or "bento" (set by load_config)
     bento_dir: Path | None = Field(None, exclude=True)
 
@@ -186,15 +221,11 @@ class ServeConfig(BaseSettings):
 
     @model_validator(mode="before")
     @classmethod
-    def _tasks_from_top_level(cls, data: Any) -> Any:
-        """YAML keeps tasks at the top level (``skin: BUNDLE``); every default task is present."""
-        if not isinstance(data, dict):
-            return data
-        known = set(cls.model_fields)
-        tasks = {t: None for t in TASKS}
-        tasks.update({str(k): v for k, v in data.items() if k not in known})
-        tasks.update(data.get("tasks") or {})
-        return {**{k: v for k, v in data.items() if k in known}, "tasks": tasks}
+    def _default_tasks(cls, data: Any) -> Any:
+        """Every default task is served (the store's best bundle unless configured)."""
+        if isinstance(data, dict) and isinstance(data.get("tasks", {}), dict):
+            return {**data, "tasks": {**{t: None for t in TASKS}, **data.get("tasks", {})}}
+        return data
 
     @field_validator("tasks")
     @classmethod
@@ -248,6 +279,12 @@ class ServeConfig(BaseSettings):
         return {**out, "store": str(self.store or home()), "source": self.source}
 
 
+# The settings: every field but the sections and what load_config sets. Each is a top-level key of the
+# file and a MEDZOO_<SETTING> variable; no other list of them exists (tests/test_config.py checks the
+# README, the docstring above and serving/package.py against it).
+SETTINGS: tuple[str, ...] = tuple(n for n in ServeConfig.model_fields if n not in (*SECTIONS, *SET_BY_LOAD))
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """The YAML config file as a mapping (an empty file is an empty mapping)."""
     p = Path(path).expanduser()
@@ -258,7 +295,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as e:
         raise ConfigError(f"serving config {p} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"serving config {p} must be a mapping of task: bundle and settings")
+        raise ConfigError(f"serving config {p} must be a mapping of settings (and tasks:)")
     return {str(k): v for k, v in raw.items()}
 
 
@@ -296,34 +333,72 @@ def bento_model_dir() -> Path:
 def _bento_layer(bento_dir: Path) -> dict[str, Any]:
     """What a packaged Bento serves: the manifest's tasks, ensemble and settings."""
     manifest = json.loads((bento_dir / MANIFEST).read_text())
-    layer: dict[str, Any] = {t: str(bento_dir / rel) if rel else None for t, rel in manifest["tasks"].items()}
-    layer["ensemble"] = {"members": [str(bento_dir / rel) for rel in manifest["ensemble"]],
-                         "arch": manifest.get("ensemble_arch", DEFAULT_ENSEMBLE_ARCH)}
-    layer.update(manifest.get("settings", {}))
-    return layer
+    return {
+        "tasks": {t: str(bento_dir / rel) if rel else None for t, rel in manifest["tasks"].items()},
+        "ensemble": {"members": [str(bento_dir / rel) for rel in manifest["ensemble"]],
+                     "arch": manifest.get("ensemble_arch", DEFAULT_ENSEMBLE_ARCH)},
+        **manifest.get("settings", {}),
+    }
 
 
-def load_config(path: str | Path | None = None) -> ServeConfig:
-    """Defaults, then the YAML file (``path`` or ``$MEDZOO_SERVE_CONFIG``), then ``MEDZOO_*``
-    environment variables; a mistake is a :class:`ConfigError`, one line per mistake."""
+def _file_layer(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The file's keys with the shorthand tasks moved under ``tasks``, and one line per mistake: a key
+    that is neither a section, a shorthand task nor a setting, a task given both ways."""
+    allowed = (*SECTIONS, *SHORTHAND_TASKS, *SETTINGS)
+    problems = []
+    for key in raw:
+        if key not in allowed:
+            hint = did_you_mean(key, allowed).removeprefix("; ")
+            problems.append(f"{key}: unknown setting" + (f" ({hint})" if hint else ""))
+    if problems:  # the mistake this layout prevents: an extra task written at the top level
+        problems[-1] += "; extra tasks go under 'tasks:'"
+    layer = {k: v for k, v in raw.items() if k in allowed and k not in SHORTHAND_TASKS}
+    tasks = raw.get("tasks") or {}
+    if isinstance(tasks, dict):  # else pydantic says what is wrong with it
+        problems += [f"{t}: given twice, at the top level and under 'tasks:'"
+                     for t in SHORTHAND_TASKS if t in raw and t in tasks]
+        tasks = {**{t: raw[t] for t in SHORTHAND_TASKS if t in raw}, **tasks}
+    return {**layer, "tasks": tasks}, problems
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over``'s keys over ``base``'s; tasks are merged task by task (a file naming one task keeps the rest)."""
+    out = {**base, **over}
+    if isinstance(base.get("tasks"), dict) and isinstance(over.get("tasks"), dict):
+        out["tasks"] = {**base["tasks"], **over["tasks"]}
+    return out
+
+
+def _source() -> str:
+    """Where the bundles are read from: ``store`` or ``bento`` (``$MEDZOO_SERVE_SOURCE``, default auto)."""
     source = os.environ.get(SOURCE_ENV, "auto").strip().lower()
     if source not in ("auto", "store", "bento"):
         raise ConfigError(f"{SOURCE_ENV} must be auto, store or bento, not {source!r}")
     if source == "auto":
         source = "bento" if in_bento() else "store"
-    layer: dict[str, Any] = {}
-    bento_dir = None
-    if source == "bento":
-        bento_dir = bento_model_dir()
-        layer.update(_bento_layer(bento_dir))
+    return source
+
+
+def load_config(path: str | Path | None = None) -> ServeConfig:
+    """Defaults, then the YAML file (``path`` or ``$MEDZOO_SERVE_CONFIG``), then ``MEDZOO_*``
+    environment variables; a mistake is a :class:`ConfigError`, one line with every mistake."""
+    source = _source()
+    bento_dir = bento_model_dir() if source == "bento" else None
+    layer = _bento_layer(bento_dir) if bento_dir is not None else {}
+    problems: list[str] = []
     cfg_path = path or os.environ.get(CONFIG_ENV)
     if cfg_path:
-        layer.update(read_yaml(cfg_path))
+        file_layer, problems = _file_layer(read_yaml(cfg_path))
+        layer = _merge(layer, file_layer)
+    cfg: ServeConfig | None = None
     try:
-        return ServeConfig(**layer, source=source, bento_dir=bento_dir)
+        cfg = ServeConfig(**layer, source=source, bento_dir=bento_dir)
     except ValidationError as e:
+        problems += describe_validation_error(e, ServeConfig).splitlines()
+    if cfg is None or problems:
         where = f"serving config {cfg_path}" if cfg_path else "serving config"
-        raise ConfigError(f"{where}: " + "; ".join(describe_validation_error(e, ServeConfig).splitlines())) from None
+        raise ConfigError(f"{where}: " + "; ".join(problems))
+    return cfg
 
 
 @dataclass(frozen=True)
@@ -357,7 +432,8 @@ def resolve_task(cfg: ServeConfig, task: str) -> Resolved:
             best = best_bundle(task, cfg.store)
         except UnknownNameError:  # an extra task whose name is not a dataset
             return Resolved(task, None,
-                            f"task {task!r} has no bundle configured: set {task}: BUNDLE in the serving config")
+                            f"task {task!r} has no bundle configured: set it under tasks: in the serving config "
+                            f"({task}: BUNDLE) or in MEDZOO_SERVE_{task.upper()}")
         if best is None:
             where = bundles_dir(cfg.store)
             return Resolved(task, None, f"no {TASKS.get(task, task)} bundle in {where}: {train_hint(task)}")

@@ -32,13 +32,19 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
-from serving.uploads import Problem
+from serving.config import Limits
+from serving.uploads import Problem, Upload
+from zoo.preprocess import ImageError, Preprocessing, load_image, probe
+from zoo.preprocess.image import decode_bytes
 
 # Decode rate per thread assumed before one was measured (work bytes/s, module docstring): below the
 # 120-190 MB/s measured on a shared 2-core EPYC, so that a fresh worker errs on the side of refusing.
 INITIAL_RATE = 80e6
 MEASURED_WORK = 16 << 20  # smaller images are dominated by fixed costs: they do not update the rate
 RATE_WEIGHT = 0.2  # exponential moving average of the measured rate
+HEADER_WORK = 8 << 20  # what reading a request's headers may take (its files are in memory already)
+# zoo.preprocess.ImageError.kind → HTTP status
+IMAGE_ERROR_STATUS = {"empty": 400, "too_large": 413, "unsupported": 415, "corrupt": 422}
 
 
 class Abandoned(Exception):
@@ -179,3 +185,68 @@ def _call_in_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *arg
             loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:  # closed between the check and the call (shutdown)
             pass
+
+
+# ---------------------------------------------------------------------------------------------
+# the decode step of a request
+
+
+def image_error_status(err: ImageError) -> int:
+    """HTTP status for a refusal of :mod:`zoo.preprocess`."""
+    return IMAGE_ERROR_STATUS.get(err.kind, 422)
+
+
+def check_headers(uploads: list[Upload], limits: Limits, abandoned: threading.Event) -> None:
+    """Format, size and frames of each file from its header (:func:`zoo.preprocess.probe`, bounded
+    time each; nothing decoded); refusals are recorded on the uploads."""
+    for up in uploads:
+        if abandoned.is_set():
+            return
+        if up.data is None:
+            continue
+        if len(up.data) == 0:
+            up.refuse(400, "empty file")
+            continue
+        try:
+            up.header = probe(up.data, max_pixels=limits.max_image_pixels)
+        except ImageError as e:
+            up.refuse(image_error_status(e), str(e))
+
+
+def decode_upload(up: Upload, prep: Preprocessing, max_pixels: int, abandoned: threading.Event) -> None:
+    """Decode one image whose header passed; its bytes are dropped afterwards."""
+    if up.header is None or up.data is None:
+        return
+    try:
+        up.array = load_image(AbandonableBytes(up.data, abandoned), prep, max_pixels=max_pixels)
+    except ImageError as e:
+        up.refuse(image_error_status(e), str(e))
+    except Abandoned:  # nobody waits for this answer any more
+        up.refuse(503, "abandoned: the request was cancelled")
+    up.data = None
+
+
+def request_pixels(uploads: list[Upload], limits: Limits) -> int:
+    """The request's pixels from the headers; 413 for the whole request above its budget."""
+    sized = [up.header for up in uploads if up.header is not None]
+    total = sum(h.pixels for h in sized)
+    if total > limits.max_request_pixels:
+        raise Problem(413, f"the {len(sized)} images of this request hold {total:,} pixels in all, more than the "
+                           f"{limits.max_request_pixels:,} pixel limit per request: send fewer or smaller images")
+    return total
+
+
+async def decode(pool: DecodePool, uploads: list[Upload], prep: Preprocessing, limits: Limits) -> None:
+    """A request's decode step: headers first (limits, the request's pixel budget, admission), then
+    its images, concurrently under the pool's limits. A cancelled request abandons its work."""
+    abandoned = threading.Event()
+    await pool.run(check_headers, uploads, limits, abandoned, work=HEADER_WORK, abandoned=abandoned)
+    request_pixels(uploads, limits)
+    todo = [(up, decode_bytes(up.header, prep.image_size)) for up in uploads if up.header is not None]
+    with pool.admit(sum(work for _, work in todo)) as admitted:
+
+        async def one(up: Upload, work: int) -> None:
+            await pool.run(decode_upload, up, prep, limits.max_image_pixels, abandoned, work=work, abandoned=abandoned)
+            admitted.done(work)
+
+        await asyncio.gather(*(one(up, work) for up, work in todo))

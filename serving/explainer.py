@@ -25,6 +25,7 @@ import bentoml
 import numpy as np
 
 from serving.config import ENSEMBLE_ROUTE, Resolved, ServeConfig, load_config, resolve_ensemble, resolve_task
+from serving.schemas import ExplainableRoute, WorkerExplanation
 from zoo.card import WEIGHTS, read_card
 from zoo.errors import UserError
 from zoo.models import get_spec
@@ -95,19 +96,19 @@ class ExplainTable:
             return f"unknown task {route!r}"
         return self.unavailable or entry.message
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> dict[str, ExplainableRoute]:
         """Per route: whether it explains, and what the API worker needs to decode and check uploads."""
-        out: dict[str, Any] = {}
+        out: dict[str, ExplainableRoute] = {}
         for route, entry in self.entries.items():
             why = self.status(route)
             if why:
-                out[route] = {"status": "missing", "message": why}
+                out[route] = ExplainableRoute(status="missing", message=why)
                 continue
             cards = [read_card(p) for p in entry.paths]
             layer = get_spec(cards[0].arch).cam_layer
-            out[route] = {"status": "ok", "ids": [c.id for c in cards], "arch": cards[0].arch,
-                          "labels": list(cards[0].labels), "preprocessing": cards[0].preprocessing.to_dict(),
-                          "method": "grad-cam" if layer else "saliency", "layer": layer}
+            out[route] = ExplainableRoute(status="ok", ids=[c.id for c in cards], arch=cards[0].arch,
+                                          labels=list(cards[0].labels), preprocessing=cards[0].preprocessing,
+                                          method="grad-cam" if layer else "saliency", layer=layer)
         return out
 
     def _explainers(self, entry: Entry) -> list[Any]:
@@ -118,17 +119,17 @@ class ExplainTable:
             log.info("explanations for /%s: %s", entry.route, ", ".join(e.info.id for e in entry.explainers))
         return entry.explainers
 
-    def explain(self, route: str, images: np.ndarray, target: str | None, top_k: int) -> dict[str, Any]:
-        """Classes and overlay (base64 PNG) of each image; ``{"error", "status"}`` for a user's mistake."""
+    def explain(self, route: str, images: np.ndarray, target: str | None, top_k: int) -> WorkerExplanation:
+        """Classes and overlay (base64 PNG) of each image; ``error`` and ``status`` for a user's mistake."""
         why = self.status(route)
         if why:
-            return {"error": why, "status": 503}
+            return WorkerExplanation(error=why, status=503)
         try:
             with self._lock:
                 explainers = self._explainers(self.entries[route])
                 exp = explainers[0](images, target) if len(explainers) == 1 else _ensemble(explainers, images, target)
         except UserError as e:
-            return {"error": str(e), "status": 400}
+            return WorkerExplanation(error=str(e), status=400)
         return _answer(exp, images, explainers, top_k)
 
 
@@ -151,7 +152,7 @@ def _ensemble(explainers: list[Any], images: np.ndarray, target: str | None) -> 
                        feature_size=first.feature_size, logits=out.logits)
 
 
-def _answer(exp: Any, images: np.ndarray, explainers: list[Any], top_k: int) -> dict[str, Any]:
+def _answer(exp: Any, images: np.ndarray, explainers: list[Any], top_k: int) -> WorkerExplanation:
     from zoo.explain import describe_image
 
     labels = list(explainers[0].info.labels)
@@ -161,9 +162,10 @@ def _answer(exp: Any, images: np.ndarray, explainers: list[Any], top_k: int) -> 
         for key in ("source", "heatmap", "overlay", "error"):
             item.pop(key)
         results.append({**item, "overlay_png": _b64_png(images[n], exp.heatmaps[n])})
-    return {"models": [{**e.info.identity(), "arch": e.info.arch} for e in explainers], "method": exp.method,
-            "layer": exp.layer, "feature_size": list(exp.feature_size) if exp.feature_size else None,
-            "note": exp.note, "results": results}
+    return WorkerExplanation(models=[{**e.info.identity(), "arch": e.info.arch} for e in explainers],
+                             method=exp.method, layer=exp.layer,
+                             feature_size=list(exp.feature_size) if exp.feature_size else None, note=exp.note,
+                             results=results)
 
 
 @bentoml.service(name="MedZooExplainer", workers=1, threads=1, traffic={"timeout": EXPLAIN_TIMEOUT_S},
@@ -180,13 +182,15 @@ class MedZooExplainer:
 
     @bentoml.api
     async def describe(self) -> dict[str, Any]:
-        """Which routes explain, with their labels and preprocessing (read by the API worker)."""
-        return self.table.describe()
+        """Which routes explain, with their labels and preprocessing (:class:`ExplainableRoute` each,
+        validated by the API worker)."""
+        return {route: info.model_dump(mode="json") for route, info in self.table.describe().items()}
 
     @bentoml.api
     def explain(self, route: str, images: np.ndarray, target: str = "", top_k: int = 3) -> dict[str, Any]:
-        """Classes and overlays of a uint8 batch (N, C, H, W) for ``route``; ``target`` '' = predicted."""
-        return self.table.explain(route, images, target or None, top_k)
+        """Classes and overlays of a uint8 batch (N, C, H, W) for ``route`` (a :class:`WorkerExplanation`,
+        validated by the API worker); ``target`` '' = predicted."""
+        return self.table.explain(route, images, target or None, top_k).model_dump()
 
 
 __all__ = ["ExplainTable", "MedZooExplainer", "missing_libraries"]

@@ -25,11 +25,13 @@ from serving.config import (
     resolve_ensemble,
     resolve_task,
 )
-from serving.outputs import pack
+from serving.outputs import LOGITS, to_record
+from serving.schemas import ServedEnsembleInfo, ServedModelInfo, ServedTable
 from zoo.card import Card, ModelInfo, read_card
 from zoo.ensemble import check_compatible
 from zoo.errors import BundleError, EnsembleError, ModelFileError
-from zoo.runtime import GPU_PROVIDERS, OnnxModel
+from zoo.runtime import GPU_PROVIDERS, OnnxModel, RuntimeOptions
+from zoo.settings import runtime_options
 
 log = logging.getLogger("serving")
 
@@ -55,29 +57,18 @@ class ServedModel:
     def weights_sha256(self) -> str:
         return self.card.weights_sha256
 
-    def info(self) -> dict[str, Any]:
-        """The card as ``/models`` shows it (metrics without the per-epoch history)."""
-        metrics = self.card.metrics.model_dump(mode="json", exclude={"history"})
-        return {
-            "task": self.task,
-            "status": "ok",
-            "id": self.id,
-            "arch": self.card.arch,
-            "dataset": self.card.dataset.name,
-            "labels": self.model.labels,
-            "num_outputs": self.card.num_outputs,
-            "preprocessing": self.model.meta.preprocessing.to_dict(),
-            "metrics": metrics,
-            "reported": self.card.reported.model_dump(mode="json"),
-            "weights_sha256": self.weights_sha256,
-            "created": self.card.created,
-            "provider": self.model.provider,
-            "onnx": self.model.path.name,
-            "path": str(self.path),
-            "has_ood": self.has_ood,
-            # what zoo.postprocess.interpret reads of the card (calibration, OOD detector once there)
-            "model_info": self.card.model_dump(mode="json", include=set(ModelInfo.model_fields)),
-        }
+    def info(self) -> ServedModelInfo:
+        """The card as the API worker and ``/models`` need it (metrics without the per-epoch history)."""
+        return ServedModelInfo(
+            task=self.task, status="ok", id=self.id, arch=self.card.arch, dataset=self.card.dataset.name,
+            labels=self.model.labels, num_outputs=self.card.num_outputs, preprocessing=self.model.meta.preprocessing,
+            metrics=self.card.metrics.model_dump(mode="json", exclude={"history"}),
+            reported=self.card.reported.model_dump(mode="json"), weights_sha256=self.weights_sha256,
+            created=self.card.created, provider=self.model.provider, onnx=self.model.path.name, path=str(self.path),
+            has_ood=self.model.has_ood,
+            # what zoo.postprocess.interpret reads of the card (calibration, OOD detector)
+            model_info=ModelInfo.model_validate(self.card.model_dump(include=set(ModelInfo.model_fields))),
+        )
 
     def warm_up(self, max_batch: int = 64, budget_s: float = 2.0) -> None:
         """Run at batch sizes 1, 2, 4, … up to ``max_batch`` (while the runs stay within ``budget_s``):
@@ -91,23 +82,19 @@ class ServedModel:
             spent += time.perf_counter() - t0
             n *= 2
 
-    @property
-    def has_ood(self) -> bool:
-        """The file returns an out-of-distribution score and the card has its threshold."""
-        return self.model.has_ood and self.model.meta.ood is not None
-
     def run(self, images: np.ndarray, with_ood: bool | None = None) -> np.ndarray:
-        """Logits (N, K') of a uint8 batch, plus the OOD score as a last column when the model has
-        one (:func:`serving.outputs.pack`); device-bound inputs on a GPU provider."""
+        """A uint8 batch's outputs as one record array (``logits``, ``ood_score`` when the model has a
+        detector: :mod:`serving.outputs`); device-bound inputs on a GPU provider."""
         gpu = self.model.provider in GPU_PROVIDERS
         outputs = self.model.outputs_bound(images) if gpu else self.model.outputs(images)
-        return pack(outputs, self.has_ood if with_ood is None else with_ood)
+        return to_record({LOGITS: outputs[self.model.output_names[0]], **outputs},
+                         self.model.has_ood if with_ood is None else with_ood)
 
 
-def open_bundle(task: str, path: Path, threads: int | None = None, max_batch: int = 64) -> ServedModel:
+def open_bundle(task: str, path: Path, options: RuntimeOptions, max_batch: int = 64) -> ServedModel:
     """Open a bundle's ``model.onnx`` on the best provider."""
     card = read_card(path)
-    model = OnnxModel.open(path, threads=threads)  # checks the file against the sha256 the card recorded
+    model = OnnxModel.open(path, options)  # checks the file against the sha256 the card recorded
     log.info("%s: %s (%s) on %s", task, card.id, card.arch, model.provider)
     if model.provider not in GPU_PROVIDERS:
         log.info("%s: no GPU provider in this ONNX Runtime; running on the CPU", task)
@@ -153,6 +140,9 @@ class ModelTable:
         self.members: list[ServedModel] = []
         self.ensemble_message = ""
         self.stats = BatchStats()
+        # This worker shares the CPU with the HTTP workers: by default (ort_spinning) ONNX Runtime's
+        # idle threads sleep rather than spin.
+        self.options = runtime_options(threads=cfg.ort_threads, spinning=cfg.ort_spinning)
         for task in cfg.task_names:
             self._open_task(resolve_task(cfg, task))
         self._open_ensemble()
@@ -163,7 +153,7 @@ class ModelTable:
             log.warning("%s: not served: %s", r.task, r.message)
             return
         try:
-            self.models[r.task] = open_bundle(r.task, r.path, self.cfg.ort_threads, self.cfg.max_batch_size)
+            self.models[r.task] = open_bundle(r.task, r.path, self.options, self.cfg.max_batch_size)
         except (BundleError, ModelFileError) as e:
             self.missing[r.task] = f"{e}"
             log.warning("%s: not served: %s", r.task, e)
@@ -174,7 +164,7 @@ class ModelTable:
         for r in found:
             assert r.path is not None
             try:
-                m = open_bundle(ENSEMBLE_ROUTE, r.path, self.cfg.ort_threads, self.cfg.max_batch_size)
+                m = open_bundle(ENSEMBLE_ROUTE, r.path, self.options, self.cfg.max_batch_size)
             except (BundleError, ModelFileError) as e:
                 notes.append(str(e))
                 continue
@@ -200,14 +190,14 @@ class ModelTable:
         raise NotServed(self.missing.get(task, f"unknown task {task!r}"))
 
     def predict(self, task: str, images: np.ndarray) -> np.ndarray:
-        """Logits (N, K') of ``task``'s model (and its OOD score, :func:`serving.outputs.pack`); the batch
-        size is recorded."""
+        """``task``'s model outputs for a batch (a record array, :mod:`serving.outputs`); the batch size
+        is recorded."""
         model = self.get(task)
         self.stats.record(task, len(images))
         return model.run(images)
 
     def predict_members(self, images: np.ndarray) -> np.ndarray:
-        """Member logits (N, M, K'), with each member's OOD score as a last column when all have one."""
+        """The members' outputs, a record array (N, M) (each member's OOD score when all have one)."""
         if len(self.members) < 2:
             raise NotServed(self.ensemble_message)
         self.stats.record(ENSEMBLE_ROUTE, len(images))
@@ -216,39 +206,29 @@ class ModelTable:
 
     @property
     def members_have_ood(self) -> bool:
-        return bool(self.members) and all(m.has_ood for m in self.members)
+        return bool(self.members) and all(m.model.has_ood for m in self.members)
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> ServedTable:
         """What the API layer needs to decode and answer: cards, preprocessing, what is missing."""
-        tasks: dict[str, Any] = {}
-        for task in self.cfg.task_names:
-            if task in self.models:
-                tasks[task] = self.models[task].info()
-            else:
-                tasks[task] = {"task": task, "status": "missing", "message": self.missing[task]}
-        ok = len(self.members) >= 2
-        ensemble: dict[str, Any] = {
-            "task": ENSEMBLE_ROUTE,
-            "status": "ok" if ok else "missing",
-            "arch": self.cfg.ensemble_arch,
-            "members": [m.info() for m in self.members],
-            "message": self.ensemble_message,
-        }
-        ensemble["has_ood"] = self.members_have_ood
-        if self.members:
-            ensemble["labels"] = self.members[0].model.labels
-            ensemble["preprocessing"] = self.members[0].model.meta.preprocessing.to_dict()
-        return {"tasks": tasks, "ensemble": ensemble, "config": self.cfg.to_dict()}
+        tasks = {task: self.models[task].info() if task in self.models else
+                 ServedModelInfo(task=task, status="missing", message=self.missing[task])
+                 for task in self.cfg.task_names}
+        first = self.members[0].model if self.members else None
+        ensemble = ServedEnsembleInfo(
+            task=ENSEMBLE_ROUTE, status="ok" if len(self.members) >= 2 else "missing", arch=self.cfg.ensemble_arch,
+            members=[m.info() for m in self.members], message=self.ensemble_message, has_ood=self.members_have_ood,
+            labels=first.labels if first else None, preprocessing=first.meta.preprocessing if first else None)
+        return ServedTable(tasks=tasks, ensemble=ensemble, config=self.cfg.to_dict())
 
 
-class LocalBackend:
-    """A :class:`ModelTable` in this process behind the API layer's backend interface
+class LocalInference:
+    """A :class:`ModelTable` in this process as the API layer calls it (:class:`serving.frontend.InferenceClient`)
     (no batching across requests: for tools, tests and single-process use)."""
 
     def __init__(self, table: ModelTable) -> None:
         self.table = table
 
-    async def describe(self) -> dict[str, Any]:
+    async def describe(self) -> ServedTable:
         return self.table.describe()
 
     async def stats(self) -> dict[str, Any]:

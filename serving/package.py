@@ -30,8 +30,15 @@ def _servable(path: Path) -> bool:
     return (path / CARD).is_file() and (path / ONNX_FILE).is_file()
 
 
+# What a Bento carries of the settings (serving.config.SETTINGS): the serving behaviour, its answers,
+# limits and timeouts. HOST_SETTINGS are this host's (workers, threads, memory, connections, logs,
+# store path): the machine running the Bento sets them. Every setting is in exactly one of the two
+# (tests/test_config.py), so a new one is packaged or not by decision.
 PACKAGED_SETTINGS = ("top_k", "max_batch_size", "max_latency_ms", "max_file_mb", "max_request_mb", "max_images",
-                     "max_image_megapixels", "max_request_megapixels", "body_timeout_s", "request_timeout_s")
+                     "max_image_megapixels", "max_request_megapixels", "body_timeout_s", "request_timeout_s",
+                     "refuse_ood")
+HOST_SETTINGS = ("store", "idle_timeout_s", "max_connections", "shutdown_grace_s", "decode_threads",
+                 "decode_memory_mb", "decode_queue_s", "api_workers", "access_log", "ort_threads", "ort_spinning")
 
 
 def plan(cfg: ServeConfig) -> tuple[dict[str, Any], dict[str, Path]]:
@@ -60,8 +67,6 @@ def plan(cfg: ServeConfig) -> tuple[dict[str, Any], dict[str, Path]]:
         "tasks": tasks,
         "ensemble": ensemble,
         "ensemble_arch": cfg.ensemble_arch,
-        # What a Bento carries of the configuration: the serving behaviour, not this host's
-        # worker counts, threads or store path.
         "settings": {k: v for k, v in cfg.to_dict().items() if k in PACKAGED_SETTINGS},
         "weights": {bid: read_card(p).weights_sha256 for bid, p in sorted(bundles.items())},
         "onnx": {bid: sha256_of(p / ONNX_FILE) for bid, p in sorted(bundles.items())},

@@ -22,6 +22,8 @@ import bentoml
 from pydantic import BaseModel, ConfigDict, Field
 
 from serving.uploads import STATE_KEY, ParsedRequest
+from zoo.card import ModelInfo
+from zoo.preprocess import Preprocessing
 from zoo.preprocess.image import FORMATS_TEXT
 
 
@@ -137,6 +139,35 @@ class EnsembleAnswer(_Answer):
     error: str | None = None
 
 
+class ExplainedItem(_Out):
+    """One uploaded image: its classes and the overlay, or why it was refused (``status`` ≠ 200)."""
+
+    index: int
+    filename: str
+    status: int = 200
+    error: str = ""
+    top: list[ClassScore] = []
+    predicted: ClassScore | None = None
+    explained: ClassScore | None = Field(None, description="the class the heat map explains")
+    overlay_png: str | None = Field(None, description="base64 PNG: the heat map on the image, 224 px or more")
+    in_distribution: bool | None = Field(None, description="false: unlike the training images (when the model "
+                                                           "carries an out-of-distribution detector)")
+    ood_score: float | None = None
+
+
+class ExplainAnswer(_Answer):
+    """Classes and heat maps of the uploaded images."""
+
+    task: str
+    models: list[dict[str, str]] = []
+    method: str | None = Field(None, description="grad-cam (convolutional networks) or saliency (MLPs)")
+    layer: str | None = Field(None, description="the layer Grad-CAM reads (the model registry's cam_layer)")
+    feature_size: list[int] | None = None
+    note: str = ""
+    results: list[ExplainedItem] = []
+    error: str | None = None
+
+
 class ErrorAnswer(_Out):
     """A refused request (4xx) or a task without a model (503)."""
 
@@ -146,9 +177,10 @@ class ErrorAnswer(_Out):
 
 
 class ServedModelInfo(_Out):
-    """A served task as ``/models`` lists it: its card, or why it has no model."""
+    """A served model as the inference worker describes it to the API worker (validated once, on
+    arrival: :class:`ServedTable`), and as ``/models`` lists it (without ``model_info``): its card, or
+    why the task has no model."""
 
-    model_config = ConfigDict(extra="allow")
     task: str
     status: str = Field(description="'ok', or 'missing' (the endpoint answers 503 with `message`)")
     message: str | None = None
@@ -156,24 +188,80 @@ class ServedModelInfo(_Out):
     arch: str | None = None
     dataset: str | None = None
     labels: list[str] | None = None
-    provider: str | None = None
-    weights_sha256: str | None = None
-    preprocessing: dict[str, Any] | None = None
+    num_outputs: int | None = None
+    preprocessing: Preprocessing | None = None
     metrics: dict[str, Any] | None = None
+    reported: dict[str, Any] | None = None
+    weights_sha256: str | None = None
+    created: str | None = None
+    provider: str | None = None
+    onnx: str | None = None
+    path: str | None = None
+    has_ood: bool | None = Field(None, description="the model returns an out-of-distribution score")
+    model_info: ModelInfo | None = Field(None, description="what zoo.postprocess.interpret reads of the card "
+                                                           "(calibration, OOD threshold); not listed by /models")
+
+    @property
+    def ref(self) -> ModelRef:
+        return ModelRef(id=self.id or "", weights_sha256=self.weights_sha256 or "")
+
+    def listed(self) -> ServedModelInfo:
+        """As ``/models`` lists it: without the card part only the API worker needs."""
+        return self.model_copy(update={"model_info": None})
 
 
-class EnsembleInfo(_Out):
-    model_config = ConfigDict(extra="allow")
+class ServedEnsembleInfo(_Out):
+    """The ensemble as the inference worker describes it (and ``/models`` lists it)."""
+
     task: str
     status: str
     arch: str
     members: list[ServedModelInfo]
     message: str = ""
+    has_ood: bool = False
+    labels: list[str] | None = None
+    preprocessing: Preprocessing | None = None
+
+
+class ServedTable(_Out):
+    """The inference worker's answer to ``describe()``: every served task, the ensemble, the config."""
+
+    tasks: dict[str, ServedModelInfo]
+    ensemble: ServedEnsembleInfo
+    config: dict[str, Any]
+
+
+class ExplainableRoute(_Out):
+    """A route as the explanation worker describes it to the API worker: whether it explains, and
+    what the API worker needs to check and decode uploads for it."""
+
+    status: str
+    message: str = ""
+    ids: list[str] = []
+    arch: str | None = None
+    labels: list[str] | None = None
+    preprocessing: Preprocessing | None = None
+    method: str | None = None
+    layer: str | None = None
+
+
+class WorkerExplanation(_Out):
+    """The explanation worker's answer for a batch: per image its classes and overlay (the fields of
+    ``serving.explain_api.ExplainedItem``), or a user's mistake (``error``, ``status``)."""
+
+    models: list[dict[str, str]] = []
+    method: str | None = None
+    layer: str | None = None
+    feature_size: list[int] | None = None
+    note: str = ""
+    results: list[dict[str, Any]] = []
+    error: str | None = None
+    status: int | None = None
 
 
 class ModelsAnswer(_Answer):
     models: list[ServedModelInfo]
-    ensemble: EnsembleInfo
+    ensemble: ServedEnsembleInfo
     config: dict[str, Any] = Field(description="the serving configuration in effect")
 
 

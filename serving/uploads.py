@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import numpy as np
 from python_multipart.multipart import parse_options_header
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -38,6 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.config import Limits
 from zoo.io import display_name
+from zoo.preprocess import ImageHeader
 
 STATE_KEY = "medzoo.request"
 OPTION_FIELDS = ("top_k", "target")  # target: the class an explanation explains (/<task>/explain)
@@ -57,13 +59,19 @@ class Problem(Exception):
 
 @dataclass
 class Upload:
-    """One uploaded file, or its refusal found before decoding (``data`` None, ``status`` ≠ 200)."""
+    """One uploaded image on its way through a request: bytes → header → array, or why it was refused
+    (``status`` ≠ 200, ``error``; its bytes and array then dropped)."""
 
     index: int
     filename: str
     data: bytes | None = None
     status: int = 200
     error: str = ""
+    header: ImageHeader | None = None  # read before decoding (serving.frontend)
+    array: np.ndarray | None = None  # uint8 (C, H, W) once decoded
+
+    def refuse(self, status: int, error: str) -> None:
+        self.status, self.error, self.data, self.array = status, error, None, None
 
 
 @dataclass

@@ -22,10 +22,10 @@ from pydicom.data import get_testdata_file
 import zoo
 from zoo.api import Ensemble, Model, Prediction
 from zoo.card import ONNX_FILE, Card, ExportMeta, read_card
-from zoo.errors import BundleError, EnsembleError, ImageError, ModelFileError
+from zoo.errors import BundleError, EnsembleError, ImageError, ModelFileError, UsageError
 from zoo.postprocess import calibrated_probs, interpret
 from zoo.preprocess import load_image
-from zoo.runtime import OnnxModel
+from zoo.runtime import OnnxModel, RuntimeOptions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,8 +131,24 @@ def test_references_single_models(in_home: Path, tmp_path: Path) -> None:
         zoo.load("skinn")
     with pytest.raises(ModelFileError, match="backend='torch' needs a bundle"):
         zoo.load(lone, backend="torch")
-    with pytest.raises(ValueError, match="backend must be"):
+    with pytest.raises(UsageError, match="backend must be"):
         zoo.load("skin", backend="tensorrt")
+    cpu = zoo.load("skin", options=RuntimeOptions(providers=("CPUExecutionProvider",), threads=1))
+    assert cpu.provider == "CPUExecutionProvider"
+
+
+def test_an_ensemble_answer_is_a_predictions() -> None:
+    """One answer type for a batch: the ensemble's extends a model's (every front end reads both alike)."""
+    from zoo.ensemble import EnsemblePredictions, combine
+    from zoo.postprocess import Predictions
+
+    logits = np.array([[[2.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [2.0, 0.0]]], dtype=np.float32)  # (M, N, K)
+    answer = combine(logits)
+    assert isinstance(answer, EnsemblePredictions) and isinstance(answer, Predictions) and len(answer) == 2
+    np.testing.assert_array_equal(answer.classes, [0, 0])
+    np.testing.assert_allclose(answer.agreement, [1.0, 0.5])
+    assert answer.member_classes.tolist() == [[0, 0], [1, 0]] and answer.member_probs.shape == (2, 2, 2)
+    assert answer.logits.shape == (2, 2) and answer.ood_score is None and answer.calibrated is False
 
 
 def test_bundle_without_onnx_is_exported_first(in_home: Path, tmp_path: Path) -> None:

@@ -168,3 +168,31 @@ def test_two_runs_of_one_recipe_at_once_do_not_collide(breast_root: Path, tmp_pa
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert len(runs) == 2 and runs[1] == runs[0] + ".2", runs
     assert all((tmp_path / "runs" / r / "done.json").is_file() for r in runs)
+
+
+# --- no import circles ---------------------------------------------------------------------------
+
+# (lower, upper): the shared definition moved below both (models, preprocess), or the caller of both
+# above them (train); the lower module must not reach the upper one, even through others.
+CIRCLES_BROKEN = [("zoo.models.catalog", "zoo.models.registry"), ("zoo.preprocess.dicom", "zoo.preprocess.image"),
+                  ("zoo.train.ensemble", "zoo.train.entry"), ("zoo.train.engine", "zoo.train.ensemble")]
+
+
+def test_no_import_circles() -> None:
+    import grimp
+
+    graph = grimp.build_graph("zoo", "export")
+    for lower, upper in CIRCLES_BROKEN:
+        assert not graph.chain_exists(importer=lower, imported=upper), f"{lower} reaches {upper}"
+    # and no module of zoo or export imports something that imports it back
+    circles = [(a, b) for a in graph.modules for b in graph.find_modules_directly_imported_by(a)
+               if graph.chain_exists(importer=b, imported=a)]
+    assert circles == []
+    cfg = __import__("tomllib").loads((REPO / "pyproject.toml").read_text())
+    ids = {c["id"] for c in cfg["tool"]["importlinter"]["contracts"]}
+    assert {"models-acyclic", "preprocess-acyclic", "train-acyclic"} <= ids
+
+
+def test_runtime_reads_no_environment_variable() -> None:
+    """Settings are read once, by zoo.settings.runtime_options, and passed to OnnxModel.open."""
+    assert "os.environ" not in (REPO / "zoo" / "runtime.py").read_text()

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -114,3 +115,44 @@ def test_zoo_card_writes_the_markdown_model_card(one_bundle_store: Path, capsys:
     capsys.readouterr()
     assert main(["card", str(bundle), "--print"]) == 0
     assert capsys.readouterr().out == text
+
+
+def test_only_user_errors_are_one_line_anything_else_is_a_reported_bug(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A UserError: one line, exit 2. Any other exception (a ValueError included) is a bug: its
+    traceback, then one line asking for a report, exit 1."""
+    import zoo.cli.commands as commands
+    from zoo import __version__
+    from zoo.cli import BUG_REPORT
+    from zoo.errors import UsageError
+
+    def user_mistake(args: Any) -> int:
+        raise UsageError("--flag must be positive")
+
+    def bug(args: Any) -> int:
+        raise ValueError("an internal invariant broke")
+
+    monkeypatch.setattr(commands, "cmd_models", user_mistake)
+    assert main(["models"]) == 2
+    assert capsys.readouterr().err == "zoo: error: --flag must be positive\n"
+    monkeypatch.setattr(commands, "cmd_models", bug)
+    assert main(["models"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "Traceback (most recent call last):" and "ValueError: an internal invariant broke" in err
+    assert err[-1] == BUG_REPORT and __version__ in BUG_REPORT and "report" in BUG_REPORT
+
+
+def test_train_flags_are_the_recipe_shortcuts() -> None:
+    """Every shortcut of zoo.recipe is a `zoo train` flag typed as its recipe field, and nothing else is."""
+    from zoo.cli import build_parser
+    from zoo.recipe import SHORTCUTS
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]  # type: ignore[union-attr]
+    flags = {a.dest: a for a in train._actions}
+    for name in SHORTCUTS:
+        assert f"--{name.replace('_', '-')}" in flags[name].option_strings
+    assert flags["epochs"].type is int and flags["lr"].type is float and flags["size"].type is int
+    assert flags["precision"].type is str and flags["patience"].type is int
+    shortcut_like = {d for d, a in flags.items() if a.option_strings and d not in SHORTCUTS}
+    assert shortcut_like == {"help", "recipe", "data_root", "device", "resume", "offline", "set", "json", "nproc",
+                             "store", "verbose"}

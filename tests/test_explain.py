@@ -297,25 +297,25 @@ def test_explanation_worker_in_process(breast_bundle: Path, breast_root: Path, m
                       ensemble={"members": [str(breast_bundle), str(breast_bundle)]})
     table = ExplainTable(cfg)
     described = table.describe()
-    assert described["breast"]["status"] == "ok" and described["breast"]["layer"] == "conv3.ReLU[0]"
-    assert described["breast"]["labels"] == ["malignant", "normal, benign"]
-    assert described["skin"]["status"] == "missing" and described["pathology_ensemble"]["status"] == "ok"
+    assert described["breast"].status == "ok" and described["breast"].layer == "conv3.ReLU[0]"
+    assert described["breast"].labels == ["malignant", "normal, benign"]
+    assert described["skin"].status == "missing" and described["pathology_ensemble"].status == "ok"
     images = np.load(breast_root / "breastmnist.npz")["test_images"][:2, None]
     out = table.explain("breast", images, None, 2)
-    assert out["method"] == GRAD_CAM and len(out["results"]) == 2
-    for r in out["results"]:
+    assert out.method == GRAD_CAM and len(out.results) == 2
+    for r in out.results:
         with Image.open(io.BytesIO(base64.b64decode(r["overlay_png"]))) as pic:
             assert pic.size == (224, 224)
         assert r["explained"] == r["predicted"] and len(r["top"]) == 2
     # an ensemble of two copies of one model: its answer and its (mean) map are that model's
     ens = table.explain("pathology_ensemble", images, None, 2)
-    assert [r["top"] for r in ens["results"]] == [r["top"] for r in out["results"]]
-    assert [r["overlay_png"] for r in ens["results"]] == [r["overlay_png"] for r in out["results"]]
-    assert len(ens["models"]) == 2
-    assert table.explain("breast", images, "nope", 2)["status"] == 400
-    assert table.explain("skin", images, None, 2)["status"] == 503
+    assert [r["top"] for r in ens.results] == [r["top"] for r in out.results]
+    assert [r["overlay_png"] for r in ens.results] == [r["overlay_png"] for r in out.results]
+    assert len(ens.models) == 2
+    assert table.explain("breast", images, "nope", 2).status == 400
+    assert table.explain("skin", images, None, 2).status == 503
 
     monkeypatch.setattr("serving.explainer.NEEDS", ("torch", "no_such_module_for_medzoo"))
     bare = ExplainTable(cfg)
     assert "no_such_module_for_medzoo" in bare.status("breast")
-    assert bare.explain("breast", images, None, 2)["status"] == 503
+    assert bare.explain("breast", images, None, 2).status == 503

@@ -160,6 +160,8 @@ def test_breast_parity_on_real_test_images(exported_breast: Path, breast_root: P
         par = rec["parity"]
         assert par["passed"] and par["inputs"] == f"test split of breastmnist ({n_test} images)", par
         assert par["split"]["n"] == n_test
+        ood = par["ood_score"]  # the detector's score and flag, checked on every parity image
+        assert ood["passed"] and ood["n"] == n_test + sum(parity.BATCH_SIZES) and ood["tolerance"] > 0, ood
     for fmt in ("onnx", "torchscript"):
         split = exports[fmt]["parity"]["split"]
         assert split["argmax_agreement"] == 1.0 and split["max_abs_diff"] <= parity.ABS_TOL
@@ -207,12 +209,12 @@ def test_lone_files_carry_everything_needed(exported_breast: Path, tmp_path: Pat
 
 
 def test_provider_is_chosen_and_reported(exported_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from zoo.runtime import gpu_present
+    from zoo.runtime import RuntimeOptions, gpu_present
 
     available = ort.get_available_providers()
     # GPU providers asked for explicitly: the one really obtained is reported (the CPU without a GPU,
     # even with onnxruntime-gpu, whose GPU providers are listed but cannot start)
-    model = OnnxModel.open(exported_copy, providers=["CUDAExecutionProvider"])
+    model = OnnxModel.open(exported_copy, RuntimeOptions(providers=("CUDAExecutionProvider",)))
     cuda = gpu_present() and "CUDAExecutionProvider" in available
     expected = "CUDAExecutionProvider" if cuda else "CPUExecutionProvider"
     assert model.provider == expected
@@ -312,6 +314,100 @@ def test_cli_reports_damaged_files_in_one_line(exported_copy: Path, capsys: pyte
     assert proc.returncode == 2, proc.stderr
     _one_line_error(proc.stderr)
     assert "model.torchscript.pt does not match the sha256" in proc.stderr
+
+
+# --- the out-of-distribution score ---------------------------------------------------------------
+
+
+def _ill_conditioned_detector() -> tuple[Any, Preprocessing, tuple[Any, Any, list[str]], np.ndarray, float]:
+    """A network whose tapped features vary over six decades (covariance eigenvalues 1 … 1e-6, each
+    feature a mix of all of them, as correlated channel means are) and the Gaussian an older
+    medzoo stored for it: the precision of the sample covariance, no floor (condition ≈ 1e6, the
+    organ default model's was 2e5). Returns the scorer's statistics, preprocessing, the served
+    model and the net, test images, and the validation scores' 95th percentile (the threshold)."""
+    from torch import nn
+
+    from zoo.preprocess.adapter import full_model
+    from zoo.trust import ood
+
+    dim, size = 8, 28
+    rng = np.random.default_rng(0)
+    directions = np.linalg.qr(rng.normal(size=(size * size, dim)))[0]
+    mix = np.linalg.qr(rng.normal(size=(dim, dim)))[0]
+    net = nn.Sequential(nn.Flatten(), nn.Linear(size * size, dim), nn.ReLU(), nn.Linear(dim, 2)).eval()
+    with torch.no_grad():
+        net[1].weight.copy_(torch.tensor(mix @ (np.sqrt(np.logspace(0, -6, dim))[:, None] * directions.T)))
+        net[1].bias.fill_(1.0)
+    prep = Preprocessing(size, size, 1, (0.5,), (0.5,))
+    model = full_model(net, prep).eval()
+    layers = ood.feature_layers(net)
+    train, val, test = (rng.integers(0, 256, (n, 1, size, size), dtype=np.uint8) for n in (3000, 500, 1000))
+    (f_train,), (f_val,) = (ood.collect(model, net, layers, torch.from_numpy(x))[1] for x in (train, val))
+    cov = np.cov(f_train.T)
+    eig = np.linalg.eigvalsh(cov)
+    assert eig.max() / eig.min() > 5e5  # the premise: an ill-conditioned covariance
+    stats = ood.LayerStats(f_train.mean(0), np.linalg.inv(cov), None, None)
+    d = stats.distance(f_val)
+    stats.loc, stats.scale = float(d.mean()), float(d.std())
+    threshold = float(np.quantile(ood.score([stats], [f_val]), ood.TARGET_TPR))
+    # through the stored form (ood.safetensors' keys, unchanged), as a bundle's detector is loaded
+    stats = ood.stats_from_tensors(ood.stats_to_tensors([stats]), 1)[0]
+    return stats, prep, (model, net, layers), test, threshold
+
+
+def _onnx_and_eager_scores(stats: Any, prep: Preprocessing, served: tuple[Any, Any, list[str]],
+                           images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The ``ood_score`` of the exported ONNX graph and of the eager ``ScoredModel``."""
+    from zoo.runtime import OOD_OUTPUT
+    from zoo.trust import ood
+
+    scored = ood.ScoredModel(*served, ood.OODScorer([stats])).eval()
+    proto = onnx_export.to_onnx(scored, prep, outputs=(onnx_export.OUTPUT_NAME, OOD_OUTPUT))
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        eager = scored(torch.from_numpy(images))[1].numpy()
+    return session.run([OOD_OUTPUT], {onnx_export.INPUT_NAME: images})[0], eager
+
+
+def test_ill_conditioned_detector_passes_ood_parity_and_a_wrong_score_does_not() -> None:
+    """Issue 18: the organ default model's ONNX ood_score differed from eager by 2e-3 of its scale
+    (a quadratic form through a 2e5-conditioned inverse covariance, in float32). Computed as a sum of
+    squares of whitened features it passes, on an even worse conditioned detector (the old scorer
+    was off by 1.2e-2 here); a score that is genuinely wrong still fails."""
+    from zoo.trust import ood
+
+    stats, prep, served, images, threshold = _ill_conditioned_detector()
+    got, eager = _onnx_and_eager_scores(stats, prep, served, images)
+    report, problems = parity._check_ood([got], [eager], threshold, fp16=False)
+    assert not problems and report["passed"] and report["flag_agreement"] == 1.0, report
+    _, (f_test,) = ood.collect(*served, torch.from_numpy(images))
+    exact = ood.score([stats], [f_test])  # float64: the eager float32 graph is as close as ONNX is
+    assert np.abs(eager - exact).max() <= parity.OOD_REL_TOL * max(1.0, np.abs(exact).max())
+    # a wrong statistic in the graph: every score off by 2 % of a validation standard deviation
+    wrong = ood.LayerStats(stats.mean, stats.precision, None, None, stats.loc + 0.02 * stats.scale, stats.scale)
+    bad, _ = _onnx_and_eager_scores(wrong, prep, served, images)
+    report, problems = parity._check_ood([bad], [eager], threshold, fp16=False)
+    assert not report["passed"] and any("ood_score differs from eager" in p for p in problems), report
+    # one image whose flag flips at the threshold though its eager score is well away from it
+    flipped = got.copy()
+    i = int(np.argmax(eager < threshold - 0.5))
+    flipped[i] = threshold + 0.5
+    assert any("flag disagreement" in p for p in parity._check_ood([flipped], [eager], threshold, False)[1])
+
+
+def test_fitted_detector_floors_the_covariance() -> None:
+    """Fitting on features with a constant direction (a singular covariance) gives a finite,
+    bounded whitening: eigenvalues floored at EIGEN_FLOOR × the largest."""
+    from zoo.trust import ood
+
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(20_000, 6)) * np.array([1.0, 0.5, 0.1, 1e-3, 1e-5, 0.0])  # one constant feature
+    stats = ood.fit_layer(f)
+    cov_eig = 1 / np.linalg.eigvalsh(stats.precision)
+    assert np.isfinite(stats.precision).all()
+    assert cov_eig.min() >= ood.EIGEN_FLOOR * cov_eig.max() * (1 - 1e-9)
+    _, w = stats.whitening()
+    assert np.allclose(w @ w.T, stats.precision, rtol=1e-8, atol=1e-8 * np.abs(stats.precision).max())
 
 
 # --- failed parity checks ------------------------------------------------------------------------

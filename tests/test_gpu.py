@@ -18,10 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from zoo.runtime import GPU_PROVIDERS, OnnxModel, choose_providers, gpu_present
+from zoo.runtime import GPU_PROVIDERS, OnnxModel, RuntimeOptions, choose_providers, gpu_present
+from zoo.settings import runtime_options
 
 requires_gpu = pytest.mark.skipif(
-    not gpu_present(), reason="no NVIDIA GPU visible (no /dev/nvidia*): the CUDA / TensorRT paths need one")
+    not gpu_present(runtime_options()),
+    reason="no NVIDIA GPU visible (no /dev/nvidia*): the CUDA / TensorRT paths need one")
 
 # fp32 on the GPU (TF32 off): cuDNN picks other convolution algorithms than MLAS on the CPU, so
 # logits differ in the last bits; these bounds are the export parity's (1e-4 abs or 1e-3 rel).
@@ -43,7 +45,7 @@ def test_exactly_one_onnxruntime_package_is_installed() -> None:
         assert gpu, "the default install on Linux x86_64 is onnxruntime-gpu"
 
 
-@pytest.mark.skipif(gpu_present(), reason="this machine has a GPU")
+@pytest.mark.skipif(gpu_present(runtime_options()), reason="this machine has a GPU")
 def test_without_a_gpu_the_cpu_provider_is_used_and_said(breast_bundle: Path, tmp_path: Path,
                                                        caplog: pytest.LogCaptureFixture) -> None:
     from export import ensure_exported
@@ -79,7 +81,7 @@ def test_onnx_on_gpu_passes_parity_and_equals_cpu(breast_bundle: Path, breast_ro
     assert records["onnx"]["provider"] in GPU_PROVIDERS and records["onnx"]["parity"]["passed"]
     images = bundle_splits(read_card(bundle), breast_root).test.images.numpy()
     gpu = OnnxModel.open(bundle)
-    cpu = OnnxModel.open(bundle, providers=["CPUExecutionProvider"])
+    cpu = OnnxModel.open(bundle, RuntimeOptions(providers=("CPUExecutionProvider",)))
     assert gpu.provider in GPU_PROVIDERS and cpu.provider == "CPUExecutionProvider"
     a, b = gpu.predict_bound(images), cpu.predict(images)
     assert _close(a, b) and (predicted_class(a) == predicted_class(b)).all()
@@ -103,8 +105,8 @@ def test_scored_answers_on_gpu_equal_cpu(breast_bundle: Path, breast_root: Path,
     for i, arr in enumerate(bundle_splits(read_card(bundle), breast_root).test.images.numpy()[:64]):
         Image.fromarray(arr[0]).save(folder / f"{i:03d}.png")
     outs = {}
-    for name, providers in (("gpu", None), ("cpu", ["CPUExecutionProvider"])):
-        summary = score_folder(folder, [bundle], tmp_path / f"{name}.csv", providers=providers, workers=0,
+    for name, options in (("gpu", RuntimeOptions()), ("cpu", RuntimeOptions(providers=("CPUExecutionProvider",)))):
+        summary = score_folder(folder, [bundle], tmp_path / f"{name}.csv", options=options, workers=0,
                                progress=False)
         with open(summary.out, newline="") as f:
             outs[name] = (summary.provider, list(csv.DictReader(f)))

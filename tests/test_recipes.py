@@ -173,6 +173,10 @@ def test_apply_overrides() -> None:
     assert base.train.epochs != 3  # the original is untouched
     dotted = apply_overrides(base, {"train.batch_size": 16, "data.val_fraction": "0.1"})
     assert dotted.train.batch_size == 16 and dotted.data.val_fraction == 0.1
+    # typed values as given (a tuning trial's): text is not read as YAML, a model keyword may be new
+    typed = apply_overrides(base, {"model.activation": "null", "optimizer.lr": 0.01}, parse_text=False)
+    assert typed.model["activation"] == "null" and typed.optimizer.lr == 0.01
+    assert apply_overrides(base, {"model.activation": "null"}).model["activation"] is None  # text: YAML
 
 
 @pytest.mark.parametrize(

@@ -29,11 +29,12 @@ from PIL import Image
 from zoo.bundle import save_bundle
 from zoo.card import ONNX_FILE, read_card
 from zoo.cli import main
+from zoo.errors import EnsembleError, UsageError
 from zoo.evaluate import evaluate_bundle
 from zoo.inference import bundle_splits
 from zoo.postprocess import interpret, to_probs
 from zoo.preprocess import load_image
-from zoo.runtime import OnnxModel
+from zoo.runtime import OnnxModel, RuntimeOptions
 from zoo.score import CRASH_REASON, ensure_onnx, score_folder
 from zoo.score import decode as score_decode
 from zoo.score import run as score_run
@@ -223,7 +224,8 @@ def test_listing_rules(tmp_path: Path) -> None:
     entries = list_folder(tmp_path, exclude=[tmp_path / "out.csv.partial"])
     rels = [e.rel for e in entries]
     assert rels == sorted(rels) == ["a.jpg", "b/10.png", "b/2.png", *(["b/pipe.png"] if hasattr(os, "mkfifo") else [])]
-    assert all(e.size == 1 for e in entries[:3]) and (len(entries) == 3 or entries[3].size == SPECIAL)
+    assert all(e.size == 1 and e.kind == "file" for e in entries[:3])
+    assert len(entries) == 3 or (entries[3].kind == SPECIAL and entries[3].size == 0)
     assert display_name(os.fsdecode(b"caf\xe9.png")) == "caf\\xe9.png"
 
 
@@ -256,7 +258,7 @@ def test_resume_checks_the_journal(bundle: Path, image_folder: dict[str, Any], t
     assert not out.exists()
 
     shutil.copy(next(folder.rglob("*.png")), folder / "added.png")  # the folder changed: refused
-    with pytest.raises(ValueError, match="--overwrite"):
+    with pytest.raises(UsageError, match="--overwrite"):
         score_folder(folder, [bundle], out, **kw)
     (folder / "added.png").unlink()
     (journal / "chunk-000001.json").write_text('{"chunk": 1, "rows": [')  # damaged: scored again
@@ -317,14 +319,15 @@ def test_sigkilled_run_resumes_without_loss_or_duplicates(bundle: Path, test_spl
         time.sleep(0.1)
     assert not any(_alive(w) for w in workers), "decode workers outlived the killed run"
 
-    resumed = score_folder(folder, [bundle], out, chunk_size=8, batch_size=8, workers=2, threads=1, progress=False)
+    resumed = score_folder(folder, [bundle], out, chunk_size=8, batch_size=8, workers=2,
+                           options=RuntimeOptions(threads=1), progress=False)
     assert resumed.resumed >= 8 and resumed.processed == n - resumed.resumed
     rows = _read_csv(out)
     paths = [r["path"] for r in rows]
     assert len(paths) == len(set(paths)) == n  # every image exactly once
     assert paths == sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png"))
     reference = score_folder(folder, [bundle], tmp_path / "reference.csv", chunk_size=8, batch_size=8, workers=2,
-                             threads=1, progress=False)
+                             options=RuntimeOptions(threads=1), progress=False)
     assert out.read_bytes() == reference.out.read_bytes()
     assert not journal.exists() and not list(tmp_path.glob(".killed.csv.*"))
 
@@ -355,7 +358,7 @@ def test_ensemble_averages_logits(bundle: Path, second_bundle: Path, image_folde
     models = [OnnxModel.open(bundle), OnnxModel.open(second_bundle)]
     labels = models[0].labels
     # one member has no detector: no OOD columns; one is calibrated: not every probability is
-    assert list(rows[0])[-2:] == ["agreement", "calibrated"] and s.models == [m.model_id for m in models]
+    assert list(rows[0])[-2:] == ["agreement", "calibrated"] and s.models == [m.id for m in models]
     assert {r["calibrated"] for r in rows} == {"False"}
     prep = models[0].preprocessing
     x = np.stack([load_image(folder / r["path"], prep) for r in rows])
@@ -374,8 +377,12 @@ def test_ensemble_averages_logits(bundle: Path, second_bundle: Path, image_folde
     by_task = score_folder(folder, ["breast"], tmp_path / "task.csv", ensemble=True, workers=0, progress=False,
                            store=second_bundle.parent.parent)
     assert sorted(by_task.models) == sorted(s.models)
-    with pytest.raises(ValueError, match="--ensemble"):
+    with pytest.raises(UsageError, match="--ensemble"):
         score_folder(folder, [bundle, second_bundle], tmp_path / "no.csv", workers=0, progress=False)
+    # the one resolution of model references (zoo.ensemble.resolve_models), as zoo.load: a member twice is refused
+    with pytest.raises(EnsembleError, match="the same model is given twice"):
+        score_folder(folder, [bundle, bundle.resolve()], tmp_path / "twice.csv", ensemble=True, workers=0,
+                     progress=False)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="relies on fork copying the patched decoder into the worker")

@@ -29,7 +29,7 @@ optuna = pytest.importorskip("optuna")
 from zoo.bundle import load_bundle  # noqa: E402
 from zoo.card import read_card  # noqa: E402
 from zoo.errors import RecipeError  # noqa: E402
-from zoo.recipe import Recipe, all_recipes, find_recipe, load_recipe_file, with_values  # noqa: E402
+from zoo.recipe import Recipe, all_recipes, apply_overrides, find_recipe, load_recipe_file  # noqa: E402
 from zoo.store import list_bundles  # noqa: E402
 from zoo.tune import Tuner, default_storage, open_study, shown_storage, suggest, tune  # noqa: E402
 
@@ -67,7 +67,7 @@ def test_every_search_space_samples_valid_recipes() -> None:
         for _ in range(3):
             trial = study.ask()
             values = suggest(trial, recipe.tune.params)
-            assert isinstance(with_values(recipe, values), Recipe)
+            assert isinstance(apply_overrides(recipe, values, parse_text=False), Recipe)
             study.tell(trial, 0.5)
 
 
@@ -207,7 +207,7 @@ def test_sqlite_storage_and_the_python_api(breast_root: Path, tmp_path: Path) ->
     assert len(optuna.load_study(study_name="rdb", storage=url).trials) == 2
     assert len(_dashboard_trials(url)) == 2
     # another worker bringing another search space is refused, not mixed into the study
-    other = with_values(recipe, {"train.epochs": 2})
+    other = apply_overrides(recipe, {"train.epochs": 2}, parse_text=False)
     with pytest.raises(RecipeError, match="another base_sha256"):
         open_study(other, "rdb", url)
     assert default_storage("a/b c", tmp_path).endswith("studies/a_b_c.journal")

@@ -71,7 +71,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, breast_bundle: Path, breast
            wait_ready: Callable[..., None]) -> Iterator[Server]:
     work = tmp_path_factory.mktemp("ui_server")
     config = work / "serve.yaml"
-    config.write_text(yaml.safe_dump(_store(work / "store", breast_bundle, breast_root)))
+    config.write_text(yaml.safe_dump({"tasks": _store(work / "store", breast_bundle, breast_root)}))
     images = []
     for i, arr in enumerate(np.load(breast_root / "breastmnist.npz")["test_images"][:3]):
         images.append(work / f"breast-{i}.png")

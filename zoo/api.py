@@ -33,15 +33,15 @@ from typing import Any, Literal
 import numpy as np
 
 from zoo.card import ONNX_FILE, Card, ExportMeta, ModelInfo, read_card
-from zoo.ensemble import check_compatible, choose_members, combine
-from zoo.errors import EnsembleError, ImageError, ModelFileError
+from zoo.ensemble import EnsemblePredictions, check_compatible, combine, resolve_models
+from zoo.errors import ImageError, ModelFileError, UsageError
 from zoo.postprocess import Predictions, interpret, top_classes
 from zoo.preprocess import MAX_PIXELS, ImageSource, ImageTransform, Preprocessing, Window
-from zoo.runtime import OnnxModel, bundle_card
-from zoo.store import resolve_bundle
+from zoo.runtime import OnnxModel, RuntimeOptions, bundle_card
+from zoo.settings import runtime_options
+from zoo.store import ModelRef
 
-Backend = Literal["onnx", "torch"]
-ModelRef = str | os.PathLike[str]
+Backend = Literal["onnx", "torch"]  # the engine a Model runs on (ONNX Runtime or PyTorch)
 DEFAULT_TOP_K = 3  # as the service
 DEFAULT_BATCH = 64
 
@@ -88,9 +88,10 @@ class Prediction:
         return out
 
 
-def _predictions(answer: Predictions, labels: Sequence[str], top_k: int,
-                 agreement: np.ndarray | None = None) -> list[Prediction]:
-    """One :class:`Prediction` per image of a batch's :class:`~zoo.postprocess.Predictions`."""
+def _predictions(answer: Predictions, labels: Sequence[str], top_k: int) -> list[Prediction]:
+    """One :class:`Prediction` per image of a batch's :class:`~zoo.postprocess.Predictions` (an
+    ensemble's :class:`~zoo.ensemble.EnsemblePredictions` adds the members' agreement)."""
+    agreement = answer.agreement if isinstance(answer, EnsemblePredictions) else None
     out = []
     for n in range(len(answer)):
         probs = answer.probs[n]
@@ -156,9 +157,9 @@ class _Predictor(ABC):
         array (a batch). DICOM files are read with their rescale and window.
         """
         if top_k < 1:
-            raise ValueError(f"top_k must be at least 1, not {top_k}")
+            raise UsageError(f"top_k must be at least 1, not {top_k}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+            raise UsageError(f"batch_size must be at least 1, not {batch_size}")
         batch = self.decode(images)
         answers: list[Prediction] = []
         for start in range(0, len(batch), batch_size):
@@ -203,7 +204,7 @@ class Model(_Predictor):
         batch = np.ascontiguousarray(batch)
         if batch.dtype != np.uint8 or batch.shape[1:] != self.preprocessing.shape:
             shape = ", ".join(map(str, self.preprocessing.shape))
-            raise ValueError(f"{self.id} takes uint8 batches of shape (N, {shape}), not {batch.dtype} {batch.shape}; "
+            raise UsageError(f"{self.id} takes uint8 batches of shape (N, {shape}), not {batch.dtype} {batch.shape}; "
                              "decode images with model.decode() or model.transforms()")
         return {k: np.asarray(v, dtype=np.float32) for k, v in self._run(batch).items()}
 
@@ -242,10 +243,9 @@ class Ensemble(_Predictor):
 
     def _answer(self, batch: np.ndarray, top_k: int) -> list[Prediction]:
         outs = [m.outputs(batch) for m in self.members]
-        out = combine([o["logits"] for o in outs], [m.card for m in self.members], [o.get("ood_score") for o in outs])
-        answer = Predictions(probs=out.probs, classes=out.classes, calibrated=out.calibrated, ood_score=out.ood_score,
-                             in_distribution=out.in_distribution)
-        return _predictions(answer, self.labels, top_k, out.agreement)
+        cards = [m.card for m in self.members]
+        return _predictions(combine([o["logits"] for o in outs], cards, [o.get("ood_score") for o in outs]),
+                            self.labels, top_k)
 
     def __repr__(self) -> str:
         return f"Ensemble({self.ids}, combine='mean of logits', backend={self.members[0].backend!r})"
@@ -255,22 +255,13 @@ class Ensemble(_Predictor):
 # loading
 
 
-def _target(ref: ModelRef, store: Path | None) -> Path:
-    """A lone ``.onnx`` file, or the bundle a reference names (path, id, task or dataset)."""
-    p = Path(ref).expanduser()
-    if p.is_file() and p.suffix == ".onnx":
-        return p
-    return resolve_bundle(str(ref), store)
-
-
-def _onnx_model(target: Path, providers: Sequence[str] | None, threads: int | None,
-                window: Window | None, max_pixels: int) -> Model:
+def _onnx_model(target: Path, options: RuntimeOptions, window: Window | None, max_pixels: int) -> Model:
     if target.is_dir() and not (target / ONNX_FILE).is_file():
         # torch is imported only here, when a bundle has no ONNX file yet
         from export.exporter import ensure_exported
 
-        ensure_exported(target, ("onnx",))
-    onnx = OnnxModel.open(target, providers=providers, threads=threads)  # verified against the card
+        ensure_exported(target, ("onnx",), options=options)
+    onnx = OnnxModel.open(target, options)  # verified against the card
     card: Card | ExportMeta = read_card(target) if target.is_dir() else (bundle_card(onnx.path) or onnx.meta)
     return Model(card, onnx.outputs, "onnx", onnx.path, onnx.provider, window, max_pixels)
 
@@ -306,8 +297,7 @@ def load(
     ensemble_size: int | None = None,
     arch: str | None = None,
     store: str | os.PathLike[str] | None = None,
-    providers: Sequence[str] | None = None,
-    threads: int | None = None,
+    options: RuntimeOptions | None = None,
     device: str | None = None,
     window: Window | None = None,
     max_pixels: int = MAX_PIXELS,
@@ -318,31 +308,30 @@ def load(
     its best bundle by validation metrics), a bundle id, a bundle directory, or a ``.onnx`` file;
     a list of them is an ensemble. ``ensemble=True`` with a task: its best ``ensemble_size``
     (default: all) bundles of one architecture (``arch``, default that of its best bundle).
-    ``backend``: ``"onnx"`` (ONNX Runtime on ``providers``, default the best present; a bundle
-    without ``model.onnx`` is exported first) or ``"torch"`` (on ``device``, default CUDA when
-    present, else the CPU). ``store``: the medzoo home holding ``bundles/`` (default
+    ``backend``: ``"onnx"`` (ONNX Runtime made with ``options``, default
+    :func:`zoo.settings.runtime_options`: the best provider present, ``$MEDZOO_PROVIDERS`` … read
+    once here; a bundle without ``model.onnx`` is exported first) or ``"torch"`` (on ``device``,
+    default CUDA when present, else the CPU). A list naming the same model twice is refused
+    (:func:`zoo.ensemble.resolve_models`, as ``zoo score``). ``store``: the medzoo home holding ``bundles/`` (default
     ``$MEDZOO_HOME``). ``window``: ``(center, width)`` applied to DICOM grey images (e.g. a CT
     window in HU) instead of the file's own; ``max_pixels``: the largest image accepted.
     """
     if backend not in ("onnx", "torch"):
-        raise ValueError(f"backend must be 'onnx' or 'torch', not {backend!r}")
+        raise UsageError(f"backend must be 'onnx' or 'torch', not {backend!r}")
     root = Path(store).expanduser() if store is not None else None
+    ort_options = runtime_options() if options is None and backend == "onnx" else options
 
     def one(target: Path) -> Model:
         if backend == "torch":
             return _torch_model(target, device, window, max_pixels)
-        return _onnx_model(target, providers, threads, window, max_pixels)
+        assert ort_options is not None
+        return _onnx_model(target, ort_options, window, max_pixels)
 
-    if isinstance(model, (list, tuple)):
-        targets = [_target(ref, root) for ref in model]
-        if len(targets) == 1 and not ensemble:
-            return one(targets[0])
-        if len({t.resolve() for t in targets}) != len(targets):
-            raise EnsembleError("the same model is given twice in the ensemble")
-        return Ensemble([one(t) for t in targets])
-    if ensemble:
-        return Ensemble([one(p) for p in choose_members(str(model), root, arch, ensemble_size)])
-    return one(_target(model, root))
+    refs = list(model) if isinstance(model, (list, tuple)) else [model]
+    targets = resolve_models(refs, ensemble, ensemble_size, arch, root)
+    if len(targets) == 1:
+        return one(targets[0])
+    return Ensemble([one(t) for t in targets])
 
 
 __all__ = ["Backend", "ClassScore", "Ensemble", "Model", "Prediction", "load"]

@@ -26,27 +26,24 @@ import numpy as np
 
 from zoo.card import CARD, ModelInfo, read_card
 from zoo.errors import BundleError, EnsembleError
-from zoo.postprocess import to_probs
-from zoo.store import bundles_dir, dataset_of, rank_bundles
+from zoo.postprocess import Predictions, to_probs
+from zoo.store import ModelRef, bundles_dir, dataset_of, rank_bundles, resolve_target
 
 log = logging.getLogger(__name__)
 
 COMBINE = "mean of logits"
 
 
-@dataclass
-class EnsembleOutput:
-    """Combined answers for N images from M members of K classes."""
+@dataclass(kw_only=True)
+class EnsemblePredictions(Predictions):
+    """An ensemble's answer for N images from M members of K classes: a model's
+    :class:`~zoo.postprocess.Predictions` (``ood_score`` is the mean over members of their score
+    minus their threshold) and what the members say."""
 
     logits: np.ndarray  # (N, K') mean of the members' (calibrated) logits; K' = 1 for a single-logit head
-    probs: np.ndarray  # (N, K) float32
-    classes: np.ndarray  # (N,) int64
-    agreement: np.ndarray  # (N,) float32 in [0, 1]
+    agreement: np.ndarray  # (N,) float32 in [0, 1]: the fraction of members whose class is the ensemble's
     member_classes: np.ndarray  # (N, M) int64
     member_probs: np.ndarray  # (N, M, K) float32
-    calibrated: bool = False
-    ood_score: np.ndarray | None = None  # (N,) mean over members of (score - threshold)
-    in_distribution: np.ndarray | None = None  # (N,) bool
 
 
 def _temperatures(members: Sequence[ModelInfo] | None, m: int) -> np.ndarray:
@@ -64,7 +61,7 @@ def _ood(members: Sequence[ModelInfo] | None, scores: Sequence[np.ndarray | None
 
 
 def combine(member_logits: Sequence[np.ndarray] | np.ndarray, members: Sequence[ModelInfo] | None = None,
-            ood_scores: Sequence[np.ndarray | None] | None = None) -> EnsembleOutput:
+            ood_scores: Sequence[np.ndarray | None] | None = None) -> EnsemblePredictions:
     """Combine logits of shape (M, N, K') — one (N, K') array per member — with what the members'
     cards say (calibration temperatures, out-of-distribution thresholds)."""
     stacked = np.stack([np.asarray(m, dtype=np.float32) for m in member_logits])
@@ -79,8 +76,9 @@ def combine(member_logits: Sequence[np.ndarray] | np.ndarray, members: Sequence[
     agreement = (member_classes == classes[:, None]).mean(axis=1).astype(np.float32)
     calibrated = bool(members) and all(mi.calibration is not None for mi in members or ())
     ood = _ood(members, ood_scores)
-    return EnsembleOutput(mean, probs, classes, agreement, member_classes, member_probs, calibrated, ood,
-                          None if ood is None else ood <= 0)
+    return EnsemblePredictions(probs=probs, classes=classes, calibrated=calibrated, ood_score=ood,
+                               in_distribution=None if ood is None else ood <= 0, logits=mean, agreement=agreement,
+                               member_classes=member_classes, member_probs=member_probs)
 
 
 def check_compatible(members: Sequence[ModelInfo]) -> None:
@@ -125,9 +123,26 @@ def choose_members(task: str, store: Path | None = None, arch: str | None = None
     return [p for p, _ in ranked[: n or len(ranked)]]
 
 
+def resolve_models(refs: Sequence[ModelRef], ensemble: bool = False, size: int | None = None,
+                   arch: str | None = None, store: Path | None = None) -> list[Path]:
+    """The bundle directories (or lone ``.onnx`` files) that model references name: the one way
+    :func:`zoo.load` and ``zoo score`` read them. One reference with ``ensemble``: a task's best
+    ``size`` (default all) bundles of one architecture (:func:`choose_members`); otherwise one target
+    per reference (:func:`zoo.store.resolve_target`), none of them twice."""
+    if not refs:
+        raise EnsembleError("give a model: a bundle path, a bundle id, a task name or an .onnx file")
+    if ensemble and len(refs) == 1:
+        return choose_members(str(refs[0]), store, arch, size)
+    targets = [resolve_target(ref, store) for ref in refs]
+    if len({t.resolve() for t in targets}) != len(targets):
+        raise EnsembleError("the same model is given twice in the ensemble")
+    return targets
+
+
 def member_cards(paths: Sequence[Path]) -> list[ModelInfo]:
     """The cards of the member bundles (for :func:`check_compatible` before any session opens)."""
     return [read_card(p) for p in paths]
 
 
-__all__ = ["COMBINE", "EnsembleOutput", "check_compatible", "choose_members", "combine", "member_cards"]
+__all__ = ["COMBINE", "EnsemblePredictions", "check_compatible", "choose_members", "combine", "member_cards",
+           "resolve_models"]

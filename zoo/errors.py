@@ -34,6 +34,11 @@ class ModelFileError(UserError, RuntimeError):
     """An exported file that is missing, truncated, tampered with or not a medzoo export."""
 
 
+class UsageError(UserError, ValueError):
+    """An argument, option or input path that cannot be used as given (a value out of range, options
+    that do not go together, a folder that does not exist, a run already in progress)."""
+
+
 class RecipeError(UserError, ValueError):
     """A recipe that does not exist or does not validate."""
 
@@ -139,4 +144,4 @@ def describe_validation_error(err: Any, model: Any = None, prefix: str = "") -> 
 
 __all__ = ["BundleError", "ConfigError", "DataUnavailableError", "EnsembleError", "ExplainError", "ExportError",
            "ImageError", "ModelFileError", "ParityError", "RecipeError", "TrainingError", "UnknownNameError",
-           "UserError", "WeightsUnavailableError", "describe_validation_error", "did_you_mean", "unknown"]
+           "UsageError", "UserError", "WeightsUnavailableError", "describe_validation_error", "did_you_mean", "unknown"]

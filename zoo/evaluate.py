@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from zoo.bundle import Bundle, load_bundle
+from zoo.errors import UsageError
 from zoo.inference import bundle_splits, pick_device, predict_logits
 from zoo.metrics import compute_metrics
 from zoo.postprocess import interpret, to_probs
@@ -27,7 +28,7 @@ def evaluate_bundle(
 ) -> dict[str, Any]:
     """Metrics plus per-image predictions (``pred``, ``probs``) for one split."""
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
+        raise UsageError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
     dev = pick_device(device)
     bundle = load_bundle(path, dev)
     ds = getattr(bundle_splits(bundle.card, data_root, download), split)

@@ -10,6 +10,7 @@ from torch import nn
 
 from zoo.card import Card
 from zoo.data import DataSplits, load_dataset, resplit
+from zoo.errors import UsageError
 from zoo.recipe import Recipe
 
 
@@ -50,7 +51,7 @@ def bundle_splits(card: Card, data_root: str | Path | None, download: bool = Tru
     splits = load_splits(recipe, data_root, download)
     expected = card.dataset.checksum
     if splits.checksum != expected:
-        raise ValueError(
+        raise UsageError(
             f"the data found ({splits.source}, sha256 {splits.checksum[:12]}…) is not the data "
             f"{card.id} was trained on (sha256 {expected[:12]}…)"
         )

@@ -1,10 +1,15 @@
-"""Writing files safely: atomic replacement, permissions from the umask, checksums.
+"""Writing files safely: atomic replacement, permissions from the umask, checksums; file locks
+between processes and whether a process is alive.
 
 Every file medzoo writes (weights, cards, exports, score outputs, journals) goes through
 :func:`atomic_write`: a temporary sibling, fsync, rename. A killed process never leaves a torn
 file, and the file gets the permissions an ordinary ``open()`` would give it (``0666`` less the
 umask): ``tempfile.mkstemp`` alone would leave it ``0600``, so another user could not serve
 from a shared store.
+
+:func:`file_lock` is the one lock between processes (POSIX ``flock``): tuning workers sharing a
+store, a scoring run's journal, a training run's directory. The kernel releases it when its
+process dies, so a killed run never leaves a stale lock behind.
 """
 
 from __future__ import annotations
@@ -16,7 +21,13 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from types import TracebackType
+from typing import IO, Any, Literal, overload
+
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): locks are not taken
+    fcntl = None  # type: ignore[assignment]
 
 _UMASK_LOCK = threading.Lock()
 
@@ -94,5 +105,72 @@ def atomic_file(path: str | os.PathLike[str], produce: Callable[[Path], None]) -
         raise
 
 
-__all__ = ["atomic_file", "atomic_write", "atomic_write_bytes", "current_umask", "file_mode", "sha256_of",
-           "write_json"]
+class FileLock:
+    """An exclusive ``flock`` held on an open file until :meth:`release` (or the end of a ``with``
+    block, or of the process). Made by :func:`file_lock`."""
+
+    def __init__(self, path: Path, f: IO[str]) -> None:
+        self.path = path
+        self._f: IO[str] | None = f
+
+    @property
+    def held(self) -> bool:
+        return self._f is not None
+
+    def release(self) -> None:
+        """Give the lock up (closing the file releases the ``flock``); twice is harmless."""
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def __enter__(self) -> FileLock:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.release()
+
+
+@overload
+def file_lock(path: str | os.PathLike[str], blocking: Literal[True] = ...) -> FileLock: ...
+
+
+@overload
+def file_lock(path: str | os.PathLike[str], blocking: bool) -> FileLock | None: ...
+
+
+def file_lock(path: str | os.PathLike[str], blocking: bool = True) -> FileLock | None:
+    """Take an exclusive lock on the file ``path`` (created with its folder if missing) against other
+    processes. ``blocking``: wait for it; otherwise ``None`` when another process holds it. Use the
+    answer in a ``with`` block, or keep it and :meth:`FileLock.release` it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a")  # noqa: SIM115 - the open file is the lock, closed by FileLock.release
+    if fcntl is None:
+        return FileLock(path, f)
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    except BaseException:
+        f.close()
+        raise
+    return FileLock(path, f)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (a process of another user counts)."""
+    if pid <= 0:  # os.kill would signal a whole process group
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, but belongs to another user
+        return True
+    return True
+
+
+__all__ = ["FileLock", "atomic_file", "atomic_write", "atomic_write_bytes", "current_umask", "file_lock", "file_mode",
+           "pid_alive", "sha256_of", "write_json"]

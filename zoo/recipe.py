@@ -12,6 +12,7 @@ augmentation suited to each imaging modality); :meth:`Recipe.for_dataset` resolv
 from __future__ import annotations
 
 import copy
+import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -362,27 +363,12 @@ def _check_space(recipe: Recipe) -> None:
             node = node.get(k)
         for value in param.bounds():
             try:
-                Recipe.model_validate(_with(raw, {path: value}))
+                Recipe.model_validate(_set_paths(raw, {path: value}))
             except ValidationError as e:
                 problem = describe_validation_error(e, Recipe).splitlines()[0]
                 raise ValueError(f"tune.params.{path}: {value!r} does not make a valid recipe ({problem})") from None
         if recipe.tune.sampler == "grid":
             param.grid()  # raises when the parameter has no grid
-
-
-def _with(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(raw)
-    for path, value in values.items():
-        _set_path(out, path, value)
-    return out
-
-
-def with_values(recipe: Recipe, values: dict[str, Any]) -> Recipe:
-    """A validated copy with typed values set at dotted paths (what a tuning trial trains)."""
-    try:
-        return Recipe.model_validate(_with(recipe.model_dump(mode="python"), values))
-    except ValidationError as e:
-        raise RecipeError(f"invalid recipe setting:\n{describe_validation_error(e, Recipe, '  ')}") from None
 
 
 def recipe_dir() -> Path:
@@ -514,7 +500,16 @@ def _set_path(d: dict[str, Any], dotted: str, value: Any) -> None:
     d[keys[-1]] = value
 
 
-# CLI shortcuts → recipe fields.
+def _set_paths(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the raw recipe ``raw`` with ``values`` set at their dotted paths."""
+    out = copy.deepcopy(raw)
+    for path, value in values.items():
+        _set_path(out, path, value)
+    return out
+
+
+# Shortcuts → recipe fields: `zoo train`'s flags (``--batch-size`` for ``batch_size``, made from this
+# table by zoo.cli.commands) and keys :func:`apply_overrides` accepts beside dotted paths.
 SHORTCUTS = {
     "epochs": "train.epochs",
     "batch_size": "train.batch_size",
@@ -530,17 +525,26 @@ SHORTCUTS = {
 }
 
 
-def apply_overrides(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
-    """Return a validated copy with ``{"train.epochs": 3, "lr": 1e-3, ...}`` applied.
+def shortcut_type(name: str) -> type:
+    """The type a shortcut's value has in the recipe (``int``, ``float``, else ``str`` to be read as
+    YAML), from the recipe's own field, so that a flag and its field cannot disagree."""
+    field: Any = Recipe
+    for part in SHORTCUTS[name].split("."):
+        field = field.model_fields[part].annotation
+    # int | None, Literal[28, 64, …]: the type of the values that are not None
+    kinds = {type(a) for a in typing.get_args(field)} if typing.get_origin(field) is typing.Literal else (
+        {a for a in typing.get_args(field) if a is not type(None)} or {field})
+    return kinds.pop() if len(kinds) == 1 and kinds <= {int, float} else str
 
-    String values are parsed as YAML scalars, so ``--set model.hidden=[64,32]`` works.
-    """
-    raw = copy.deepcopy(recipe.model_dump(mode="python"))
-    for key, value in overrides.items():
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        _set_path(raw, SHORTCUTS.get(key, key), value)
+
+def apply_overrides(recipe: Recipe, overrides: dict[str, Any], parse_text: bool = True) -> Recipe:
+    """Return a validated copy with ``{"train.epochs": 3, "lr": 1e-3, ...}`` applied: keys are dotted
+    paths or :data:`SHORTCUTS`. With ``parse_text`` string values are read as YAML scalars (text from
+    the command line: ``--set model.hidden=[64,32]``); ``parse_text=False`` sets every value as given
+    (typed values, what a tuning trial samples)."""
+    values = {SHORTCUTS.get(key, key): yaml.safe_load(value) if parse_text and isinstance(value, str) else value
+              for key, value in overrides.items()}
     try:
-        return Recipe.model_validate(raw)
+        return Recipe.model_validate(_set_paths(recipe.model_dump(mode="python"), values))
     except ValidationError as e:
         raise RecipeError(f"invalid recipe setting:\n{describe_validation_error(e, Recipe, '  ')}") from None

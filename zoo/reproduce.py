@@ -219,7 +219,7 @@ def reproduce(
                 card = train(recipe, data_root=where, store=store, device=device, download=download,
                              resume=resume, progress=progress).card
                 rows.append(row_of(rep, recipe, card, time_s=time.perf_counter() - t0))
-            except (UserError, ValueError, RuntimeError, OSError) as e:  # one recipe's failure is a row
+            except (UserError, RuntimeError, OSError) as e:  # one recipe's failure (or a GPU running out) is a row
                 msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 log.warning("reproduce %s: %s failed: %s", rep, recipe.name, msg)
                 rows.append(row_of(rep, recipe, None, msg, time.perf_counter() - t0))

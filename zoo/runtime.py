@@ -8,17 +8,21 @@ CPU silently when a GPU provider fails to initialise.
 Opening checks the file before any session is made: protobuf decoding, the medzoo metadata, the
 ONNX checker and, inside a bundle, the sha256 ``zoo export`` recorded in the card and the weights
 the file was exported from. Every failure is a :class:`ModelFileError` with a one-line message.
+
+How sessions are made (providers, threads, TF32, TensorRT, spinning) is a frozen
+:class:`RuntimeOptions` given to :meth:`OnnxModel.open`; this module reads no environment variable
+(:func:`zoo.settings.runtime_options` builds the options from it).
 """
 
 from __future__ import annotations
 
 import ctypes.util
+import dataclasses
 import functools
 import glob
 import importlib.util
 import json
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,9 +44,31 @@ METADATA_KEY = "medzoo.card"  # ONNX metadata_props key holding the card subset 
 OOD_OUTPUT = "ood_score"  # the out-of-distribution score output of a model with a detector
 
 
-def gpu_present() -> bool:
-    """Whether an NVIDIA GPU is visible to this process (driver device nodes; CUDA_VISIBLE_DEVICES)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How ONNX Runtime sessions are made. The defaults are ONNX Runtime's own choices plus medzoo's
+    accuracy rules (TF32 off, TensorRT in fp32); :func:`zoo.settings.runtime_options` reads them from
+    the environment."""
+
+    providers: tuple[str, ...] = ()  # asked for, best first; empty: TensorRT / CUDA on a GPU, else the CPU
+    threads: int | None = None  # intra-op threads; None: ONNX Runtime's default (one per core)
+    spinning: bool = True  # False: idle intra-op threads sleep instead of spin-waiting
+    tf32: bool = False  # CUDA: TF32 matmuls (10 mantissa bits); off, GPU answers match the CPU's to fp32
+    trt_fp16: bool = False  # TensorRT: fp16 engines
+    trt_cache: str | None = None  # TensorRT: folder caching its engines (None: no cache)
+    visible_devices: str | None = None  # CUDA_VISIBLE_DEVICES as set; "" or "-1": no GPU is visible
+
+    def replace(self, **changes: Any) -> RuntimeOptions:
+        """A copy with ``changes`` (field names) applied."""
+        return dataclasses.replace(self, **changes)
+
+
+DEFAULT_OPTIONS = RuntimeOptions()
+
+
+def gpu_present(options: RuntimeOptions = DEFAULT_OPTIONS) -> bool:
+    """Whether an NVIDIA GPU is visible to this process (driver device nodes; ``visible_devices``)."""
+    visible = options.visible_devices
     if visible is not None and visible.strip() in ("", "-1"):
         return False
     return bool(glob.glob("/dev/nvidia[0-9]*")) or bool(glob.glob("/proc/driver/nvidia/gpus/*"))
@@ -67,16 +93,15 @@ def _preload_cuda() -> None:
             log.info("could not preload CUDA libraries from pip packages: %s", e)
 
 
-def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
-    """Providers to ask for, best first: ``requested`` or ``$MEDZOO_PROVIDERS``, else TensorRT (when
-    its libraries load) and CUDA when a GPU is present, always ending with the CPU."""
+def choose_providers(options: RuntimeOptions = DEFAULT_OPTIONS) -> list[str]:
+    """Providers to ask for, best first: ``options.providers``, else TensorRT (when its libraries
+    load) and CUDA when a GPU is present, always ending with the CPU."""
     import onnxruntime as ort
 
     available = set(ort.get_available_providers())
-    env = [p.strip() for p in os.environ.get("MEDZOO_PROVIDERS", "").split(",") if p.strip()]
-    if requested or env:
-        wanted = list(requested or env)
-    elif gpu_present():
+    if options.providers:
+        wanted = list(options.providers)
+    elif gpu_present(options):
         wanted = [p for p in PREFERRED if p != "TensorrtExecutionProvider" or _tensorrt_libraries()]
     else:
         wanted = ["CPUExecutionProvider"]
@@ -88,49 +113,48 @@ def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
     return chosen
 
 
-def provider_options(providers: Sequence[str]) -> list[tuple[str, dict[str, str]]]:
-    """Options per provider. CUDA: TF32 off unless ``MEDZOO_TF32=1``, so that GPU answers match
+def provider_options(providers: Sequence[str],
+                     options: RuntimeOptions = DEFAULT_OPTIONS) -> list[tuple[str, dict[str, str]]]:
+    """Options per provider. CUDA: TF32 off unless ``options.tf32``, so that GPU answers match
     the CPU's to fp32 precision (TF32 matmuls keep 10 mantissa bits); TensorRT: fp32 unless
-    ``MEDZOO_TRT_FP16=1``, engines cached next to nothing (in ``$MEDZOO_TRT_CACHE`` when set)."""
-    tf32 = "1" if os.environ.get("MEDZOO_TF32", "").strip() == "1" else "0"
+    ``options.trt_fp16``, engines cached in ``options.trt_cache`` when set."""
     out: list[tuple[str, dict[str, str]]] = []
     for p in providers:
         if p == "CUDAExecutionProvider":
-            out.append((p, {"use_tf32": tf32}))
+            out.append((p, {"use_tf32": "1" if options.tf32 else "0"}))
         elif p == "TensorrtExecutionProvider":
-            opts = {"trt_fp16_enable": "1" if os.environ.get("MEDZOO_TRT_FP16", "").strip() == "1" else "0"}
-            cache = os.environ.get("MEDZOO_TRT_CACHE")
-            if cache:
-                opts.update(trt_engine_cache_enable="1", trt_engine_cache_path=cache)
+            opts = {"trt_fp16_enable": "1" if options.trt_fp16 else "0"}
+            if options.trt_cache:
+                opts.update(trt_engine_cache_enable="1", trt_engine_cache_path=options.trt_cache)
             out.append((p, opts))
         else:
             out.append((p, {}))
     return out
 
 
-def create_session(path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None):
+def create_session(path: str | Path, options: RuntimeOptions = DEFAULT_OPTIONS) -> tuple[Any, str]:
     """An InferenceSession and the provider it really runs on (first of ``get_providers()``)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        opts.intra_op_num_threads = threads
-    if os.environ.get("MEDZOO_ORT_SPINNING", "").strip().lower() in ("0", "false", "no", "off"):
+    if options.threads:
+        opts.intra_op_num_threads = options.threads
+    if not options.spinning:
         # Idle intra-op threads sleep instead of spin-waiting: for a process that shares the CPU
         # with others (the inference worker of `zoo serve` next to its HTTP workers).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    chosen = choose_providers(providers)
-    names, options = zip(*provider_options(chosen), strict=True)
+    chosen = choose_providers(options)
+    names, per_provider = zip(*provider_options(chosen, options), strict=True)
     try:
         sess = ort.InferenceSession(str(path), sess_options=opts, providers=list(names),
-                                    provider_options=list(options))
+                                    provider_options=list(per_provider))
     except Exception as e:  # onnxruntime raises its own pybind exception types
         raise ModelFileError(f"{path} cannot be loaded by ONNX Runtime: {str(e).splitlines()[0][:200]}") from None
     got = sess.get_providers()[0]
     if got != chosen[0]:
         log.warning("asked for %s, ONNX Runtime gave %s", chosen[0], got)
-    if got == "CPUExecutionProvider" and not gpu_present():
+    if got == "CPUExecutionProvider" and not gpu_present(options):
         _log_cpu_once()
     log.info("ONNX Runtime session for %s on %s", Path(path).name, got)
     return sess, got
@@ -263,7 +287,8 @@ class ExportedModel:
         return list(self.meta.labels)
 
     @property
-    def model_id(self) -> str:
+    def id(self) -> str:
+        """The bundle id of the model (``card.id``)."""
         return self.meta.id
 
 
@@ -277,7 +302,9 @@ class OnnxModel(ExportedModel):
     meta: ExportMeta
 
     @classmethod
-    def open(cls, path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None) -> OnnxModel:
+    def open(cls, path: str | Path, options: RuntimeOptions | None = None) -> OnnxModel:
+        """Check the file (see the module docstring), then open a session with ``options``
+        (``None``: :class:`RuntimeOptions`' defaults, not the environment's)."""
         p = export_file(path, ONNX_FILE)
         proto = load_onnx(p)
         meta = onnx_metadata(proto, p)
@@ -286,7 +313,7 @@ class OnnxModel(ExportedModel):
             verify_export(p, card, meta)
         check_onnx(proto, p)
         del proto
-        sess, got = create_session(p, providers, threads)
+        sess, got = create_session(p, options or DEFAULT_OPTIONS)
         return cls(path=p, session=sess, provider=got, meta=meta)
 
     @functools.cached_property
@@ -295,8 +322,9 @@ class OnnxModel(ExportedModel):
 
     @property
     def has_ood(self) -> bool:
-        """Whether the file returns an out-of-distribution score beside the logits."""
-        return OOD_OUTPUT in self.output_names
+        """Whether answers carry the out-of-distribution flag: the file returns an ``ood_score`` beside
+        the logits and its metadata holds the detector's threshold."""
+        return OOD_OUTPUT in self.output_names and self.meta.ood is not None
 
     def outputs(self, images: np.ndarray) -> dict[str, np.ndarray]:
         """Every output (``logits``, and ``ood_score`` when present) for a uint8 batch (N, C, H, W)."""
@@ -333,7 +361,8 @@ class OnnxModel(ExportedModel):
         return self.outputs_bound(images, device_id)[self.output_names[0]]
 
 
-__all__ = ["EXPORT_FILES", "GPU_PROVIDERS", "METADATA_KEY", "OOD_OUTPUT", "ONNX_FILE", "ONNX_FP16_FILE", "PREFERRED",
-           "TORCHSCRIPT_FILE", "ExportedModel", "ModelFileError", "OnnxModel", "bundle_card", "check_onnx",
+__all__ = ["DEFAULT_OPTIONS", "EXPORT_FILES", "GPU_PROVIDERS", "METADATA_KEY", "OOD_OUTPUT", "ONNX_FILE",
+           "ONNX_FP16_FILE", "PREFERRED", "TORCHSCRIPT_FILE", "ExportedModel", "ModelFileError", "OnnxModel",
+           "RuntimeOptions", "bundle_card", "check_onnx",
            "check_origin", "choose_providers", "create_session", "export_file", "gpu_present", "load_onnx",
            "onnx_metadata", "parse_metadata", "provider_options", "read_metadata", "verify_export"]

@@ -15,6 +15,9 @@ from zoo.names import TASKS, known_names, resolve_name
 
 log = logging.getLogger(__name__)
 
+# What names a model: a bundle path or id, a task or dataset name (its best bundle), an ``.onnx`` file.
+ModelRef = str | os.PathLike[str]
+
 
 def home() -> Path:
     return Path(os.environ.get("MEDZOO_HOME", Path.home() / ".medzoo")).expanduser()
@@ -83,5 +86,13 @@ def resolve_bundle(ref: str | Path, root: Path | None = None) -> Path:
     raise BundleError(f"no bundle found for {ref!r} (a path, a bundle id, or a dataset with a trained bundle){hint}")
 
 
-__all__ = ["TASKS", "best_bundle", "bundles_dir", "dataset_of", "home", "list_bundles", "rank_bundles",
-           "resolve_bundle", "runs_dir"]
+def resolve_target(ref: ModelRef, root: Path | None = None) -> Path:
+    """A lone ``.onnx`` file, or the bundle a reference names (:func:`resolve_bundle`)."""
+    p = Path(ref).expanduser()
+    if p.is_file() and p.suffix == ".onnx":
+        return p
+    return resolve_bundle(str(ref), root)
+
+
+__all__ = ["TASKS", "ModelRef", "best_bundle", "bundles_dir", "dataset_of", "home", "list_bundles", "rank_bundles",
+           "resolve_bundle", "resolve_target", "runs_dir"]

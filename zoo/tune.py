@@ -1,6 +1,6 @@
 """``zoo tune``: an Optuna study over the search space a recipe writes in its ``tune:`` section.
 
-Each trial sets the sampled values at their recipe paths (:func:`zoo.recipe.with_values`) and trains
+Each trial sets the sampled values at their recipe paths (:func:`zoo.recipe.apply_overrides`, typed values) and trains
 that recipe with the engine (:func:`zoo.train.train`). After every epoch the engine's validation
 metric goes to Optuna (``trial.report``) and the study's pruner may stop the trial there
 (``optuna.TrialPruned`` raised from the ``on_epoch`` callback). A finished trial's value is the
@@ -34,7 +34,6 @@ neither: Optuna creates a study there by appending to the log, and the first ent
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -59,9 +58,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 from zoo.card import Card, Tuning, read_card, update_card
 from zoo.errors import RecipeError, UserError
+from zoo.io import file_lock, pid_alive
 from zoo.modelcard import write_model_card
 from zoo.names import resolve_name, short_name
-from zoo.recipe import PrunerCfg, Recipe, TuneCfg, TuneParam, with_values
+from zoo.recipe import PrunerCfg, Recipe, TuneCfg, TuneParam, apply_overrides
 from zoo.store import bundles_dir, home, list_bundles
 from zoo.train import train
 from zoo.train.loop import EpochCallback
@@ -144,16 +144,6 @@ def _make_storage(url: str) -> optuna.storages.BaseStorage:
         if type(e).__module__.startswith(("sqlalchemy", "redis")) and not _creation_race(e):
             raise UserError(f"cannot open the Optuna storage {shown_storage(url)}: {str(e).splitlines()[0]}") from None
         raise
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive POSIX ``flock`` on ``path`` (created with its folder if missing) for the block;
-    other processes asking for it wait. Closing the file (the block's end, or the process's) releases it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        yield
 
 
 def _sqlite_file(url: str) -> Path | None:
@@ -387,7 +377,7 @@ class Tuner:
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """Workers sharing this store take turns keeping and removing bundles (:func:`file_lock`)."""
+        """Workers sharing this store take turns keeping and removing bundles (:func:`zoo.io.file_lock`)."""
         with file_lock(self.root / "lock"):
             yield
 
@@ -411,8 +401,9 @@ class Tuner:
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         scratch = self.scratch(trial.number)
         try:
-            result = train(with_values(self.recipe, values), data_root=self.data_root, store=scratch,
-                           device=self.device, download=self.download, progress=False, on_epoch=self.on_epoch(trial))
+            recipe = apply_overrides(self.recipe, values, parse_text=False)
+            result = train(recipe, data_root=self.data_root, store=scratch, device=self.device,
+                           download=self.download, progress=False, on_epoch=self.on_epoch(trial))
         except BaseException as e:
             shutil.rmtree(scratch, ignore_errors=True)
             if isinstance(e, Exception) and not isinstance(e, (UserError, optuna.TrialPruned)):
@@ -514,13 +505,7 @@ def _worker_alive(worker: str) -> bool:
     host, _, pid = worker.rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # a process of another user holds that pid
-        return True
-    return True
+    return pid_alive(int(pid))
 
 
 def selected_value(card: Card, metric: str) -> float:
@@ -592,5 +577,5 @@ def tune(
     return tuner.finish()
 
 
-__all__ = ["TrialFailure", "TuneSummary", "Tuner", "default_storage", "default_study_name", "file_lock", "identity",
+__all__ = ["TrialFailure", "TuneSummary", "Tuner", "default_storage", "default_study_name", "identity",
            "open_storage", "open_study", "selected_value", "shown_storage", "studies_dir", "suggest", "tune"]

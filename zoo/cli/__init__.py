@@ -4,8 +4,9 @@ Sub-commands: ``zoo/cli/commands.py`` (train, eval, list, models, recipes, card)
 ``zoo/cli/export.py``, ``zoo/cli/explain.py``, ``zoo/cli/score.py``, ``zoo/cli/serve.py``,
 ``zoo/cli/tune.py``, ``zoo/cli/calibrate.py``, ``zoo/cli/reproduce.py``. Each imports the package it
 drives only when it runs, so ``zoo --help``, ``zoo list``, ``zoo models`` and ``zoo recipes`` never import
-torch. Errors a user can act on print one line per mistake on
-stderr and exit 2; output piped into a closed pipe (``zoo eval … | head -1``) ends quietly.
+torch. Errors a user can act on (:class:`zoo.errors.UserError` and its kinds, nothing else) print
+one line per mistake on stderr and exit 2; any other exception is a bug: its traceback, then one line
+asking for a report. Output piped into a closed pipe (``zoo eval … | head -1``) ends quietly.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from zoo._version import __version__
 from zoo.errors import UserError
 
-# Errors a user can act on: their message on stderr, exit 2, no traceback.
-USER_ERRORS = (UserError, ValueError, FileNotFoundError)
+BUG_REPORT = f"zoo: this is a bug in medzoo {__version__}, please report it with the traceback above"
 
 
 def _plugins() -> list[Callable[[Any], None]]:
@@ -85,12 +87,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except BrokenPipeError:
         return _quiet_broken_pipe()
-    except USER_ERRORS as e:
+    except UserError as e:  # what the user can act on: the message, no traceback
         _report(e)
         return 2
     except KeyboardInterrupt:
         print("zoo: interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        traceback.print_exc()
+        print(BUG_REPORT, file=sys.stderr)
+        return 1
 
 
-__all__ = ["USER_ERRORS", "build_parser", "main"]
+__all__ = ["BUG_REPORT", "build_parser", "main"]

@@ -13,10 +13,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-# Shortcut flags of `zoo train` (zoo.recipe.SHORTCUTS maps each to its recipe field); the rest
-# goes through --set. Strings are parsed as YAML scalars (`--pretrained w.pth`, `--precision bf16`).
-TRAIN_FLAGS = (("epochs", int), ("batch-size", int), ("lr", float), ("seed", int), ("seeds", int), ("optimizer", str),
-               ("size", int), ("input-size", int), ("patience", int), ("pretrained", str), ("precision", str))
+from zoo.recipe import SHORTCUTS, shortcut_type
+
+# Shortcut flags of `zoo train`, one per zoo.recipe.SHORTCUTS entry (`--batch-size` sets train.batch_size),
+# typed as their recipe field; the rest goes through --set. Strings are parsed as YAML scalars
+# (`--pretrained w.pth`, `--precision bf16`).
+TRAIN_FLAGS = tuple((name.replace("_", "-"), shortcut_type(name)) for name in SHORTCUTS)
 
 
 TRAIN_HELP = {
@@ -225,7 +227,8 @@ def _train_parser(sub: Any) -> None:
                         "members not yet finished)")
     t.add_argument("--offline", action="store_true", help="never download")
     for flag, typ in TRAIN_FLAGS:
-        t.add_argument(f"--{flag}", type=typ, help=TRAIN_HELP.get(flag))
+        key = flag.replace("-", "_")
+        t.add_argument(f"--{flag}", type=typ, help=TRAIN_HELP.get(key, f"sets {SHORTCUTS[key]}"))
     t.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override any recipe field, e.g. train.grad_clip=0.1")
     t.add_argument("--json", action="store_true", help="print the summary as JSON (no progress bar)")

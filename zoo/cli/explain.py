@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from zoo.errors import UsageError
+
 
 def register(sub: Any) -> None:
     """Add ``zoo explain`` to the ``zoo`` command's sub-parsers."""
@@ -39,7 +41,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from zoo.explain import explain_files
 
     if args.top_k < 1:
-        raise ValueError(f"--top-k must be a positive integer, not {args.top_k}")
+        raise UsageError(f"--top-k must be a positive integer, not {args.top_k}")
     report = explain_files(args.bundle, args.images, args.out, target=args.target, top_k=args.top_k,
                            store=Path(args.store).expanduser() if getattr(args, "store", None) else None,
                            device=args.device)

@@ -57,17 +57,19 @@ def _line(fmt: str, rec: dict[str, Any]) -> str:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from export.exporter import check_bundle, export_bundle
+    from zoo.settings import runtime_options
     from zoo.store import resolve_bundle
 
     path = resolve_bundle(args.bundle, Path(args.store) if getattr(args, "store", None) else None)
     formats = list(args.formats or [])
+    options = runtime_options(**({"providers": tuple(args.providers)} if args.providers else {}))
     try:
         if args.check:
             if args.fp16:
                 formats = (formats or ["onnx", "torchscript"]) + ["onnx_fp16"]
-            records = check_bundle(path, formats or None, args.data_root, args.providers)
+            records = check_bundle(path, formats or None, args.data_root, options)
         else:
-            records = export_bundle(path, formats or None, args.fp16, args.data_root, args.providers, args.opset)
+            records = export_bundle(path, formats or None, args.fp16, args.data_root, options, args.opset)
     except ParityError as e:
         print(f"zoo: error: {_one_line(e)}", file=sys.stderr)
         return 1

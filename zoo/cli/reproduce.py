@@ -7,6 +7,7 @@ import argparse
 from typing import Any
 
 from zoo.cli.commands import print_json, store_of
+from zoo.errors import UsageError
 
 REPORT_CHOICES = ("000", "001", "002", "003", "004", "medmnist-v2", "all")
 
@@ -18,7 +19,7 @@ def _folders(items: list[str] | None) -> dict[str, str]:
     for item in items or []:
         name, sep, folder = item.partition("=")
         if not sep or not folder:
-            raise ValueError(f"--folder expects NAME=PATH (e.g. isic2019=/data/isic), got {item!r}")
+            raise UsageError(f"--folder expects NAME=PATH (e.g. isic2019=/data/isic), got {item!r}")
         out[resolve_name(name)] = folder
     return out
 

@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from zoo.errors import UsageError
 from zoo.score.run import DEFAULT_BATCH, DEFAULT_CHUNK
+from zoo.settings import runtime_options
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -15,19 +17,20 @@ def cmd_score(args: argparse.Namespace) -> int:
     summary (``--json``: as JSON)."""
     common: dict[str, Any] = dict(
         ensemble=args.ensemble, ensemble_size=args.ensemble_size, errors_out=args.errors,
-        batch_size=args.batch_size, chunk_size=args.chunk_size, threads=args.threads, overwrite=args.overwrite,
+        batch_size=args.batch_size, chunk_size=args.chunk_size, options=runtime_options(threads=args.threads),
+        overwrite=args.overwrite,
         progress=not (args.no_progress or args.json), store=Path(args.store) if getattr(args, "store", None) else None,
     )
     if args.ray is not None:
         if args.workers is not None:
-            raise ValueError("--workers sets local decode processes; with --ray, Ray sizes its decode tasks")
+            raise UsageError("--workers sets local decode processes; with --ray, Ray sizes its decode tasks")
         from zoo.score.ray_run import score_folder_ray
 
         summary = score_folder_ray(args.folder, args.model, args.out, address=args.ray, num_cpus=args.ray_cpus,
                                    actors=args.actors, verbose=bool(getattr(args, "verbose", False)), **common)
     else:
         if args.actors is not None or args.ray_cpus is not None:
-            raise ValueError("--actors and --ray-cpus go with --ray")
+            raise UsageError("--actors and --ray-cpus go with --ray")
         from zoo.score.run import score_folder
 
         summary = score_folder(args.folder, args.model, args.out, workers=args.workers, **common)

@@ -22,12 +22,14 @@ def _say(msg: str) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from serving.config import load_config
-    from serving.launch import REPO, run_server, server_command, server_env, stop_grace
-    from zoo.bootstrap import build_default_models, export_served, tasks_to_build
 
     if args.store:
         os.environ["MEDZOO_HOME"] = str(Path(args.store).expanduser().resolve())
+    # A mistake in the config (a ConfigError, one line) is reported before torch and BentoML are imported.
     cfg = load_config(args.config)
+    from serving.launch import REPO, run_server, server_command, server_env, stop_grace
+    from zoo.bootstrap import build_default_models, export_served, tasks_to_build
+
     if not args.no_build:
         missing = tasks_to_build(cfg)
         if missing:
@@ -51,7 +53,8 @@ def register(sub: Any) -> None:
     s = sub.add_parser("serve", help="serve skin, organ, pathology (and the ensemble) over HTTP with BentoML")
     s.add_argument("--port", type=int, default=int(os.environ.get("BENTOML_PORT", 3000)))
     s.add_argument("--host", default=os.environ.get("BENTOML_HOST", "0.0.0.0"))
-    s.add_argument("--config", help="serving config YAML (default $MEDZOO_SERVE_CONFIG); see serving/config.py")
+    s.add_argument("--config", help="serving config YAML (default $MEDZOO_SERVE_CONFIG): settings, and extra tasks "
+                                    "under tasks:; see serving/config.py")
     s.add_argument("--data-root", help="where the MedMNIST files are (default $MEDZOO_DATA or ~/.medmnist)")
     s.add_argument("--offline", action="store_true", help="never download data for the default models")
     s.add_argument("--no-build", action="store_true", help="do not train default models for tasks without a bundle")

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from zoo.errors import UsageError
+
 
 @dataclass
 class ArrayDataset:
@@ -108,7 +110,7 @@ def resplit(splits: DataSplits, val_fraction: float, seed: int) -> DataSplits:
     The official validation split is left out so that the test split stays untouched.
     """
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError("val_fraction must be in (0, 1)")
+        raise UsageError("val_fraction must be in (0, 1)")
     g = torch.Generator().manual_seed(seed)
     labels = splits.train.labels
     val_idx: list[torch.Tensor] = []

@@ -9,7 +9,7 @@ import medmnist
 import numpy as np
 
 from zoo.data.base import ArrayDataset, DataSplits
-from zoo.errors import DataUnavailableError
+from zoo.errors import DataUnavailableError, UsageError
 from zoo.io import sha256_of
 
 SIZES = (28, 64, 128, 224)
@@ -31,10 +31,10 @@ def _download_hint(flag: str, size: int, root: Path, reason: str) -> str:
 def load_medmnist(flag: str, size: int, root: Path, download: bool = True) -> DataSplits:
     """Load the official splits of one MedMNIST 2D dataset into memory."""
     if size not in SIZES:
-        raise ValueError(f"MedMNIST comes in sizes {SIZES}, not {size}")
+        raise UsageError(f"MedMNIST comes in sizes {SIZES}, not {size}")
     info = medmnist.INFO[flag]
     if info["task"] not in ("multi-class", "binary-class", "ordinal-regression"):
-        raise ValueError(f"{flag} is a {info['task']} task; medzoo trains single-label classifiers")
+        raise UsageError(f"{flag} is a {info['task']} task; medzoo trains single-label classifiers")
     path = root / npz_name(flag, size)
     cls = getattr(medmnist, info["python_class"])
     if not path.exists():

@@ -19,6 +19,7 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models import AlexNet, AlexNet_Weights
 
+from zoo.errors import UsageError
 from zoo.models.weights import (
     Pretrained,
     load_backbone_state,
@@ -77,9 +78,9 @@ def build_alexnet_nbase(
 ) -> nn.Module:
     """Report 004's AlexNet with base width ``n_base`` (8, 16, 32 in the report)."""
     if n_base < 1:
-        raise ValueError(f"alexnet_nbase: n_base must be >= 1, got {n_base}")
+        raise UsageError(f"alexnet_nbase: n_base must be >= 1, got {n_base}")
     if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"alexnet_nbase: dropout must be in [0, 1), got {dropout}")
+        raise UsageError(f"alexnet_nbase: dropout must be in [0, 1), got {dropout}")
     n = n_base
     side = input_size // 8
 

@@ -14,7 +14,7 @@ explained by gradient saliency instead.
 
 from __future__ import annotations
 
-from zoo.models.registry import ModelSpec
+from zoo.models.spec import ModelSpec
 
 _RESNET = "torchvision ResNet-{d}, fc replaced; stem 'imagenet' or 'small' (MedMNIST)"
 # ResNets: the output of the last stage (torchvision's and pytorch-grad-cam's usual choice). With

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from zoo.errors import UsageError
+
 
 class MeanOfLogits(nn.Module):
     """Members run on the same input; the output is the mean of their logits."""
@@ -23,7 +25,7 @@ class MeanOfLogits(nn.Module):
     def __init__(self, members: Sequence[nn.Module]) -> None:
         super().__init__()
         if len(members) < 2:
-            raise ValueError(f"an ensemble needs at least two members, not {len(members)}")
+            raise UsageError(f"an ensemble needs at least two members, not {len(members)}")
         self.members = nn.ModuleList(members)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -42,13 +44,13 @@ def build_ensemble(
     from zoo.models.registry import create_model
 
     if pretrained:
-        raise ValueError("ensemble: members come from trained bundles, not pretrained weights")
+        raise UsageError("ensemble: members come from trained bundles, not pretrained weights")
     nets = []
     for i, m in enumerate(members):
         if not isinstance(m, Mapping) or "arch" not in m:
-            raise ValueError(f"ensemble: member {i} must be a mapping with an 'arch', got {m!r}")
+            raise UsageError(f"ensemble: member {i} must be a mapping with an 'arch', got {m!r}")
         if m["arch"] == "ensemble":
-            raise ValueError("ensemble: a member cannot itself be an ensemble")
+            raise UsageError("ensemble: a member cannot itself be an ensemble")
         nets.append(create_model(m["arch"], num_classes=num_classes, in_channels=in_channels,
                                  input_size=input_size, pretrained=False, **dict(m.get("model_kwargs") or {})))
     return MeanOfLogits(nets)

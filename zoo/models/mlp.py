@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from zoo.errors import UsageError
+
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "leaky_relu": nn.LeakyReLU,
@@ -32,11 +34,11 @@ def build_mlp(
     """Flatten ``in_channels * input_size**2`` values, then the hidden layers, then the logits."""
     if activation not in _ACTIVATIONS:
         known = sorted(_ACTIVATIONS)
-        raise ValueError(f"mlp: activation must be one of {known}, got {activation!r}")
+        raise UsageError(f"mlp: activation must be one of {known}, got {activation!r}")
     if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"mlp: dropout must be in [0, 1), got {dropout}")
+        raise UsageError(f"mlp: dropout must be in [0, 1), got {dropout}")
     if any(int(h) < 1 for h in hidden):
-        raise ValueError(f"mlp: hidden sizes must be >= 1, got {list(hidden)}")
+        raise UsageError(f"mlp: hidden sizes must be >= 1, got {list(hidden)}")
     layers: list[nn.Module] = [nn.Flatten()]
     width = in_channels * input_size * input_size
     for h in hidden:

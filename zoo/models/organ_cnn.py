@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from zoo.errors import UsageError
+
 
 def build_cnn28(
     num_classes: int,
@@ -31,7 +33,7 @@ def build_cnn28(
 ) -> nn.Module:
     """Report 002's 28 px CNN; ``pool=False`` drops the two max pools."""
     if len(channels) != 2:
-        raise ValueError(f"cnn28: channels must hold 2 widths, got {list(channels)}")
+        raise UsageError(f"cnn28: channels must hold 2 widths, got {list(channels)}")
     c1, c2 = (int(c) for c in channels)
     side = input_size // 4 if pool else input_size
     layers: list[nn.Module] = [nn.Conv2d(in_channels, c1, kernel_size=3, padding=1), nn.ReLU()]
@@ -62,7 +64,7 @@ def build_cnn128(
 ) -> nn.Module:
     """Report 002's 128 px CNN."""
     if n_convs < 1 or fc_layers < 0 or channels < 1 or hidden < 1:
-        raise ValueError("cnn128: channels, n_convs and hidden must be >= 1, fc_layers >= 0")
+        raise UsageError("cnn128: channels, n_convs and hidden must be >= 1, fc_layers >= 0")
     layers: list[nn.Module] = []
     cin = in_channels
     for _ in range(n_convs):

@@ -14,74 +14,16 @@ and return a module that maps ``(N, in_channels, input_size, input_size)`` float
 from __future__ import annotations
 
 import fnmatch
-import importlib
 import inspect
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from zoo.errors import unknown
+from zoo.errors import UsageError, unknown
+from zoo.models.catalog import ARCHITECTURES
+from zoo.models.spec import STANDARD_SIZES, ModelSpec
 
-STANDARD_SIZES: tuple[int, ...] = (28, 64, 128, 224)
 _FIXED_ARGS = ("num_classes", "in_channels", "input_size", "pretrained")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What the registry knows about one architecture."""
-
-    name: str
-    entry: str  # "package.module:function" of the builder (imported when a model is built)
-    min_size: int = 28
-    max_size: int | None = None
-    fixed_size: int | None = None
-    report: str = ""
-    summary: str = ""
-    supports_pretrained: bool = False
-    # Grad-CAM target: dotted path of the module inside the network whose activations are read
-    # (syntax in zoo.models.catalog; None: no convolutional feature map, gradient saliency instead).
-    cam_layer: str | None = None
-    # Keyword arguments an architecture cannot do without, for a small example network (tests,
-    # benchmarks): the ``ensemble`` needs its members. Empty for every ordinary architecture.
-    example_kwargs: dict[str, Any] = field(default_factory=dict, compare=False)
-    _builder: Callable[..., Any] | None = field(default=None, compare=False, repr=False)
-
-    @property
-    def builder(self) -> Callable[..., Any]:
-        """The builder function (imports the family module, hence torch)."""
-        if self._builder is not None:
-            return self._builder
-        module, _, func = self.entry.partition(":")
-        return getattr(importlib.import_module(module), func)
-
-    def sizes(self) -> list[int]:
-        """The standard input sizes this architecture supports (only ``fixed_size`` if set)."""
-        if self.fixed_size is not None:
-            return [self.fixed_size]
-        return [s for s in STANDARD_SIZES if self.accepts(s)]
-
-    def accepts(self, input_size: int) -> bool:
-        """Whether a square input of ``input_size`` pixels is accepted."""
-        if self.fixed_size is not None:
-            return input_size == self.fixed_size
-        if input_size < self.min_size:
-            return False
-        return self.max_size is None or input_size <= self.max_size
-
-    def size_rule(self) -> str:
-        """Human-readable statement of the accepted sizes."""
-        if self.fixed_size is not None:
-            return f"exactly {self.fixed_size} px"
-        if self.max_size is None:
-            return f"{self.min_size} px or more"
-        return f"{self.min_size} to {self.max_size} px"
-
-    def describe(self) -> dict[str, Any]:
-        """JSON view (``zoo models --json``)."""
-        return {"name": self.name, "report": self.report, "summary": self.summary, "sizes": self.sizes(),
-                "size_rule": self.size_rule(), "pretrained": self.supports_pretrained, "cam_layer": self.cam_layer}
-
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
@@ -106,8 +48,6 @@ def register_model(name: str, **meta: Any) -> Callable[[Callable[..., Any]], Cal
 
 
 def _load_catalog() -> None:
-    from zoo.models.catalog import ARCHITECTURES
-
     for spec in ARCHITECTURES:
         _add(spec)
 
@@ -134,21 +74,21 @@ def get_spec(name: str) -> ModelSpec:
 def _check_args(spec: ModelSpec, num_classes: Any, in_channels: Any, input_size: Any, pretrained: Any) -> None:
     name = spec.name
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"{name}: num_classes must be an integer >= 1, got {num_classes!r}")
+        raise UsageError(f"{name}: num_classes must be an integer >= 1, got {num_classes!r}")
     if in_channels not in (1, 3) or isinstance(in_channels, bool):
-        raise ValueError(f"{name}: in_channels must be 1 or 3, got {in_channels!r}")
+        raise UsageError(f"{name}: in_channels must be 1 or 3, got {in_channels!r}")
     if isinstance(input_size, bool) or not isinstance(input_size, int):
-        raise ValueError(f"{name}: input_size must be an integer, got {input_size!r}")
+        raise UsageError(f"{name}: input_size must be an integer, got {input_size!r}")
     if not spec.accepts(input_size):
         supported = ", ".join(str(s) for s in spec.sizes()) or "none"
-        raise ValueError(
+        raise UsageError(
             f"model {name!r} does not support input_size={input_size}: it accepts square inputs "
             f"of {spec.size_rule()} (standard sizes supported: {supported})"
         )
     if not isinstance(pretrained, (bool, str, os.PathLike)):
-        raise ValueError(f"{name}: pretrained must be a bool or a file path, got {pretrained!r}")
+        raise UsageError(f"{name}: pretrained must be a bool or a file path, got {pretrained!r}")
     if pretrained and not spec.supports_pretrained:
-        raise ValueError(f"model {name!r} has no pretrained weights; use pretrained=False")
+        raise UsageError(f"model {name!r} has no pretrained weights; use pretrained=False")
 
 
 def model_kwargs(spec: ModelSpec) -> list[str]:
@@ -180,7 +120,7 @@ def create_model(
     except TypeError:
         accepted = model_kwargs(spec)
         unknown_kw = sorted(set(kwargs) - set(accepted))
-        raise ValueError(
+        raise UsageError(
             f"model {name!r} got unknown keyword argument(s) {', '.join(unknown_kw)}; "
             f"it accepts: {', '.join(accepted) or 'none'}"
         ) from None

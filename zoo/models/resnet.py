@@ -22,6 +22,7 @@ from torch import nn
 from torchvision.models import ResNet18_Weights, ResNet50_Weights, ResNet152_Weights
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from zoo.errors import UsageError
 from zoo.models.weights import (
     Pretrained,
     load_backbone_state,
@@ -58,7 +59,7 @@ def _resnet(
 ) -> ResNet:
     """A torchvision ResNet of ``depth`` with its stem set and weights loaded (head still 1000)."""
     if stem not in STEMS:
-        raise ValueError(f"{arch}: stem must be one of {STEMS}, got {stem!r}")
+        raise UsageError(f"{arch}: stem must be one of {STEMS}, got {stem!r}")
     block, layers, url = _LAYOUTS[depth]
     model = cls(block, layers)
     if in_channels != 3:
@@ -110,7 +111,7 @@ def build_resnet50_tl(
 ) -> nn.Module:
     """Transfer learning model of report 002: frozen ResNet-50 + MLP head (use pretrained=True)."""
     if not 0.0 <= head_dropout < 1.0:
-        raise ValueError(f"resnet50_tl: head_dropout must be in [0, 1), got {head_dropout}")
+        raise UsageError(f"resnet50_tl: head_dropout must be in [0, 1), got {head_dropout}")
     model = _resnet(50, in_channels, pretrained, "imagenet", "resnet50_tl", FrozenBackboneResNet)
     for param in model.parameters():
         param.requires_grad_(False)

@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from zoo.errors import WeightsUnavailableError
+from zoo.errors import UsageError, WeightsUnavailableError
 
 Pretrained = bool | str | os.PathLike[str]
 
@@ -52,11 +52,11 @@ def load_state_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     elif suffix in (".pth", ".pt"):
         state = torch.load(file, map_location="cpu", weights_only=True)
     else:
-        raise ValueError(f"weights file {file} must end in .safetensors, .pth or .pt")
+        raise UsageError(f"weights file {file} must end in .safetensors, .pth or .pt")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"weights file {file} does not hold a state dict of tensors")
+        raise UsageError(f"weights file {file} does not hold a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -94,7 +94,7 @@ def load_backbone_state(
     bad = [k for k in own if k not in usable and not k.startswith(heads)]
     if bad:
         shown = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
-        raise ValueError(
+        raise UsageError(
             f"pretrained weights do not fit the backbone: {len(bad)} missing or mis-shaped "
             f"entries ({shown})"
         )

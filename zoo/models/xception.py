@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from zoo.errors import UsageError
+
 
 class SeparableConv2d(nn.Sequential):
     """Depthwise ``k×k`` conv followed by a pointwise ``1×1`` conv, both without bias."""
@@ -109,5 +111,5 @@ def build_xception(
 ) -> nn.Module:
     """Xception trained from scratch (``middle_blocks`` middle-flow blocks, 8 in the paper)."""
     if middle_blocks < 0:
-        raise ValueError(f"xception: middle_blocks must be >= 0, got {middle_blocks}")
+        raise UsageError(f"xception: middle_blocks must be >= 0, got {middle_blocks}")
     return Xception(num_classes, in_channels, middle_blocks)

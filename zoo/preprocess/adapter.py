@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.errors import UsageError
 from zoo.preprocess.spec import Preprocessing
 
 
@@ -64,7 +65,7 @@ class FlipTTA(nn.Module):
         super().__init__()
         unknown = sorted(set(flips) - set(FLIP_DIMS))
         if unknown or not flips:
-            raise ValueError(f"test-time augmentation takes flips among {sorted(FLIP_DIMS)}, not {list(flips)}")
+            raise UsageError(f"test-time augmentation takes flips among {sorted(FLIP_DIMS)}, not {list(flips)}")
         self.net = net
         self.flips = sorted(set(flips), key=list(FLIP_DIMS).index)
         dims = [FLIP_DIMS[f] for f in self.flips]

@@ -47,7 +47,7 @@ from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, Implic
 from pydicom.valuerep import DSfloat
 
 from zoo.errors import ImageError
-from zoo.preprocess.image import ImageHeader, Window, check_size
+from zoo.preprocess.header import ImageHeader, Window, check_size
 
 _STRIP_PIXELS = 1 << 20
 # What pydicom may raise on a damaged dataset, while reading it or reading a value from it.

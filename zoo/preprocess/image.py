@@ -60,17 +60,13 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Union
 import numpy as np
 from PIL import Image, TiffImagePlugin, UnidentifiedImageError
 
-from zoo.errors import ImageError
+from zoo.errors import ImageError, UsageError
+from zoo.preprocess.header import MAX_PIXELS, ImageHeader, Window, check_size
 from zoo.preprocess.spec import Preprocessing
 
 if TYPE_CHECKING:
     from pydicom import Dataset
 
-# A 224 px model never needs more than this; a larger upload is refused before it is decoded.
-MAX_PIXELS = 64_000_000
-# The whole image is squashed to a square: beyond this ratio of its sides nothing recognisable is left, and
-# Pillow's resize allocates coefficients in proportion to the long side (1 x 64,000,000 pixels: 1.5 GB).
-MAX_ASPECT_RATIO = 20
 # Frames are counted by walking them (40,000 one-pixel TIFF pages: 21 s); the count stops here, and a file
 # with more is refused before anything is decoded. Only the first frame is ever used.
 MAX_FRAMES = 256
@@ -83,8 +79,6 @@ FORMATS_TEXT = "PNG, JPEG, TIFF, BMP or DICOM"
 
 # What load_image takes: a file (path, bytes, binary file object), a decoded image or an array.
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, Image.Image, np.ndarray, "Dataset"]
-# A display window (center, width) in the modality's units (Hounsfield units for CT): DICOM only.
-Window = tuple[float, float]
 
 _DICOM_VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"OB", b"OD",
               b"OF", b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"SV", b"TM", b"UC", b"UI",
@@ -96,21 +90,6 @@ _OPTIONAL_TIFF_CODECS = ("jpeg", "lzma", "zstd", "webp")
 # Compression codes Pillow does not know at all (it cannot open such a TIFF); named in the refusal.
 _TIFF_CODEC_NAMES = {33003: "Aperio JPEG 2000", 33005: "Aperio JPEG 2000", 34712: "JPEG 2000", 34887: "LERC",
                      34892: "lossy JPEG (DNG)", 50002: "JPEG XL", 52546: "JPEG XL"}
-
-
-@dataclass(frozen=True)
-class ImageHeader:
-    """What a file's header says, read without decoding its pixels (for limits checked first)."""
-
-    format: str  # Pillow's format name ("PNG", "JPEG", "TIFF", "BMP", …) or "DICOM"
-    width: int
-    height: int
-    frames: int = 1
-    mode: str = ""  # Pillow's mode; for DICOM the photometric interpretation ("MONOCHROME2", "RGB", …)
-
-    @property
-    def pixels(self) -> int:
-        return self.width * self.height
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,11 +124,6 @@ def _head(fp: Any, n: int = 132) -> bytes:
     return head
 
 
-def too_large(w: int, h: int, max_pixels: int) -> ImageError:
-    """The refusal of an image above the pixel limit, with medzoo's own limit in the message."""
-    return ImageError(f"image of {w}x{h} pixels is larger than the {max_pixels:,} pixel limit", "too_large")
-
-
 def _bomb(e: Exception, max_pixels: int) -> ImageError:
     """Pillow's own decompression-bomb refusal, told with medzoo's limit (not Pillow's threshold)."""
     found = re.search(r"\((\d+) pixels\)", str(e))
@@ -157,17 +131,6 @@ def _bomb(e: Exception, max_pixels: int) -> ImageError:
     # Pillow refuses at open above 2 × Image.MAX_IMAGE_PIXELS whatever our limit; say the lower one.
     pillow = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else max_pixels
     return ImageError(f"image of {size} is larger than the {min(max_pixels, pillow):,} pixel limit", "too_large")
-
-
-def check_size(w: int, h: int, max_pixels: int) -> None:
-    """The limits read from a header: pixels, aspect ratio, not empty."""
-    if w * h > max_pixels:
-        raise too_large(w, h, max_pixels)
-    if w == 0 or h == 0:
-        raise ImageError("image has no pixels", "empty")
-    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
-        raise ImageError(f"image of {w}x{h} pixels has an aspect ratio above the {MAX_ASPECT_RATIO}:1 limit "
-                         f"(the whole image is resized to a square)", "too_large")
 
 
 # Peak memory of decoding one image, bytes per pixel of its header's size and mode: the decoded image plus
@@ -400,7 +363,7 @@ def load_image(src: ImageSource, prep: Preprocessing, max_pixels: int = MAX_PIXE
     """
     size, channels = prep.image_size, prep.in_channels
     if window is not None and not (len(window) == 2 and float(window[1]) > 0):
-        raise ValueError(f"window must be (center, width) with a positive width, not {window!r}")
+        raise UsageError(f"window must be (center, width) with a positive width, not {window!r}")
     if isinstance(src, np.ndarray):
         img = _fit(array_to_image(src, max_pixels), size, owned=True)
     elif isinstance(src, Image.Image) or _is_dicom_dataset(src):

@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from zoo.io import pid_alive
 from zoo.preprocess import ImageError, Preprocessing, load_image
-from zoo.score.listing import SPECIAL, UNLISTABLE
+from zoo.score.listing import SPECIAL, UNLISTABLE, FileEntry
 
 log = logging.getLogger(__name__)
 
@@ -37,27 +38,28 @@ class DecodedChunk:
     errors: list[tuple[int, str]]
 
 
-def decode_entries(folder: str, entries: Sequence[tuple[str, int]], prep: Preprocessing) -> DecodedChunk:
-    """Read and decode ``(rel, size)`` entries with :func:`load_image`; failures become reasons."""
+def decode_entries(folder: str, entries: Sequence[FileEntry], prep: Preprocessing) -> DecodedChunk:
+    """Read and decode the listed files with :func:`load_image`; failures become reasons."""
     arrays: list[np.ndarray] = []
     ok: list[int] = []
     errors: list[tuple[int, str]] = []
-    for i, (rel, size) in enumerate(entries):
+    for i, entry in enumerate(entries):
+        rel, kind = entry.rel, entry.kind
         try:
-            if size == UNLISTABLE:
+            if kind == UNLISTABLE:
                 os.listdir(Path(folder, rel))  # raises the reason it could not be listed
                 raise OSError(0, "it could not be listed")
-            if size == SPECIAL:
+            if kind == SPECIAL:
                 raise ImageError("not a regular file (a FIFO, socket or device)")
-            if size > MAX_FILE_BYTES:
-                raise ImageError(f"file of {size} bytes is above the {MAX_FILE_BYTES} byte limit")
+            if entry.size > MAX_FILE_BYTES:
+                raise ImageError(f"file of {entry.size} bytes is above the {MAX_FILE_BYTES} byte limit")
             data = Path(folder, rel).read_bytes()
             arrays.append(load_image(data, prep))
             ok.append(i)
         except ImageError as e:
             errors.append((i, str(e)))
         except OSError as e:
-            what = "cannot list this folder" if size == UNLISTABLE else "cannot read the file"
+            what = "cannot list this folder" if kind == UNLISTABLE else "cannot read the file"
             errors.append((i, f"{what}: {e.strerror or e}"))
         except Exception as e:  # a Pillow plugin failing oddly on a malformed file must not stop the run
             errors.append((i, f"the decoder failed: {type(e).__name__}: {e}"))
@@ -72,15 +74,7 @@ _WORKER: dict[str, Any] = {}
 def _alive(pid: int, forked: bool) -> bool:
     """Whether the scoring process still runs: a forked child sees its parent change when it dies;
     a forkserver's child (whose parent is the server) asks the kernel about the pid."""
-    if forked:
-        return os.getppid() == pid
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return os.getppid() == pid if forked else pid_alive(pid)
 
 
 def _watch_parent(parent: int, forked: bool) -> None:
@@ -96,7 +90,7 @@ def _init_worker(folder: str, prep: Preprocessing, parent: int, forked: bool = T
     threading.Thread(target=_watch_parent, args=(parent, forked), daemon=True).start()
 
 
-def _decode_task(entries: list[tuple[str, int]]) -> DecodedChunk:
+def _decode_task(entries: list[FileEntry]) -> DecodedChunk:
     return decode_entries(_WORKER["folder"], entries, _WORKER["prep"])
 
 
@@ -128,7 +122,7 @@ class Decoder:
         # state in the child (a Ray worker's gRPC and abseil locks).
         self.start_method = start_method or ("fork" if "fork" in methods else None)
         self.pool: ProcessPoolExecutor | None = None
-        self.pending: deque[tuple[list[tuple[str, int]], list[tuple[int, Future[DecodedChunk]]]]] = deque()
+        self.pending: deque[tuple[list[FileEntry], list[tuple[int, Future[DecodedChunk]]]]] = deque()
         if workers > 0:
             self._start()
 
@@ -144,14 +138,14 @@ class Decoder:
             self.pool.shutdown(wait=False, cancel_futures=True)
         self._start()
 
-    def _submit(self, entries: list[tuple[str, int]], parts: int) -> list[tuple[int, Future[DecodedChunk]]]:
+    def _submit(self, entries: list[FileEntry], parts: int) -> list[tuple[int, Future[DecodedChunk]]]:
         if self.pool is None:
             return []
         step = max(1, math.ceil(len(entries) / parts))
         return [(off, self.pool.submit(_decode_task, entries[off : off + step]))
                 for off in range(0, len(entries), step)]
 
-    def feed(self, chunks: Iterator[list[tuple[str, int]]]) -> None:
+    def feed(self, chunks: Iterator[list[FileEntry]]) -> None:
         """Keep ``depth`` chunks in flight, taking new ones from ``chunks``."""
         while len(self.pending) < self.depth:
             entries = next(chunks, None)
@@ -173,7 +167,7 @@ class Decoder:
             self.pending = deque((e, self._submit(e, self.workers)) for e, _ in self.pending)
             return result
 
-    def _isolate(self, entries: list[tuple[str, int]]) -> DecodedChunk:
+    def _isolate(self, entries: list[FileEntry]) -> DecodedChunk:
         parts: list[tuple[int, DecodedChunk]] = []
         c, s = self.prep.in_channels, self.prep.image_size
         for i, entry in enumerate(entries):

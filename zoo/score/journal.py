@@ -9,15 +9,18 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
-from zoo.io import atomic_write_bytes
+from zoo.ensemble import EnsemblePredictions
+from zoo.errors import UsageError
+from zoo.io import FileLock, atomic_write_bytes, file_lock
+from zoo.postprocess import Predictions
 from zoo.runtime import OnnxModel
 from zoo.score.decode import DecodedChunk
 from zoo.score.listing import FileEntry, listing_digest
-from zoo.score.models import Scores, model_identity
+from zoo.score.models import model_identity
 
 log = logging.getLogger(__name__)
 
@@ -49,26 +52,13 @@ def _read_chunk(path: Path, index: int, rels: Sequence[str]) -> dict[str, Any] |
     return data
 
 
-class Lock:
-    """An exclusive lock on the journal (POSIX flock), so two runs never write the same output."""
-
-    def __init__(self, journal: Path) -> None:
-        self.f: IO[str] | None = open(journal / LOCK, "a")  # noqa: SIM115 - held for the run
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: no lock
-            return
-        try:
-            fcntl.flock(self.f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.f.close()
-            self.f = None
-            raise ValueError(f"another `zoo score` run is writing {journal}") from None
-
-    def release(self) -> None:
-        if self.f is not None:
-            self.f.close()
-            self.f = None
+def lock_journal(journal: Path) -> FileLock:
+    """The exclusive lock on the journal (:func:`zoo.io.file_lock`), so two runs never write the same
+    output; :class:`~zoo.errors.UsageError` when another run holds it."""
+    lock = file_lock(journal / LOCK, blocking=False)
+    if lock is None:
+        raise UsageError(f"another `zoo score` run is writing {journal}")
+    return lock
 
 
 def clear_journal(journal: Path) -> None:
@@ -124,12 +114,12 @@ def open_journal(run: Run) -> None:
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise ValueError(f"{path} is unreadable ({e}); pass --overwrite to start again") from None
+            raise UsageError(f"{path} is unreadable ({e}); pass --overwrite to start again") from None
         diff = [k for k in IDENTITY if old.get(k) != run.manifest.get(k)]
         if diff:
             what = {"listing_sha256": "the folder's files", "files": "the number of files",
                     "models": "the model(s)", "labels": "the labels"}
-            raise ValueError(
+            raise UsageError(
                 f"{run.journal} is an unfinished run with other inputs ({', '.join(what.get(k, k) for k in diff)} "
                 f"changed); pass --overwrite to discard it and start again")
         if (old["chunk_size"], old["batch_size"]) != (run.chunk_size, run.batch_size):
@@ -154,15 +144,15 @@ def open_journal(run: Run) -> None:
 
 
 def chunk_record(index: int, entries: Sequence[FileEntry], decoded: DecodedChunk,
-                  scores: Scores | None) -> dict[str, Any]:
+                 scores: Predictions | None) -> dict[str, Any]:
     """The journal record of a chunk: rows ``[path, top, probs, agreement, ood_score, in_distribution]``
     and errors ``[path, reason]``."""
     rows = []
     for k, i in enumerate(decoded.ok):
         assert scores is not None
-        agreement = None if scores.agreement is None else _num(scores.agreement[k])
+        agreement = _num(scores.agreement[k]) if isinstance(scores, EnsemblePredictions) else None
         ood = None if scores.ood_score is None else _num(scores.ood_score[k])
         flag = None if scores.in_distribution is None else bool(scores.in_distribution[k])
-        rows.append([entries[i].rel, int(scores.top[k]), [_num(p) for p in scores.probs[k]], agreement, ood, flag])
+        rows.append([entries[i].rel, int(scores.classes[k]), [_num(p) for p in scores.probs[k]], agreement, ood, flag])
     errors = [[entries[i].rel, reason] for i, reason in sorted(decoded.errors)]
     return {"chunk": index, "rows": rows, "errors": errors}

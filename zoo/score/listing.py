@@ -8,19 +8,25 @@ import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-UNLISTABLE = -2  # FileEntry.size of a folder that cannot be listed
-SPECIAL = -3  # FileEntry.size of a FIFO, socket or device (never opened)
+# What a listed path is: a regular file (scored), or one of the things that go to the errors file.
+EntryKind = Literal["file", "unreadable", "unlistable", "special"]
+FILE: EntryKind = "file"
+UNREADABLE: EntryKind = "unreadable"  # cannot be stat'ed (a broken link, no permission)
+UNLISTABLE: EntryKind = "unlistable"  # a folder that cannot be listed
+SPECIAL: EntryKind = "special"  # a FIFO, socket or device (never opened)
 
 
 @dataclass(frozen=True)
 class FileEntry:
-    """One file to score: its path relative to the folder (POSIX separators), size and mtime."""
+    """One path to score: relative to the folder (POSIX separators), its kind, size and mtime
+    (``size`` and ``mtime_ns`` are 0 unless ``kind`` is ``"file"``)."""
 
     rel: str
-    # -1: cannot be stat'ed (broken link); UNLISTABLE: a folder that cannot be listed; SPECIAL: not a regular file
     size: int
     mtime_ns: int
+    kind: EntryKind = FILE
 
 
 def list_folder(folder: Path, exclude: Sequence[Path] = ()) -> list[FileEntry]:
@@ -28,9 +34,9 @@ def list_folder(folder: Path, exclude: Sequence[Path] = ()) -> list[FileEntry]:
 
     Hidden files and folders (name starting with ``.``) and the paths in ``exclude`` (the
     run's own output, errors file and journal when they sit inside the folder) are skipped.
-    Files that cannot be stat'ed (``size == -1``), folders that cannot be listed
-    (``UNLISTABLE``) and FIFOs, sockets or devices (``SPECIAL``) are kept so that they reach the
-    errors file.
+    Files that cannot be stat'ed (``UNREADABLE``), folders that cannot be listed
+    (``UNLISTABLE``) and FIFOs, sockets or devices (``SPECIAL``) are kept, with their ``kind``, so that
+    they reach the errors file.
     """
     root = str(folder.resolve())
     excluded = {str(p.resolve()) for p in exclude}
@@ -42,7 +48,7 @@ def list_folder(folder: Path, exclude: Sequence[Path] = ()) -> list[FileEntry]:
 
     def unreadable(err: OSError) -> None:
         if err.filename and os.path.abspath(err.filename) != root:
-            entries.append(FileEntry(rel_of(os.path.abspath(err.filename)), UNLISTABLE, 0))
+            entries.append(FileEntry(rel_of(os.path.abspath(err.filename)), 0, 0, UNLISTABLE))
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
         dirnames[:] = [d for d in dirnames if not d.startswith(".") and os.path.join(dirpath, d) not in excluded]
@@ -53,17 +59,20 @@ def list_folder(folder: Path, exclude: Sequence[Path] = ()) -> list[FileEntry]:
             try:
                 st = os.stat(path)
             except OSError:
-                entries.append(FileEntry(rel_of(path), -1, 0))
+                entries.append(FileEntry(rel_of(path), 0, 0, UNREADABLE))
                 continue
-            regular = stat.S_ISREG(st.st_mode)  # FIFOs, sockets and devices are never opened
-            entries.append(FileEntry(rel_of(path), st.st_size if regular else SPECIAL, st.st_mtime_ns))
+            if stat.S_ISREG(st.st_mode):
+                entries.append(FileEntry(rel_of(path), st.st_size, st.st_mtime_ns))
+            else:  # FIFOs, sockets and devices are never opened
+                entries.append(FileEntry(rel_of(path), 0, st.st_mtime_ns, SPECIAL))
     entries.sort(key=lambda e: e.rel)
     return entries
 
 
 def listing_digest(entries: Sequence[FileEntry]) -> str:
-    """sha256 of the listing (paths, sizes, mtimes): a resume requires the same one."""
+    """sha256 of the listing (paths, kinds or sizes, mtimes): a resume requires the same one."""
     h = hashlib.sha256()
     for e in entries:
-        h.update(f"{e.rel}\0{e.size}\0{e.mtime_ns}\n".encode("utf-8", "surrogateescape"))
+        what = e.size if e.kind == FILE else e.kind
+        h.update(f"{e.rel}\0{what}\0{e.mtime_ns}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()

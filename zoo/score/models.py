@@ -5,29 +5,30 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from zoo.ensemble import check_compatible, choose_members, combine
-from zoo.errors import EnsembleError
+from zoo.ensemble import check_compatible, combine
+from zoo.ensemble import resolve_models as resolve_refs
+from zoo.errors import UsageError
 from zoo.io import sha256_of
-from zoo.postprocess import interpret
-from zoo.runtime import OOD_OUTPUT, OnnxModel, bundle_card
-from zoo.store import resolve_bundle
+from zoo.postprocess import Predictions, interpret
+from zoo.runtime import OOD_OUTPUT, OnnxModel, RuntimeOptions, bundle_card
+from zoo.store import ModelRef
 
 log = logging.getLogger(__name__)
 
 
-def ensure_onnx(target: Path) -> Path:
-    """The ONNX file of a bundle (exported first if the bundle has none), or a lone ``.onnx``."""
+def ensure_onnx(target: Path, options: RuntimeOptions | None = None) -> Path:
+    """The ONNX file of a bundle (exported first if the bundle has none, parity-checked on ONNX Runtime
+    with ``options``), or a lone ``.onnx``."""
     if target.is_file():
         return target
     # torch is imported only here, when a bundle has no ONNX file yet
     from export.exporter import ensure_exported
 
-    return ensure_exported(target, ("onnx",))["onnx"]
+    return ensure_exported(target, ("onnx",), options=options)["onnx"]
 
 
 def model_identity(model: OnnxModel) -> dict[str, str]:
@@ -39,51 +40,24 @@ def model_identity(model: OnnxModel) -> dict[str, str]:
     card = bundle_card(model.path)
     records = card.exports.values() if card is not None else ()
     digest = next((r.sha256 for r in records if r.file == model.path.name), None)
-    return {"id": model.model_id, "onnx_sha256": str(digest or sha256_of(model.path))}
+    return {"id": model.id, "onnx_sha256": str(digest or sha256_of(model.path))}
 
 
-def resolve_models(refs: Sequence[str | Path], ensemble: bool = False, ensemble_size: int = 2,
+def resolve_models(refs: Sequence[ModelRef], ensemble: bool = False, ensemble_size: int = 2,
                    store: Path | None = None) -> list[Path]:
-    """Bundle directories (or lone ``.onnx`` files) for the ``--model`` references."""
-    if not refs:
-        raise ValueError("give a model: a bundle path, a bundle id or a task name")
+    """Bundle directories (or lone ``.onnx`` files) for the ``--model`` references
+    (:func:`zoo.ensemble.resolve_models`, as :func:`zoo.load`); several only with ``--ensemble``."""
     if len(refs) > 1 and not ensemble:
-        raise ValueError("several models are only scored together as an ensemble (--ensemble)")
-    if ensemble and len(refs) == 1:
-        members = choose_members(str(refs[0]), store, n=ensemble_size)
-    else:
-        members = []
-        for ref in refs:
-            p = Path(ref).expanduser()
-            members.append(p if p.is_file() and p.suffix == ".onnx" else resolve_bundle(str(ref), store))
-    if len({m.resolve() for m in members}) != len(members):
-        raise EnsembleError("the same model is given twice in the ensemble")
-    return members
+        raise UsageError("several models are only scored together as an ensemble (--ensemble)")
+    return resolve_refs(refs, ensemble, ensemble_size, store=store)
 
 
-def open_models(targets: Sequence[Path], threads: int | None = None,
-                providers: Sequence[str] | None = None) -> list[OnnxModel]:
-    """ONNX Runtime sessions for the targets; ensemble members must fit together."""
-    models = [OnnxModel.open(ensure_onnx(t), providers=providers, threads=threads) for t in targets]
+def open_models(targets: Sequence[Path], options: RuntimeOptions | None = None) -> list[OnnxModel]:
+    """ONNX Runtime sessions (made with ``options``) for the targets; ensemble members must fit together."""
+    models = [OnnxModel.open(ensure_onnx(t, options), options) for t in targets]
     if len(models) > 1:
         check_compatible([m.meta for m in models])
     return models
-
-
-@dataclass
-class Scores:
-    """Per-image results of one chunk (images that decoded)."""
-
-    top: np.ndarray  # (n,) int
-    probs: np.ndarray  # (n, K) float32, calibrated when the model(s) are
-    agreement: np.ndarray | None  # (n,) float32, ensembles only
-    ood_score: np.ndarray | None = None  # (n,) float32, models with an out-of-distribution detector
-    in_distribution: np.ndarray | None = None  # (n,) bool
-
-
-def has_ood(models: Sequence[OnnxModel]) -> bool:
-    """Whether every model returns an out-of-distribution score (then the output has its columns)."""
-    return all(m.has_ood and m.meta.ood is not None for m in models)
 
 
 def _run(m: OnnxModel, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -96,12 +70,11 @@ def _run(m: OnnxModel, images: np.ndarray, batch_size: int) -> tuple[np.ndarray,
     return logits, ood
 
 
-def infer(models: Sequence[OnnxModel], images: np.ndarray, batch_size: int) -> Scores:
-    """Answers of a model (:func:`zoo.postprocess.interpret`) or an ensemble (:func:`zoo.ensemble.combine`)."""
+def infer(models: Sequence[OnnxModel], images: np.ndarray, batch_size: int) -> Predictions:
+    """Answers of a model (:func:`zoo.postprocess.interpret`) or an ensemble (:func:`zoo.ensemble.combine`:
+    :class:`~zoo.ensemble.EnsemblePredictions`, with the members' ``agreement``)."""
     results = [_run(m, images, batch_size) for m in models]
     if len(models) == 1:
         (logits, ood), = results
-        p = interpret(logits, models[0].meta, ood)
-        return Scores(p.classes, p.probs, None, p.ood_score, p.in_distribution)
-    out = combine([r[0] for r in results], [m.meta for m in models], [r[1] for r in results])
-    return Scores(out.classes, out.probs, out.agreement, out.ood_score, out.in_distribution)
+        return interpret(logits, models[0].meta, ood)
+    return combine([r[0] for r in results], [m.meta for m in models], [r[1] for r in results])

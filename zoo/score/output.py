@@ -9,6 +9,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from zoo.errors import UsageError
 from zoo.io import atomic_write
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
@@ -19,12 +20,12 @@ def output_format(out: Path) -> str:
     """``csv``, ``jsonl`` or ``parquet`` from the file's extension."""
     fmt = FORMATS.get(out.suffix.lower())
     if fmt is None:
-        raise ValueError(f"cannot tell the output format of {out.name}: use .csv, .jsonl or .parquet")
+        raise UsageError(f"cannot tell the output format of {out.name}: use .csv, .jsonl or .parquet")
     if fmt == "parquet":
         try:
             import pyarrow.parquet  # noqa: F401
         except ImportError:
-            raise ValueError("Parquet output needs pyarrow (pip install pyarrow); or write .csv / .jsonl") from None
+            raise UsageError("Parquet output needs pyarrow (pip install pyarrow); or write .csv / .jsonl") from None
     return fmt
 
 

@@ -39,15 +39,16 @@ from typing import Any
 
 import numpy as np
 
-from zoo.errors import ModelFileError, UserError
+from zoo.errors import ModelFileError, UsageError, UserError
 from zoo.io import atomic_write_bytes
 from zoo.preprocess import Preprocessing
-from zoo.runtime import OnnxModel
+from zoo.runtime import OnnxModel, RuntimeOptions
 from zoo.score.decode import DecodedChunk, Decoder, default_workers
 from zoo.score.journal import Run, chunk_name, chunk_record
 from zoo.score.listing import FileEntry, list_folder
 from zoo.score.models import infer, model_identity, open_models, resolve_models
 from zoo.score.run import DEFAULT_BATCH, DEFAULT_CHUNK, ScorePaths, ScoreSummary, run_journalled
+from zoo.settings import runtime_options
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ def decode_chunks(batch: dict[str, np.ndarray], folder: str, prep: Preprocessing
     out: dict[str, list[Any]] = {"chunk": [], "entries": [], "images": [], "ok": [], "errors": []}
     decoder = _decoder(folder, prep)
     for chunk, entries_json in zip(batch["chunk"], batch["entries"]):
-        entries = [(rel, int(size)) for rel, size in json.loads(entries_json)]
+        entries = _entries(entries_json)
         decoder.feed(iter([entries]))
         decoded = decoder.next()
         out["chunk"].append(int(chunk))
@@ -155,8 +156,12 @@ def decode_chunks(batch: dict[str, np.ndarray], folder: str, prep: Preprocessing
 # --- inference actors ---------------------------------------------------------------------------
 
 
-def _open_from_bytes(blobs: Sequence[Any], digests: Sequence[str], providers: Sequence[str] | None,
-                     threads: int) -> list[OnnxModel]:
+def _entries(entries_json: str) -> list[FileEntry]:
+    """The listing entries of a chunk row (``[rel, kind, size]`` as JSON)."""
+    return [FileEntry(rel, int(size), 0, kind) for rel, kind, size in json.loads(entries_json)]
+
+
+def _open_from_bytes(blobs: Sequence[Any], digests: Sequence[str], options: RuntimeOptions) -> list[OnnxModel]:
     """ONNX sessions from the files' bytes (checked against the driver's sha256): written to a
     private temporary folder, opened (the checks of :meth:`OnnxModel.open`), then removed."""
     import ray
@@ -170,7 +175,7 @@ def _open_from_bytes(blobs: Sequence[Any], digests: Sequence[str], providers: Se
                 raise ModelFileError(f"ensemble member {k} reached the Ray worker altered (sha256 differs)")
             path = Path(tmp, f"member-{k}.onnx")
             path.write_bytes(data)
-            models.append(OnnxModel.open(path, providers=providers, threads=threads))
+            models.append(OnnxModel.open(path, options))
         return models
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -179,9 +184,9 @@ def _open_from_bytes(blobs: Sequence[Any], digests: Sequence[str], providers: Se
 class ScoreChunks:
     """Ray Data actor: the ONNX Runtime session(s) of a run, kept for all the chunks it scores."""
 
-    def __init__(self, models: Sequence[Any], digests: Sequence[str], batch_size: int, threads: int,
-                 providers: Sequence[str] | None) -> None:
-        self.models = _open_from_bytes(models, digests, providers, threads)
+    def __init__(self, models: Sequence[Any], digests: Sequence[str], batch_size: int,
+                 options: RuntimeOptions) -> None:
+        self.models = _open_from_bytes(models, digests, options)
         self.batch_size = batch_size
         prep = self.models[0].preprocessing
         self.shape = (prep.in_channels, prep.image_size, prep.image_size)
@@ -192,7 +197,7 @@ class ScoreChunks:
                                                        batch["ok"], batch["errors"]):
             arrays = np.frombuffer(images, dtype=np.uint8).reshape(-1, *self.shape)
             decoded = DecodedChunk(arrays, json.loads(ok), [(k, r) for k, r in json.loads(errors)])
-            entries = [FileEntry(rel, int(size), 0) for rel, size in json.loads(entries_json)]
+            entries = _entries(entries_json)
             scores = infer(self.models, arrays, self.batch_size) if decoded.ok else None
             out["chunk"].append(int(i))
             out["record"].append(json.dumps(chunk_record(int(i), entries, decoded, scores)))
@@ -214,9 +219,11 @@ def decode_memory(run: Run, todo: Sequence[int]) -> int:
     return int(min(WORKER_MEMORY + 2 * need, 4 << 30))
 
 
-def _dataset(ray: Any, run: Run, todo: list[int], pool: Pool, providers: Sequence[str] | None) -> Any:
-    """The Ray Data pipeline of the missing chunks: decode tasks, then the actor pool."""
-    rows = [{"chunk": i, "entries": json.dumps([[e.rel, e.size] for e in run.chunk_entries(i)])} for i in todo]
+def _dataset(ray: Any, run: Run, todo: list[int], pool: Pool, options: RuntimeOptions) -> Any:
+    """The Ray Data pipeline of the missing chunks: decode tasks, then the actor pool (ONNX Runtime with
+    ``options``, on the pool's threads)."""
+    rows = [{"chunk": i, "entries": json.dumps([[e.rel, e.kind, e.size] for e in run.chunk_entries(i)])}
+            for i in todo]
     blobs = [ray.put(Path(m.path).read_bytes()) for m in run.models]
     digests = [model_identity(m)["onnx_sha256"] for m in run.models]
     return (
@@ -226,7 +233,7 @@ def _dataset(ray: Any, run: Run, todo: list[int], pool: Pool, providers: Sequenc
         .map_batches(ScoreChunks, batch_size=1, compute=ray.data.ActorPoolStrategy(size=pool.size),
                      num_cpus=pool.num_cpus, num_gpus=pool.num_gpus or None,
                      fn_constructor_kwargs={"models": blobs, "digests": digests, "batch_size": run.batch_size,
-                                            "threads": pool.threads, "providers": providers})
+                                            "options": options.replace(threads=pool.threads)})
     )
 
 
@@ -244,7 +251,7 @@ def _journal(run: Run, i: int, record_json: str) -> int:
     return len(rels)
 
 
-def _score_chunks_ray(run: Run, pool: Pool, providers: Sequence[str] | None, progress: bool,
+def _score_chunks_ray(run: Run, pool: Pool, options: RuntimeOptions, progress: bool,
                       seen: set[str]) -> tuple[int, float]:
     """Score every chunk missing from the journal on Ray; returns (files processed, seconds)."""
     from tqdm import tqdm
@@ -260,7 +267,7 @@ def _score_chunks_ray(run: Run, pool: Pool, providers: Sequence[str] | None, pro
     processed = 0
     t0 = time.perf_counter()
     try:
-        for batch in _dataset(ray, run, todo, pool, providers).iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in _dataset(ray, run, todo, pool, options).iter_batches(batch_size=None, batch_format="numpy"):
             for i, record, provider in zip(batch["chunk"], batch["record"], batch["provider"]):
                 n = _journal(run, int(i), str(record))
                 seen.add(str(provider))
@@ -287,8 +294,7 @@ def score_folder_ray(
     errors_out: str | Path | None = None,
     batch_size: int = DEFAULT_BATCH,
     chunk_size: int = DEFAULT_CHUNK,
-    threads: int | None = None,
-    providers: Sequence[str] | None = None,
+    options: RuntimeOptions | None = None,
     overwrite: bool = False,
     progress: bool = True,
     store: Path | None = None,
@@ -299,25 +305,29 @@ def score_folder_ray(
     ``address``: None or ``"local"`` starts a local Ray with ``num_cpus`` CPUs (default: the
     cores of this machine); ``"auto"`` joins the cluster ``ray start`` runs on this machine; any
     other value is a cluster address (``host:6379``, ``ray://host:10001``). ``actors``: ONNX
-    Runtime actors (default: one per GPU, else one per two CPUs); ``threads``: theirs.
+    Runtime actors (default: one per GPU, else one per two CPUs); ``options``: how they run ONNX
+    Runtime (default :func:`zoo.settings.runtime_options`, read here once; ``options.threads``: each
+    actor's threads, default 2 on a GPU, else 1).
     """
     paths = ScorePaths.of(folder, out, errors_out)
     if batch_size < 1 or chunk_size < 1:
-        raise ValueError("batch size and chunk size must be at least 1")
+        raise UsageError("batch size and chunk size must be at least 1")
     if actors is not None and actors < 1:
-        raise ValueError("--actors must be at least 1")
+        raise UsageError("--actors must be at least 1")
     if not overwrite and paths.finished():
         return paths.already_done()
     # The driver's own sessions only identify the models (journal manifest, labels): CPU, 1 thread.
-    onnx_models = open_models(resolve_models(models, ensemble, ensemble_size, store), 1, ["CPUExecutionProvider"])
+    options = runtime_options() if options is None else options
+    driver = options.replace(providers=("CPUExecutionProvider",), threads=1)
+    onnx_models = open_models(resolve_models(models, ensemble, ensemble_size, store), driver)
     entries = list_folder(paths.folder, exclude=[paths.out, paths.errors, paths.journal])
     seen: set[str] = set()
     with ray_session(address, num_cpus, verbose) as ray:
-        pool = plan_pool(ray.cluster_resources(), actors, threads)
+        pool = plan_pool(ray.cluster_resources(), actors, options.threads)
         log.info("Ray cluster %s: %d ONNX Runtime actor(s), %s CPU / %s GPU each", ray.cluster_resources(),
                  pool.size, pool.num_cpus, pool.num_gpus)
         summary = run_journalled(paths, onnx_models, entries, chunk_size, batch_size, overwrite,
-                                 lambda run: _score_chunks_ray(run, pool, providers, progress, seen))
+                                 lambda run: _score_chunks_ray(run, pool, options, progress, seen))
     summary.provider = f"{'+'.join(sorted(seen)) or 'no provider'} in {pool.size} Ray actor(s)"
     return summary
 

@@ -13,22 +13,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from zoo.errors import UsageError
 from zoo.io import atomic_write, atomic_write_bytes, display_name
-from zoo.runtime import OnnxModel
+from zoo.runtime import OnnxModel, RuntimeOptions
 from zoo.score.decode import Decoder, default_workers
 from zoo.score.journal import (
     MANIFEST,
-    Lock,
     Run,
     chunk_name,
     chunk_record,
     clear_journal,
     journal_manifest,
+    lock_journal,
     open_journal,
 )
 from zoo.score.listing import FileEntry, list_folder
-from zoo.score.models import has_ood, infer, open_models, resolve_models
+from zoo.score.models import infer, open_models, resolve_models
 from zoo.score.output import count_rows, output_columns, output_format, write_output
+from zoo.settings import runtime_options
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,7 @@ def _score_chunks(run: Run, workers: int, progress: bool) -> tuple[int, float]:
     prep = run.models[0].preprocessing
     already = sum(len(run.chunk_entries(i)) for i in run.done)
     decoder = Decoder(run.folder, prep, workers, depth=3)
-    chunks = iter([(e.rel, e.size) for e in run.chunk_entries(i)] for i in todo)
+    chunks = iter(run.chunk_entries(i) for i in todo)
     bar = tqdm(total=len(run.entries), initial=already, unit="img", desc="zoo score", disable=not progress,
                mininterval=0.5, smoothing=0.1, file=sys.stderr)
     processed = 0
@@ -118,7 +120,7 @@ def _score_chunks(run: Run, workers: int, progress: bool) -> tuple[int, float]:
 def _assemble(run: Run, ensemble: bool) -> tuple[int, int]:
     """Write the errors file, then the output, from the journal in chunk order (both atomic)."""
     labels = run.models[0].labels
-    model_id = "+".join(m.model_id for m in run.models)
+    model_id = "+".join(m.id for m in run.models)
 
     errors = [[display_name(rel), reason] for i in range(run.n_chunks) for rel, reason in run.done[i]["errors"]]
 
@@ -131,7 +133,7 @@ def _assemble(run: Run, ensemble: bool) -> tuple[int, int]:
         text.detach()
 
     calibrated = all(m.meta.calibration is not None for m in run.models)
-    ood = has_ood(run.models)
+    ood = all(m.has_ood for m in run.models)
 
     def rows() -> Iterator[list[Any]]:
         for i in range(run.n_chunks):
@@ -155,8 +157,7 @@ def score_folder(
     batch_size: int = DEFAULT_BATCH,
     chunk_size: int = DEFAULT_CHUNK,
     workers: int | None = None,
-    threads: int | None = None,
-    providers: Sequence[str] | None = None,
+    options: RuntimeOptions | None = None,
     overwrite: bool = False,
     progress: bool = True,
     store: Path | None = None,
@@ -166,15 +167,17 @@ def score_folder(
     ``models``: bundle paths, bundle ids, task names or ``.onnx`` files; several (or one task
     name) with ``ensemble``. ``out``: ``.csv``, ``.jsonl`` or ``.parquet``; unreadable files go
     to ``errors_out`` (default ``<out>.errors.csv``). ``workers=0`` decodes in this process.
+    ``options``: how ONNX Runtime runs (default :func:`zoo.settings.runtime_options`, the environment's).
     Killed and started again, it resumes from ``<out>.partial/``.
     """
     paths = ScorePaths.of(folder, out, errors_out)
     if batch_size < 1 or chunk_size < 1:
-        raise ValueError("batch size and chunk size must be at least 1")
+        raise UsageError("batch size and chunk size must be at least 1")
     workers = default_workers() if workers is None else max(0, workers)
     if not overwrite and paths.finished():
         return paths.already_done()
-    onnx_models = open_models(resolve_models(models, ensemble, ensemble_size, store), threads, providers)
+    options = runtime_options() if options is None else options
+    onnx_models = open_models(resolve_models(models, ensemble, ensemble_size, store), options)
     entries = list_folder(paths.folder, exclude=[paths.out, paths.errors, paths.journal])
     return run_journalled(paths, onnx_models, entries, chunk_size, batch_size, overwrite,
                           lambda run: _score_chunks(run, workers, progress))
@@ -194,7 +197,7 @@ class ScorePaths:
     def of(cls, folder: str | Path, out: str | Path, errors_out: str | Path | None = None) -> ScorePaths:
         folder_p = Path(folder).expanduser()
         if not folder_p.is_dir():
-            raise FileNotFoundError(f"{folder_p} is not a folder")
+            raise UsageError(f"{folder_p} is not a folder")
         out_p = Path(out).expanduser().resolve()
         errors_p = out_p.with_name(out_p.name + ".errors.csv")
         if errors_out:
@@ -218,7 +221,7 @@ def run_journalled(paths: ScorePaths, models: Sequence[OnnxModel], entries: list
     ensemble = len(models) > 1
     manifest = journal_manifest(paths.folder, entries, models, ensemble, chunk_size, batch_size)
     paths.journal.mkdir(parents=True, exist_ok=True)
-    lock = Lock(paths.journal)
+    lock = lock_journal(paths.journal)
     try:
         if overwrite:
             (paths.journal / MANIFEST).unlink(missing_ok=True)
@@ -233,6 +236,6 @@ def run_journalled(paths: ScorePaths, models: Sequence[OnnxModel], entries: list
         clear_journal(paths.journal)
     finally:
         lock.release()
-    return ScoreSummary(paths.out, paths.errors, [m.model_id for m in models], files=len(entries), scored=n_rows,
+    return ScoreSummary(paths.out, paths.errors, [m.id for m in models], files=len(entries), scored=n_rows,
                         errors=n_errors, resumed=resumed, provider=models[0].provider, seconds=seconds,
                         processed=processed)

@@ -11,16 +11,16 @@ later ``--resume`` of the same recipe returns instead of training again.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 
-from zoo.io import atomic_file, write_json
+from zoo.errors import TrainingError
+from zoo.io import FileLock, atomic_file, file_lock, write_json
 
 log = logging.getLogger(__name__)
 STATE = "state.pt"
@@ -46,22 +46,16 @@ class RunDir:
 
     def __init__(self, base: Path, run_id: str, resume: bool, path: Path | None = None) -> None:
         self.run_id = run_id
-        self._lock: IO[str] | None = None
+        self._lock: FileLock | None = None
         # ``path`` given: a follower (a distributed rank other than 0) reading rank 0's directory,
         # which it neither locks nor writes
         self.writer = path is None
         self.path = self._claim(base, run_id, resume) if path is None else path
 
     def _try_lock(self, path: Path) -> bool:
-        path.mkdir(parents=True, exist_ok=True)
-        f = open(path / LOCK, "a")  # noqa: SIM115 - held for the whole run
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.close()
-            return False
-        self._lock = f
-        return True
+        """Take the slot's lock (held for the whole run) unless another run holds it."""
+        self._lock = file_lock(path / LOCK, blocking=False)
+        return self._lock is not None
 
     def _claim(self, base: Path, run_id: str, resume: bool) -> Path:
         slots = [base / (run_id if k == 1 else f"{run_id}.{k}") for k in range(1, MAX_SLOTS + 1)]
@@ -74,7 +68,7 @@ class RunDir:
                 if path != slots[0]:
                     log.warning("%s is in use by another `zoo train`; this run uses %s", slots[0].name, path.name)
                 return path
-        raise RuntimeError(f"more than {MAX_SLOTS} concurrent runs of {run_id}")
+        raise TrainingError(f"more than {MAX_SLOTS} concurrent runs of {run_id}; wait for one to finish")
 
     @property
     def state_file(self) -> Path:
@@ -107,7 +101,7 @@ class RunDir:
 
     def release(self) -> None:
         if self._lock is not None:
-            self._lock.close()
+            self._lock.release()
             self._lock = None
 
     def __enter__(self) -> RunDir:

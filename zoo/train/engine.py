@@ -154,7 +154,7 @@ def _finish(s: Session, p: Progress, run: RunDir, store: Path | None, train_time
     return broadcast(path, s.dist)
 
 
-def train(
+def train_single(
     recipe: Recipe,
     data_root: str | Path | None = None,
     store: Path | None = None,
@@ -164,19 +164,12 @@ def train(
     progress: bool = True,
     on_epoch: EpochCallback | None = None,
 ) -> TrainResult:
-    """Train a recipe end to end and write its bundle into the store.
-
-    With ``train.seeds`` > 1 (``zoo train … --seeds N``): one run per seed and one ensemble bundle
-    of them (:func:`zoo.train.ensemble.train_ensemble`), which is what is returned.
-    """
+    """Train one model of a recipe (its ``train.seed``) end to end and write its bundle into the store.
+    :func:`zoo.train.train` is the entry point: it also trains seed ensembles (``train.seeds`` > 1)."""
     d = from_env(device)  # under torchrun: this rank joins the process group
     resume = resume or (d is not None and restarted())  # torchrun restarted the group after a rank died
     dev = d.device() if d is not None else pick_device(device)
     use_amp = use_bf16_autocast(recipe.train.precision, dev)  # before any work: bf16 may be refused
-    if recipe.train.seeds > 1:
-        from zoo.train.ensemble import train_ensemble
-
-        return train_ensemble(recipe, data_root, store, device, resume, download, progress, on_epoch)
     seed_everything(recipe.train.seed)
     splits = load_splits(recipe, data_root, download)
     recipe = recipe.for_dataset(splits.name)  # a protocol's augmentation / TTA for this modality
@@ -206,4 +199,4 @@ def _run_dir(store: Path | None, rid: str, resume: bool, d: Dist | None) -> RunD
     return run if run is not None else RunDir(runs_dir(store), rid, resume, path=path)
 
 
-__all__ = ["TrainResult", "make_preprocessing", "run_id", "seed_everything", "train"]
+__all__ = ["TrainResult", "make_preprocessing", "run_id", "seed_everything", "train_single"]

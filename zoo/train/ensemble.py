@@ -33,7 +33,7 @@ from zoo.postprocess import to_probs
 from zoo.preprocess.adapter import full_model
 from zoo.recipe import ENSEMBLE, Recipe, apply_overrides
 from zoo.store import bundles_dir
-from zoo.train.engine import TrainResult, train
+from zoo.train.engine import TrainResult, train_single
 from zoo.train.loop import EpochCallback
 from zoo.train.report import device_name, ensemble_plots, versions
 from zoo.trust.fit import fit_bundle
@@ -50,7 +50,7 @@ def train_ensemble(recipe: Recipe, data_root: str | Path | None = None, store: P
     for k in range(n):
         member = apply_overrides(recipe, {"train.seed": first + k, "train.seeds": 1})
         log.info("ensemble member %d/%d: seed %d", k + 1, n, first + k)
-        members.append(train(member, data_root, store, device, resume, download, progress, on_epoch).bundle)
+        members.append(train_single(member, data_root, store, device, resume, download, progress, on_epoch).bundle)
     return ensemble_bundles(members, data_root, store, device, download)
 
 

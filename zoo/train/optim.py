@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.errors import UsageError
 from zoo.recipe import LossCfg, OptimizerCfg, SchedulerCfg
 
 _OPTIMISERS = {
@@ -76,7 +77,7 @@ def num_outputs(loss: LossCfg, num_classes: int) -> int:
     """BCE and hinge train a single-logit binary head (report 004); cross-entropy one per class."""
     if loss.name in ("bce", "hinge"):
         if num_classes != 2:
-            raise ValueError(f"{loss.name} loss needs a binary dataset, this one has {num_classes} classes")
+            raise UsageError(f"{loss.name} loss needs a binary dataset, this one has {num_classes} classes")
         return 1
     return num_classes
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from zoo.errors import UsageError
+
 
 def native_bf16(dev: torch.device) -> bool:
     """Whether ``dev`` computes bf16 natively: a CUDA GPU with bf16, or a CPU with AMX tiles or
@@ -29,5 +31,5 @@ def use_bf16_autocast(precision: str, dev: torch.device) -> bool:
     if precision == "auto":
         return dev.type == "cuda" and native_bf16(dev)
     if not native_bf16(dev):
-        raise ValueError(f"precision bf16 asked for, but {dev} has no native bf16 arithmetic; use fp32 or auto")
+        raise UsageError(f"precision bf16 asked for, but {dev} has no native bf16 arithmetic; use fp32 or auto")
     return True
