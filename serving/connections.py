@@ -35,6 +35,7 @@ middleware that acts at lifespan start-up, inside the worker):
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import logging
 import os
@@ -249,8 +250,29 @@ class ShutdownHooks:
         return handler
 
 
+def keep_sockets_while_draining() -> None:
+    """BentoML's arbiter (``bentoml serve``'s main process; bentoml 1.4) removes the folder of the
+    workers' unix sockets first thing when it stops, before it stops the workers: the API worker,
+    still draining its requests, could then open no new connection to the inference worker ("Cannot
+    connect to unix socket … No such file"). Its clean-up (that folder, BentoML's usage tracking) is
+    moved to the end of the process, after the workers have stopped."""
+    from bentoml._internal.utils.circus import Arbiter
+    from circus.arbiter import Arbiter as CircusArbiter
+
+    if getattr(Arbiter.stop, "medzoo", False):
+        return
+
+    def stop(self: Any) -> Any:
+        atexit.register(self.exit_stack.__exit__, None, None, None)
+        return CircusArbiter.stop(self)
+
+    stop.medzoo = True  # type: ignore[attr-defined]
+    Arbiter.stop = stop  # type: ignore[method-assign]
+
+
 def install(entry: Any, grace_s: float, idle_timeout_s: float, max_connections: int) -> None:
     """Install the guard and the signal hooks for the BentoML service ``entry`` and its dependencies."""
+    keep_sockets_while_draining()
     uvicorn.config.HTTP_PROTOCOLS["auto"] = f"{__name__}:GuardedHTTPProtocol"
     entry.add_asgi_middleware(ShutdownHooks, entry=entry.name, is_entry=True, grace_s=grace_s,
                               idle_timeout_s=idle_timeout_s, max_connections=max_connections)

@@ -222,7 +222,7 @@ async def read_request(scope: Scope, receive: Receive, limits: Limits) -> Parsed
     headers = Headers(scope=scope)
     length = headers.get("content-length")
     if length is not None:
-        if not length.strip().isdigit():
+        if not (length.strip().isascii() and length.strip().isdigit()):
             raise Problem(400, "invalid Content-Length header")
         if int(length) > limits.max_request_bytes:
             raise too_large_request(limits)

@@ -248,24 +248,6 @@ def test_a_real_request_is_answered_during_a_flood_of_idle_connections(zoo: Zoo)
 # --------------------------------------------------------------------------- bodies on /models and /stats
 
 
-@pytest.mark.parametrize("route", ["/models", "/stats"])
-def test_a_body_on_models_or_stats_is_refused_with_a_json_error(zoo: Zoo, route: str) -> None:
-    c = httpx.Client(base_url=zoo.url, timeout=30)
-    multipart = [("images", ("a.png", _png(), "image/png"))]
-    for method in ("POST", "GET"):
-        r = c.request(method, route, files=multipart)
-        assert r.status_code == 400, (method, r.status_code, r.text)
-        assert route.strip("/") in r.json()["error"]
-        r = c.request(method, route, content=b"\xff\xfe raw bytes", headers={"content-type": "text/plain"})
-        assert r.status_code == 400, (method, r.status_code, r.text)
-    r = c.put(route, content=b"{}")
-    assert r.status_code == 405 and "error" in r.json(), r.text
-    assert set(r.headers["allow"].replace(" ", "").split(",")) == {"GET", "POST"}
-    for method in ("POST", "GET"):  # no body, or the JSON object BentoML's clients send
-        assert c.request(method, route).status_code == 200
-        assert c.request(method, route, json={}).status_code == 200
-
-
 # --------------------------------------------------------------------------- the 503 at the connection limit
 
 
