@@ -149,7 +149,11 @@ def _finish(s: Session, p: Progress, run: RunDir, store: Path | None, train_time
     path = reserve_dir(bundles_dir(store), name)
     save_bundle(path, s.net.cpu(), fields, yaml.safe_dump(s.recipe.to_dict(), sort_keys=False))
     plots(path, p.history, p.best_epoch, test["confusion"], s.splits.labels)
-    fit_bundle(path, s.splits)  # calibration and the OOD detector (validation only), README.md
+    # calibration and the OOD detector (validation only), README.md; a smoke run (max_batches) fits
+    # the detector on as many train images as it trained on, not the whole subset (minutes at 224 px)
+    cfg = s.recipe.train
+    fit_bundle(path, s.splits, **({"max_train_images": max(64, cfg.max_batches * cfg.batch_size)}
+                                  if cfg.max_batches else {}))
     run.finish(path)
     return broadcast(path, s.dist)
 

@@ -49,10 +49,10 @@ log = logging.getLogger(__name__)
 RELIABILITY = "reliability.png"
 
 
-def _train_subset(images: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    if len(images) <= MAX_FIT_IMAGES:
+def _train_subset(images: torch.Tensor, limit: int = MAX_FIT_IMAGES, seed: int = 0) -> torch.Tensor:
+    if len(images) <= limit:
         return images
-    idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:MAX_FIT_IMAGES]
+    idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:limit]
     return images[idx.sort().values]
 
 
@@ -84,8 +84,10 @@ def fit_ood(feats: dict[str, list[np.ndarray]], layers: list[str]) -> tuple[OODI
 
 
 def fit_bundle(path: str | Path, splits: DataSplits | None = None, data_root: str | Path | None = None,
-               ood: bool = True, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Fit and record calibration (and the OOD detector) for a bundle; returns the new card sections."""
+               ood: bool = True, device: str | torch.device = "cpu",
+               max_train_images: int = MAX_FIT_IMAGES) -> dict[str, Any]:
+    """Fit and record calibration (and the OOD detector) for a bundle; returns the new card sections.
+    ``max_train_images``: the train images the detector's Gaussians are fitted on (a random subset)."""
     bundle = load_bundle(path, device)
     splits = splits if splits is not None else bundle_splits(bundle.card, data_root, download=False)
     layers = feature_layers(bundle.net) if ood else []
@@ -99,8 +101,8 @@ def fit_bundle(path: str | Path, splits: DataSplits | None = None, data_root: st
     reliability_diagram(bundle.path / RELIABILITY, curves, f"{bundle.id}: reliability")
     fields: dict[str, Any] = {"calibration": calibration}
     if ood:
-        _, feats["train"] = collect(bundle.model, bundle.net, layers, _train_subset(splits.train.images),
-                                    device=device)
+        train = _train_subset(splits.train.images, max_train_images)
+        _, feats["train"] = collect(bundle.model, bundle.net, layers, train, device=device)
         info, stats = fit_ood(feats, layers)
         stats_path = bundle.path / info.stats_file
         atomic_file(stats_path, lambda tmp: save_file(stats_to_tensors(stats), str(tmp)))
