@@ -152,8 +152,10 @@ def _finish(s: Session, p: Progress, run: RunDir, store: Path | None, train_time
     # calibration and the OOD detector (validation only), README.md; a smoke run (max_batches) fits
     # the detector on as many train images as it trained on, not the whole subset (minutes at 224 px)
     cfg = s.recipe.train
-    fit_bundle(path, s.splits, **({"max_train_images": max(64, cfg.max_batches * cfg.batch_size)}
-                                  if cfg.max_batches else {}))
+    if cfg.max_batches:
+        fit_bundle(path, s.splits, max_train_images=max(64, cfg.max_batches * cfg.batch_size))
+    else:
+        fit_bundle(path, s.splits)
     run.finish(path)
     return broadcast(path, s.dist)
 
