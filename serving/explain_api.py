@@ -16,7 +16,7 @@ import numpy as np
 from pydantic import BaseModel, TypeAdapter
 
 from serving.config import ENSEMBLE_ROUTE
-from serving.frontend import Answered, Frontend, Route
+from serving.frontend import Answered, Frontend, Route, checked_alpha
 from serving.schemas import ExplainableRoute, ExplainAnswer, ExplainedItem, WorkerExplanation
 from serving.uploads import Problem, Upload
 from zoo.errors import UserError
@@ -44,15 +44,16 @@ class ExplainRoute(Route):
 
     result_type = ExplainedItem
 
-    def __init__(self, explainer: Any, route: str, info: ExplainableRoute, target: str | None, top_k: int) -> None:
+    def __init__(self, explainer: Any, route: str, info: ExplainableRoute, target: str | None, top_k: int,
+                 alpha: float | None = None) -> None:
         assert info.preprocessing is not None
-        self.explainer, self.route, self.target, self.top_k = explainer, route, target, top_k
+        self.explainer, self.route, self.target, self.top_k, self.alpha = explainer, route, target, top_k, alpha
         self.name, self.prep = f"{route}/explain", info.preprocessing
         self.meta: dict[str, Any] = {}
 
     async def infer(self, batch: np.ndarray) -> WorkerExplanation:
         raw = await _worker(self.explainer.to_async.explain(route=self.route, images=batch, target=self.target or "",
-                                                            top_k=self.top_k))
+                                                            top_k=self.top_k, alpha=self.alpha))
         out = WorkerExplanation.model_validate(raw)
         if out.error is not None:
             raise Answered(out.status or 500, ExplainAnswer(task=self.route, error=out.error))
@@ -66,9 +67,11 @@ class ExplainRoute(Route):
         return ExplainAnswer(task=self.route, results=results, error=error, **self.meta)
 
 
-async def explain_route(explainer: Any, route: str, target: str | None, top_k: int) -> Route:
+async def explain_route(explainer: Any, route: str, target: str | None, top_k: int,
+                        alpha: float | None = None) -> Route:
     """The route of ``POST /<route>/explain``, or its answer: 503 while the route cannot explain,
-    400 for a ``target`` class the model does not have (before any work)."""
+    400 for a ``target`` class the model does not have, 422 for an ``alpha`` that is not a level
+    (before any work)."""
     described = _ROUTES.validate_python(await _worker(explainer.to_async.describe()))
     info = described.get(route, ExplainableRoute(status="missing", message=f"unknown task {route!r}"))
     if info.status != "ok":
@@ -78,22 +81,24 @@ async def explain_route(explainer: Any, route: str, target: str | None, top_k: i
             class_index(target, info.labels or [])  # a class the model does not have is refused before any work
     except UserError as e:
         raise Answered(400, ExplainAnswer(task=route, error=str(e))) from None
-    return ExplainRoute(explainer, route, info, target, top_k)
+    return ExplainRoute(explainer, route, info, target, top_k, checked_alpha(alpha, route))
 
 
 async def explain(frontend: Frontend, explainer: Any, route: str, uploads: list[Upload], target: str | None,
-                  top_k: int) -> tuple[int, BaseModel]:
+                  top_k: int, alpha: float | None = None) -> tuple[int, BaseModel]:
     """Status and answer of ``POST /<route>/explain`` (``explainer``: the worker, remote or local):
-    the prediction endpoints' pipeline (:meth:`Frontend.run`) with the worker's explanations."""
-    return await frontend.answered(explain_route(explainer, route, target, top_k), uploads)
+    the prediction endpoints' pipeline (:meth:`Frontend.run`) with the worker's explanations and
+    prediction sets at level 1 − ``alpha``."""
+    return await frontend.answered(explain_route(explainer, route, target, top_k, alpha), uploads)
 
 
 def explain_doc(route: str) -> str:
     what = "the pathology ensemble (the mean of its members' maps)" if route == ENSEMBLE_ROUTE else f"the {route} model"
     return (f"Where {what} looked: for each uploaded image ({FORMATS_TEXT}, multipart field `images`) the top "
             "classes and a Grad-CAM overlay (gradient saliency for MLPs) as a base64 PNG, for the predicted class "
-            "or `target` (class index or label). Refusals per image as in the prediction endpoints; 503 while the "
-            "task has no model or the explanation worker cannot answer.")
+            "or `target` (class index or label), and the prediction set at level 1 - `alpha` as in the prediction "
+            "endpoints. Refusals per image as in the prediction endpoints (422 for an `alpha` that is not a number "
+            "strictly between 0 and 1); 503 while the task has no model or the explanation worker cannot answer.")
 
 
 __all__ = ["ExplainAnswer", "ExplainRoute", "ExplainedItem", "explain", "explain_doc", "explain_route"]

@@ -4,7 +4,9 @@ Explanations need gradients, hence torch, pytorch-grad-cam and Captum; predictio
 API worker and the inference worker never import torch: this module imports none at import time
 (``serving.service`` imports it to depend on the worker) and loads :mod:`zoo.explain` in the
 worker, when a task is first explained. Each task's bundle is the one the inference worker serves
-(the same ``serving.config`` resolution); its ``model.safetensors`` is loaded on first use.
+(the same ``serving.config`` resolution); its ``model.safetensors`` is loaded on first use, and
+the ensemble's prediction sets are fitted then, once (:func:`zoo.ensemble.ensemble_conformal`, as
+the inference worker does), so an explanation answers the same set as the prediction endpoints.
 
 Where torch or a bundle's weights are missing (a Bento built without torch carries ONNX files
 only), the worker still starts and says why for each task: the explain endpoints answer 503 with
@@ -26,7 +28,7 @@ import numpy as np
 
 from serving.config import ENSEMBLE_ROUTE, Resolved, ServeConfig, load_config, resolve_ensemble, resolve_task
 from serving.schemas import ExplainableRoute, WorkerExplanation
-from zoo.card import WEIGHTS, read_card
+from zoo.card import WEIGHTS, ConformalInfo, read_card
 from zoo.errors import UserError
 from zoo.models import get_spec
 
@@ -52,6 +54,7 @@ class Entry:
     paths: list[Path]
     message: str = ""
     explainers: list[Any] | None = None  # zoo.explain.Explainer per bundle, loaded on first use
+    conformal: ConformalInfo | None = None  # an ensemble's own prediction sets, fitted with the explainers
 
 
 def _why_not(paths: list[Path]) -> str:
@@ -113,40 +116,58 @@ class ExplainTable:
 
     def _explainers(self, entry: Entry) -> list[Any]:
         if entry.explainers is None:
+            from zoo.ensemble import ensemble_conformal
             from zoo.explain import Explainer
 
             entry.explainers = [Explainer.load(p) for p in entry.paths]
+            if len(entry.explainers) > 1:
+                entry.conformal = ensemble_conformal(entry.paths, [e.info for e in entry.explainers])
             log.info("explanations for /%s: %s", entry.route, ", ".join(e.info.id for e in entry.explainers))
         return entry.explainers
 
-    def explain(self, route: str, images: np.ndarray, target: str | None, top_k: int) -> WorkerExplanation:
-        """Classes and overlay (base64 PNG) of each image; ``error`` and ``status`` for a user's mistake."""
+    def explain(self, route: str, images: np.ndarray, target: str | None, top_k: int,
+                alpha: float | None = None) -> WorkerExplanation:
+        """Classes, prediction set at level 1 − ``alpha`` and overlay (base64 PNG) of each image;
+        ``error`` and ``status`` for a user's mistake."""
+        from zoo.postprocess import check_alpha, with_sets
+
         why = self.status(route)
         if why:
             return WorkerExplanation(error=why, status=503)
         try:
+            alpha = None if alpha is None else check_alpha(alpha)  # the API worker checked it already
+        except ValueError as e:
+            return WorkerExplanation(error=str(e), status=422)
+        try:
             with self._lock:
-                explainers = self._explainers(self.entries[route])
-                exp = explainers[0](images, target) if len(explainers) == 1 else _ensemble(explainers, images, target)
+                entry = self.entries[route]
+                explainers = self._explainers(entry)
+                if len(explainers) == 1:
+                    exp = explainers[0](images, target)
+                    if alpha is not None:  # interpret gave the card's level; the request asks for another
+                        with_sets(exp.predictions, explainers[0].info.conformal, alpha)
+                else:
+                    exp = _ensemble(explainers, images, target, entry.conformal, alpha)
         except UserError as e:
             return WorkerExplanation(error=str(e), status=400)
         return _answer(exp, images, explainers, top_k)
 
 
-def _ensemble(explainers: list[Any], images: np.ndarray, target: str | None) -> Any:
-    """The ensemble's answer (mean of the members' logits, :func:`zoo.ensemble.combine`) and the
-    mean of the members' maps for the class it predicts (or ``target``)."""
+def _ensemble(explainers: list[Any], images: np.ndarray, target: str | None, conformal: ConformalInfo | None = None,
+              alpha: float | None = None) -> Any:
+    """The ensemble's answer (mean of the members' logits, :func:`zoo.ensemble.combine`, with its
+    prediction sets) and the mean of the members' maps for the class it predicts (or ``target``)."""
     from zoo.ensemble import combine
     from zoo.explain import Explanation
     from zoo.postprocess import Predictions
 
     outputs = [e.outputs(images) for e in explainers]
-    out = combine([o[0] for o in outputs], [e.info for e in explainers], [o[1] for o in outputs])
+    out = combine([o[0] for o in outputs], [e.info for e in explainers], [o[1] for o in outputs], conformal, alpha)
     wanted = target if target is not None else [int(c) for c in out.classes]
     maps = [e(images, wanted) for e in explainers]
     first = maps[0]
     answer = Predictions(probs=out.probs, classes=out.classes, calibrated=out.calibrated, ood_score=out.ood_score,
-                         in_distribution=out.in_distribution)
+                         in_distribution=out.in_distribution, sets=out.sets, alpha=out.alpha)
     return Explanation(heatmaps=np.mean([m.heatmaps for m in maps], axis=0).astype(np.float32),
                        targets=first.targets, predictions=answer, method=first.method, layer=first.layer,
                        feature_size=first.feature_size, logits=out.logits)
@@ -161,6 +182,9 @@ def _answer(exp: Any, images: np.ndarray, explainers: list[Any], top_k: int) -> 
         item = asdict(describe_image(exp, n, "", labels, top_k))
         for key in ("source", "heatmap", "overlay", "error"):
             item.pop(key)
+        plausible = exp.predictions.prediction_set(n, labels)
+        if plausible is not None:
+            item.update(prediction_set=plausible, alpha=exp.predictions.alpha)
         results.append({**item, "overlay_png": _b64_png(images[n], exp.heatmaps[n])})
     return WorkerExplanation(models=[{**e.info.identity(), "arch": e.info.arch} for e in explainers],
                              method=exp.method, layer=exp.layer,
@@ -187,10 +211,12 @@ class MedZooExplainer:
         return {route: info.model_dump(mode="json") for route, info in self.table.describe().items()}
 
     @bentoml.api
-    def explain(self, route: str, images: np.ndarray, target: str = "", top_k: int = 3) -> dict[str, Any]:
-        """Classes and overlays of a uint8 batch (N, C, H, W) for ``route`` (a :class:`WorkerExplanation`,
-        validated by the API worker); ``target`` '' = predicted."""
-        return self.table.explain(route, images, target or None, top_k).model_dump()
+    def explain(self, route: str, images: np.ndarray, target: str = "", top_k: int = 3,
+                alpha: float | None = None) -> dict[str, Any]:
+        """Classes, prediction sets (level 1 − ``alpha``, default the card's) and overlays of a uint8
+        batch (N, C, H, W) for ``route`` (a :class:`WorkerExplanation`, validated by the API worker);
+        ``target`` '' = predicted."""
+        return self.table.explain(route, images, target or None, top_k, alpha).model_dump()
 
 
 __all__ = ["ExplainTable", "MedZooExplainer", "missing_libraries"]

@@ -1,8 +1,9 @@
 """The served models: one ONNX Runtime session per task plus the ensemble members.
 
 Runs inside the inference worker. :class:`ModelTable` opens what the configuration names,
-remembers why a task has no model (the message its endpoint answers with 503), runs batches
-and counts the batch sizes each model saw.
+remembers why a task has no model (the message its endpoint answers with 503), fits the
+ensemble's prediction sets once (:func:`zoo.ensemble.ensemble_conformal`), runs batches and
+counts the batch sizes each model saw.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from serving.config import (
 )
 from serving.outputs import LOGITS, to_record
 from serving.schemas import ServedEnsembleInfo, ServedModelInfo, ServedTable
-from zoo.card import Card, ModelInfo, read_card
-from zoo.ensemble import check_compatible
+from zoo.card import Card, ConformalInfo, ModelInfo, read_card
+from zoo.ensemble import check_compatible, ensemble_conformal
 from zoo.errors import BundleError, EnsembleError, ModelFileError
 from zoo.runtime import GPU_PROVIDERS, OnnxModel, RuntimeOptions
 from zoo.settings import runtime_options
@@ -139,6 +140,7 @@ class ModelTable:
         self.missing: dict[str, str] = {}
         self.members: list[ServedModel] = []
         self.ensemble_message = ""
+        self.ensemble_conformal: ConformalInfo | None = None
         self.stats = BatchStats()
         # This worker shares the CPU with the HTTP workers: by default (ort_spinning) ONNX Runtime's
         # idle threads sleep rather than spin.
@@ -182,6 +184,11 @@ class ModelTable:
                 f"(found {len(self.members)}: {have}): {ensemble_hint(self.cfg.ensemble_arch)}"
             ))
             log.warning("%s: not served: %s", ENSEMBLE_ROUTE, notes[0])
+        else:
+            # the ensemble's own sets, from its members' validation logits (None: answers carry no set)
+            self.ensemble_conformal = ensemble_conformal([m.path for m in self.members], [m.card for m in self.members])
+            if self.ensemble_conformal is None:
+                log.info("%s: no prediction sets (a member has no conformal scores: zoo calibrate)", ENSEMBLE_ROUTE)
         self.ensemble_message = "; ".join(notes)
 
     def get(self, task: str) -> ServedModel:
@@ -217,7 +224,8 @@ class ModelTable:
         ensemble = ServedEnsembleInfo(
             task=ENSEMBLE_ROUTE, status="ok" if len(self.members) >= 2 else "missing", arch=self.cfg.ensemble_arch,
             members=[m.info() for m in self.members], message=self.ensemble_message, has_ood=self.members_have_ood,
-            labels=first.labels if first else None, preprocessing=first.meta.preprocessing if first else None)
+            labels=first.labels if first else None, preprocessing=first.meta.preprocessing if first else None,
+            conformal=self.ensemble_conformal)
         return ServedTable(tasks=tasks, ensemble=ensemble, config=self.cfg.to_dict())
 
 

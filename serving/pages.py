@@ -3,8 +3,10 @@ works offline) served by the same BentoML server, mounted beside the typed API s
 keeps describing the endpoints only.
 
 The page calls the server's own endpoints: ``GET /models``, ``POST /<task>`` (or the ensemble)
-for the classes, ``POST /<task>/explain`` for the overlay. Its Content-Security-Policy allows
-nothing outside the server (images: the server, ``data:`` overlays and ``blob:`` previews).
+for the classes and the prediction set ("plausible at 90 %: …"), with ``preview=true`` so that a
+file the browser cannot show (DICOM, TIFF) is shown as the server decoded it, and
+``POST /<task>/explain`` for the overlay. Its Content-Security-Policy allows nothing outside the
+server (images: the server, ``data:`` overlays and decoded previews, ``blob:`` local files).
 """
 
 from __future__ import annotations

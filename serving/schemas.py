@@ -2,7 +2,8 @@
 and the ``/schema.json`` that ``bentoml.SyncHTTPClient`` reads are generated from them).
 
 Requests: :class:`ImagesInput` — one or more image files (multipart; the ``images`` field as
-BentoML's clients send it, any other file field name too, or one raw image body) and ``top_k``.
+BentoML's clients send it, any other file field name too, or one raw image body), ``top_k``,
+``alpha`` (the level of the prediction sets) and ``preview``.
 Its :meth:`ImagesInput.from_http_request` takes the uploads that :class:`serving.uploads.UploadGuard`
 already read, with the limits checked, instead of BentoML's own multipart parsing (see there why).
 
@@ -10,7 +11,8 @@ Answers: :class:`TaskAnswer` (``/<task>``), :class:`EnsembleAnswer` (``/patholog
 :class:`ModelsAnswer` (``/models``), :class:`StatsAnswer` (``/stats``); a refused request answers
 :class:`ErrorAnswer` with its 4xx / 503 status. Fields that are None are left out of the JSON
 (``calibrated``, ``ood_score`` and ``in_distribution`` appear once the card carries a calibration
-or an out-of-distribution detector; ``error`` only on refused images).
+or an out-of-distribution detector, ``prediction_set`` and ``alpha`` once it carries conformal
+scores; ``error`` only on refused images).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import bentoml
 from pydantic import BaseModel, ConfigDict, Field
 
 from serving.uploads import STATE_KEY, ParsedRequest
-from zoo.card import ModelInfo
+from zoo.card import ConformalInfo, ModelInfo
 from zoo.preprocess import Preprocessing
 from zoo.preprocess.image import FORMATS_TEXT
 
@@ -35,8 +37,8 @@ def _parsed(request: Any) -> ParsedRequest:
     return parsed
 
 
-class ImagesInput(bentoml.IODescriptor):
-    """One or more image files and how many classes to answer per image."""
+class _Uploads(bentoml.IODescriptor):
+    """What every upload endpoint takes: the images, top_k and the level of the prediction sets."""
 
     images: list[Path] = Field(
         description=f"{FORMATS_TEXT} files, one per part (multipart/form-data; field name 'images' or any other). "
@@ -46,16 +48,29 @@ class ImagesInput(bentoml.IODescriptor):
     top_k: int | None = Field(
         None, ge=1, description="classes per image, most probable first (default: the server's top_k); "
                                 "also accepted as the query parameter ?top_k=")
+    alpha: float | None = Field(
+        None, gt=0, lt=1, description="the prediction sets' miss rate: each image's `prediction_set` holds the "
+                                      "classes plausible at level 1 - alpha (default: the model card's, 0.1 = "
+                                      "90 %); also ?alpha=. Not a number strictly between 0 and 1: 422")
+
+
+class ImagesInput(_Uploads):
+    """One or more image files, how many classes to answer per image, the level of the prediction
+    sets, and whether to answer the decoded images."""
+
+    preview: bool = Field(False, description="also answer each image as the model saw it (decoded, at the model's "
+                                             "image size) as a base64 PNG in `preview_png`; also ?preview=true")
 
     @classmethod
     async def from_http_request(cls, request: Any, serde: Any) -> ImagesInput:
         """The uploads :class:`~serving.uploads.UploadGuard` read (BentoML's own parsing is bypassed)."""
         parsed = _parsed(request)
-        return cls.model_construct(images=parsed.uploads, top_k=parsed.top_k)
+        return cls.model_construct(images=parsed.uploads, top_k=parsed.top_k, alpha=parsed.alpha,
+                                   preview=parsed.preview)
 
 
-class ExplainInput(ImagesInput):
-    """Images to explain, the class to explain (default: each image's predicted class) and top_k."""
+class ExplainInput(_Uploads):
+    """Images to explain, the class to explain (default: each image's predicted class), top_k and alpha."""
 
     target: str | None = Field(None, description="class index or label whose evidence the heat map shows "
                                                  "(default: the predicted class); also ?target=")
@@ -63,7 +78,8 @@ class ExplainInput(ImagesInput):
     @classmethod
     async def from_http_request(cls, request: Any, serde: Any) -> ExplainInput:
         parsed = _parsed(request)
-        return cls.model_construct(images=parsed.uploads, top_k=parsed.top_k, target=parsed.target)
+        return cls.model_construct(images=parsed.uploads, top_k=parsed.top_k, alpha=parsed.alpha,
+                                   target=parsed.target)
 
 
 class _Out(BaseModel):
@@ -85,6 +101,12 @@ class ModelRef(_Out):
     weights_sha256: str
 
 
+PREDICTION_SET = ("the classes plausible at level 1 - alpha, most probable first (split conformal prediction "
+                  "on the validation split: the true class is in it for at least that share of images like it); "
+                  "absent while the model card has no conformal scores (zoo calibrate)")
+ALPHA = "the level of `prediction_set` is 1 - alpha"
+
+
 class ImageResult(_Out):
     """The answer for one uploaded image (or why it was refused)."""
 
@@ -96,6 +118,10 @@ class ImageResult(_Out):
     calibrated: bool | None = Field(None, description="whether the probabilities are calibrated")
     ood_score: float | None = Field(None, description="higher = less like the training images")
     in_distribution: bool | None = None
+    prediction_set: list[str] | None = Field(None, description=PREDICTION_SET)
+    alpha: float | None = Field(None, description=ALPHA)
+    preview_png: str | None = Field(None, description="with `preview`: base64 PNG of the image as the model saw it "
+                                                      "(decoded, at its image size)")
     model: ModelRef | None = None
 
 
@@ -153,6 +179,8 @@ class ExplainedItem(_Out):
     in_distribution: bool | None = Field(None, description="false: unlike the training images (when the model "
                                                            "carries an out-of-distribution detector)")
     ood_score: float | None = None
+    prediction_set: list[str] | None = Field(None, description=PREDICTION_SET)
+    alpha: float | None = Field(None, description=ALPHA)
 
 
 class ExplainAnswer(_Answer):
@@ -221,6 +249,12 @@ class ServedEnsembleInfo(_Out):
     has_ood: bool = False
     labels: list[str] | None = None
     preprocessing: Preprocessing | None = None
+    conformal: ConformalInfo | None = Field(None, description="the ensemble's prediction sets, fitted on its own "
+                                                              "validation probabilities; not listed by /models")
+
+    def listed(self) -> ServedEnsembleInfo:
+        """As ``/models`` lists it: members without their card part, no conformal scores."""
+        return self.model_copy(update={"members": [m.listed() for m in self.members], "conformal": None})
 
 
 class ServedTable(_Out):

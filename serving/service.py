@@ -68,8 +68,10 @@ INFERENCE_TIMEOUT_S = CONFIG.max_latency_ms / 1000 + 60
 CODES = ("Refusals: 400 malformed request or empty file, 408 stalled upload, 413 file, request or image too large "
          "(limits in /models → config), 415 not a PNG/JPEG/TIFF/BMP/DICOM image or a codec that cannot be decoded, "
          "422 corrupt or truncated image, each per image in `results` when other images of the request were "
-         "answered (HTTP 200); 503 when the task has no model (the message says what to train) or the server is "
-         "busy (Retry-After).")
+         "answered (HTTP 200); 422 for an `alpha` that is not a number strictly between 0 and 1; 503 when the task "
+         "has no model (the message says what to train) or the server is busy (Retry-After).")
+SETS = ("Each answered image carries `prediction_set` (the labels plausible at level 1 - `alpha`, most probable "
+        "first; split conformal prediction) and its `alpha` once the model card has conformal scores.")
 Cls = TypeVar("Cls", bound=type)
 Fn = TypeVar("Fn", bound=Callable[..., Any])
 
@@ -207,18 +209,19 @@ def task_routes(tasks: Sequence[str]) -> Callable[[Cls], Cls]:
     come from the config, so the routes are added before ``@bentoml.service`` reads the class."""
 
     def classify(task: str) -> Any:
-        async def endpoint(self: MedZoo, images: list[Path], top_k: int | None = None) -> Response:
-            return await self.classify(task, images, top_k)
+        async def endpoint(self: MedZoo, images: list[Path], top_k: int | None = None, alpha: float | None = None,
+                           preview: bool = False) -> Response:
+            return await self.classify(task, images, top_k, alpha, preview)
 
         endpoint.__name__ = task
         endpoint.__doc__ = (f"Classify {task} images with the served {task} model: the top_k classes with "
-                            f"probabilities per image, and the model (bundle id, weights sha256). {CODES}")
+                            f"probabilities per image, and the model (bundle id, weights sha256). {SETS} {CODES}")
         return bentoml.api(input_spec=ImagesInput, output_spec=TaskAnswer)(endpoint)
 
     def explain_task(task: str) -> Any:
         async def endpoint(self: MedZoo, images: list[Path], target: str | None = None,
-                           top_k: int | None = None) -> Response:
-            return await self.explain(task, images, target, top_k)
+                           top_k: int | None = None, alpha: float | None = None) -> Response:
+            return await self.explain(task, images, target, top_k, alpha)
 
         endpoint.__name__ = f"explain_{task}"
         endpoint.__doc__ = explain_doc(task)
@@ -260,27 +263,29 @@ class MedZoo:
             return False
         return True
 
-    async def classify(self, task: str, images: list[Path] | list[Upload], top_k: int | None) -> Response:
+    async def classify(self, task: str, images: list[Path] | list[Upload], top_k: int | None,
+                       alpha: float | None = None, preview: bool = False) -> Response:
         """``POST /<task>``: what every task route calls."""
-        return await respond(self.frontend.classify(task, _uploads(images), top_k))
+        return await respond(self.frontend.classify(task, _uploads(images), top_k, alpha, preview))
 
     async def explain(self, route: str, images: list[Path] | list[Upload], target: str | None,
-                      top_k: int | None) -> Response:
+                      top_k: int | None, alpha: float | None = None) -> Response:
         """``POST /<route>/explain``: what every explanation route calls."""
         return await respond(explain(self.frontend, self.explainer, route, _uploads(images), target,
-                                     top_k or CONFIG.top_k))
+                                     top_k or CONFIG.top_k, alpha))
 
     @bentoml.api(input_spec=ImagesInput, output_spec=EnsembleAnswer)
     @documented(f"Classify pathology images with the ensemble (mean of the members' logits): per image the top_k "
-                f"classes, probabilities, logits, each member's vote and their agreement. {CODES}")
-    async def pathology_ensemble(self, images: list[Path], top_k: int | None = None) -> Response:
-        return await respond(self.frontend.ensemble(_uploads(images), top_k))
+                f"classes, probabilities, logits, each member's vote and their agreement. {SETS} {CODES}")
+    async def pathology_ensemble(self, images: list[Path], top_k: int | None = None, alpha: float | None = None,
+                                 preview: bool = False) -> Response:
+        return await respond(self.frontend.ensemble(_uploads(images), top_k, alpha, preview))
 
     @bentoml.api(route=f"/{ENSEMBLE_ROUTE}/explain", input_spec=ExplainInput, output_spec=ExplainAnswer)
+    @documented(explain_doc(ENSEMBLE_ROUTE))  # as POST /<task>/explain, for the mean of the members' maps
     async def explain_pathology_ensemble(self, images: list[Path], target: str | None = None,
-                                         top_k: int | None = None) -> Response:
-        """Where the pathology ensemble looked (the mean of its members' maps), as ``POST /<task>/explain``."""
-        return await self.explain(ENSEMBLE_ROUTE, images, target, top_k)
+                                         top_k: int | None = None, alpha: float | None = None) -> Response:
+        return await self.explain(ENSEMBLE_ROUTE, images, target, top_k, alpha)
 
     @bentoml.api
     async def models(self) -> ModelsAnswer:

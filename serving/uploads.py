@@ -12,8 +12,10 @@ routes first:
   past it while streaming → 413;
 * no body data for ``body_timeout_s`` → 408 (a stalled upload is the client's fault, not a 504);
 * multipart (starlette's parser, with limits on files, fields and text-part size): every part
-  with a filename is an image, whatever its field name; ``top_k`` is the one text field taken; a
-  text value where a file is expected is refused, never fetched; malformed → 400;
+  with a filename is an image, whatever its field name; the text fields taken are the options
+  ``top_k``, ``target``, ``alpha`` and ``preview`` (each also a query parameter); a text value
+  where a file is expected is refused, never fetched; malformed → 400, an ``alpha`` that is not a
+  level (a number strictly between 0 and 1) → 422;
 * ``image/*``, ``application/dicom`` or ``application/octet-stream``: the body is one image;
 * anything else → 415.
 
@@ -39,11 +41,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.config import Limits
 from zoo.io import display_name
+from zoo.postprocess import check_alpha
 from zoo.preprocess import ImageHeader
 
 STATE_KEY = "medzoo.request"
-OPTION_FIELDS = ("top_k", "target")  # target: the class an explanation explains (/<task>/explain)
+# target: the class an explanation explains (/<task>/explain); alpha: the prediction sets' level 1 − alpha;
+# preview: answer each image's decoded input as a small PNG (what the model saw, e.g. of a DICOM file)
+OPTION_FIELDS = ("top_k", "target", "alpha", "preview")
 RAW_TYPES = ("application/octet-stream", "application/dicom")
+MAX_FIELDS = 10  # text fields in a form: the options, with room for a client's repeats, and no more
 TEXT_PART_BYTES = 64 * 1024  # a text form field (top_k) is short; a longer one is a file sent as text
 
 
@@ -79,6 +85,8 @@ class ParsedRequest:
     uploads: list[Upload] = field(default_factory=list)
     top_k: int | None = None
     target: str | None = None
+    alpha: float | None = None
+    preview: bool = False
 
 
 def megabytes(n: float) -> str:
@@ -87,6 +95,27 @@ def megabytes(n: float) -> str:
 
 def too_large_request(limits: Limits) -> Problem:
     return Problem(413, f"request larger than the {megabytes(limits.max_request_bytes)} limit")
+
+
+def parse_alpha(raw: str | None) -> float | None:
+    """``alpha`` (the prediction sets are at level 1 − alpha) from a form field or the query string;
+    422 unless it is a number strictly between 0 and 1 (:func:`zoo.postprocess.check_alpha`)."""
+    if raw is None or raw.strip() in ("", "null"):
+        return None
+    try:
+        return check_alpha(raw.strip().strip('"')[:40])  # NaN and inf fail its range check
+    except ValueError as e:
+        raise Problem(422, str(e)) from None
+
+
+def parse_flag(name: str, raw: str | None) -> bool:
+    """A yes/no option (``preview``): true / false, 1 / 0, yes / no, on / off (JSON-encoded or not)."""
+    text = (raw or "").strip().strip('"').lower()
+    if text in ("", "null", "false", "0", "no", "off"):
+        return False
+    if text in ("true", "1", "yes", "on"):
+        return True
+    raise Problem(400, f"{name} must be true or false, not {(raw or '')[:40]!r}")
 
 
 def parse_top_k(raw: str | None) -> int | None:
@@ -177,10 +206,15 @@ def collect(items: Iterable[tuple[str, str | UploadFile]], limits: Limits) -> Pa
             out.top_k = parse_top_k(value)
         elif name == "target":
             out.target = parse_target(value)
+        elif name == "alpha":
+            out.alpha = parse_alpha(value)
+        elif name == "preview":
+            out.preview = parse_flag(name, value)
         elif name == "images":
             out.uploads.append(_text_upload(len(out.uploads), name, value))
         else:
-            raise Problem(400, f"unexpected form field {name!r}: send image files and optionally top_k (and target)")
+            raise Problem(400, f"unexpected form field {name!r}: send image files and optionally top_k, alpha, "
+                               "preview (and target)")
     return out
 
 
@@ -196,7 +230,7 @@ def _multipart_problem(e: MultiPartException, limits: Limits) -> Problem:
 
 async def read_multipart(headers: Headers, receive: Receive, limits: Limits) -> ParsedRequest:
     parser = MultiPartParser(headers, body_stream(receive, limits), max_files=limits.max_images,
-                             max_fields=len(OPTION_FIELDS) + 8, max_part_size=TEXT_PART_BYTES)
+                             max_fields=MAX_FIELDS, max_part_size=TEXT_PART_BYTES)
     try:
         form = await parser.parse()
     except MultiPartException as e:
@@ -234,12 +268,7 @@ async def read_request(scope: Scope, receive: Receive, limits: Limits) -> Parsed
     else:
         raise Problem(415, "send multipart/form-data with image files (field 'images'), "
                            "or one raw image body with Content-Type image/* or application/dicom")
-    query_k = _query_top_k(scope)
-    if parsed.top_k is None and query_k is not None:
-        parsed.top_k = query_k
-    query_target = _query(scope, "target")
-    if parsed.target is None and query_target:
-        parsed.target = parse_target(query_target)
+    _query_options(scope, parsed)
     if not parsed.uploads:
         raise Problem(400, "no image in the request: attach one or more files (multipart field 'images')")
     return parsed
@@ -252,9 +281,17 @@ def _query(scope: Scope, name: str) -> str | None:
     return values[-1] if values else None
 
 
-def _query_top_k(scope: Scope) -> int | None:
-    raw = _query(scope, "top_k")
-    return parse_top_k(raw) if raw is not None else None
+def _query_options(scope: Scope, parsed: ParsedRequest) -> None:
+    """The options given as query parameters, where the form did not give them."""
+    raw_k, raw_target, raw_alpha, raw_preview = (_query(scope, name) for name in OPTION_FIELDS)
+    if parsed.top_k is None and raw_k is not None:
+        parsed.top_k = parse_top_k(raw_k)
+    if parsed.target is None and raw_target:
+        parsed.target = parse_target(raw_target)
+    if parsed.alpha is None and raw_alpha is not None:
+        parsed.alpha = parse_alpha(raw_alpha)
+    if not parsed.preview and raw_preview is not None:
+        parsed.preview = parse_flag("preview", raw_preview)
 
 
 def parse_target(raw: str) -> str | None:

@@ -204,8 +204,8 @@ def test_transforms_are_the_one_preprocessing(in_home: Path, files: Path) -> Non
     np.testing.assert_array_equal(transform(png), load_image(png, model.preprocessing))
     np.testing.assert_array_equal(model.decode([png]), transform(png)[None])
     logits = model.predict_logits(model.decode(png))
-    temperature = model.card.calibration.temperature if model.card.calibration else None
-    np.testing.assert_allclose(calibrated_probs(logits, temperature)[0], model.predict(png)[0].probs, rtol=1e-6)
+    np.testing.assert_allclose(calibrated_probs(logits, model.card.calibration)[0], model.predict(png)[0].probs,
+                               rtol=1e-6)
     with pytest.raises(ValueError, match="takes uint8 batches of shape"):
         model.predict_logits(np.zeros((1, 3, 64, 64), np.uint8))
 

@@ -32,7 +32,7 @@ from zoo.cli import main
 from zoo.errors import EnsembleError, UsageError
 from zoo.evaluate import evaluate_bundle
 from zoo.inference import bundle_splits
-from zoo.postprocess import interpret, to_probs
+from zoo.postprocess import calibrated_logits, interpret, to_probs, two_class_logits
 from zoo.preprocess import load_image
 from zoo.runtime import OnnxModel, RuntimeOptions
 from zoo.score import CRASH_REASON, ensure_onnx, score_folder
@@ -125,7 +125,8 @@ def test_png_predictions_equal_zoo_eval(scored: dict[str, Any], image_folder: di
     expected = sorted([*image_folder["png"], *image_folder["jpeg"]])
     assert [r["path"] for r in rows] == expected  # one row per image, sorted relative paths
     assert list(rows[0]) == ["path", "model_id", "top_class", *(f"prob_{lab}" for lab in labels), "calibrated",
-                             "ood_score", "in_distribution"]
+                             "ood_score", "in_distribution", "prediction_set"]
+    assert all(r["prediction_set"].split("|")[0] == r["top_class"] for r in rows)  # the set, best first
     assert {r["model_id"] for r in rows} == {read_card(bundle).id}
     assert {r["calibrated"] for r in rows} == {"True"}  # the card carries a temperature: calibrated probabilities
 
@@ -183,12 +184,12 @@ def test_formats_carry_the_same_content(scored: dict[str, Any], image_folder: di
     assert table.column_names == columns == list(jsonl[0])
     parquet = table.to_pylist()
     for c, j, p in zip(rows, jsonl, parquet, strict=True):
-        for key in ("path", "model_id", "top_class"):
+        for key in ("path", "model_id", "top_class", "prediction_set"):
             assert c[key] == j[key] == p[key]
         for key in ("calibrated", "in_distribution"):
             assert c[key] == str(j[key]) == str(p[key]), key
         for key in columns[3:]:
-            if key not in ("calibrated", "in_distribution"):
+            if key not in ("calibrated", "in_distribution", "prediction_set"):
                 # the same float32 value in the three files
                 assert np.float32(c[key]) == np.float32(j[key]) == np.float32(p[key]), key
 
@@ -342,7 +343,7 @@ def second_bundle(bundle: Path, scored: dict[str, Any], tmp_path_factory: pytest
     net = build_net(card)
     store = tmp_path_factory.mktemp("ensemble_store")
     new_id = card.id + "-untrained"
-    raw = {k: v for k, v in card.to_json_dict().items() if k not in ("calibration", "ood", "exports")}
+    raw = {k: v for k, v in card.to_json_dict().items() if k not in ("calibration", "conformal", "ood", "exports")}
     path = save_bundle(store / "bundles" / new_id, net, raw, (bundle / "recipe.yaml").read_text())
     shutil.copytree(bundle, store / "bundles" / bundle.name)
     ensure_onnx(path)
@@ -362,8 +363,10 @@ def test_ensemble_averages_logits(bundle: Path, second_bundle: Path, image_folde
     assert {r["calibrated"] for r in rows} == {"False"}
     prep = models[0].preprocessing
     x = np.stack([load_image(folder / r["path"], prep) for r in rows])
-    temperature = models[0].meta.calibration.temperature  # the first member's logits are calibrated first
-    logits = [models[0].predict(x) / temperature, models[1].predict(x)]
+    # the first member's logits are calibrated first (its card's calibration, whichever was chosen)
+    logits = [calibrated_logits(models[0].predict(x), models[0].meta.calibration), models[1].predict(x)]
+    if logits[0].shape != logits[1].shape:  # a Dirichlet calibration answers with one column per class
+        logits = [two_class_logits(lg) for lg in logits]
     expected = to_probs((logits[0] + logits[1]) / 2)
     got = np.array([[float(r[f"prob_{lab}"]) for lab in labels] for r in rows])
     np.testing.assert_allclose(got, expected, atol=1e-6)

@@ -1188,3 +1188,138 @@ def test_refuse_ood_answers_422_for_flagged_images_only(served: Served, monkeypa
     assert "unlike the model's training images" in results["photo.png"].error
     status, body = asyncio.run(fe.classify("breast", [Upload(0, "photo.png", photo)], None))
     assert status == 422 and "out-of-distribution score" in body.error
+
+
+# --------------------------------------------------------------------------- prediction sets (issue 20)
+
+
+def _sets(body: dict[str, Any]) -> list[tuple[list[str], float]]:
+    return [(r["prediction_set"], r["alpha"]) for r in body["results"]]
+
+
+@pytest.mark.parametrize("task", ["organ", "breast"])  # 11 synthetic classes; the real 2-class BreastMNIST
+def test_prediction_sets_are_the_python_apis_and_alpha_changes_them(server: Server, served: Served, task: str,
+                                                                     tmp_path: Path) -> None:
+    """Every answer carries its prediction set (labels, most probable first) and α: the sets of
+    ``zoo.load(bundle).predict`` and ``zoo.postprocess.interpret`` for the same files, at the card's
+    α by default and at any α asked for (form field or query); a smaller α never gives a smaller set."""
+    import zoo
+    from zoo.card import read_card
+    from zoo.postprocess import interpret
+    from zoo.preprocess import load_image
+
+    if task not in served.bundles:
+        pytest.skip("no BreastMNIST bundle (the real file is not available)")
+    bundle = served.bundles[task]
+    conformal = read_card(bundle).conformal
+    assert conformal is not None, "training fits the conformal scores (zoo.trust.fit)"
+    paths = write_pngs(_test_images(served, task)[:12], tmp_path, task)
+    upload = files(*[(p.name, p.read_bytes()) for p in paths])
+    c = server.client()
+    answers = {None: c.post(f"/{task}", files=upload), 0.05: c.post(f"/{task}", files=upload, data={"alpha": "0.05"}),
+               0.3: c.post(f"/{task}", files=upload, params={"alpha": "0.3"})}
+    assert all(r.status_code == 200 for r in answers.values()), [r.text for r in answers.values()]
+    model, onnx = zoo.load(bundle), _onnx(bundle)
+    out = onnx.outputs(np.stack([load_image(p, onnx.preprocessing) for p in paths]))
+    for alpha, r in answers.items():
+        api = model.predict(paths, alpha=alpha)
+        ref = interpret(out["logits"], onnx.meta, out.get("ood_score"), alpha)
+        for n, (plausible, level) in enumerate(_sets(r.json())):
+            assert level == (conformal.alpha if alpha is None else alpha) == api[n].alpha
+            assert plausible == list(api[n].prediction_set) == ref.prediction_set(n, onnx.labels)
+            assert plausible[0] == r.json()["results"][n]["top"][0]["label"]  # most probable first
+    by_alpha = {a: [set(s) for s, _ in _sets(r.json())] for a, r in answers.items()}
+    for wide, default, narrow in zip(by_alpha[0.05], by_alpha[None], by_alpha[0.3], strict=True):
+        assert wide >= default >= narrow  # p-values >= alpha: a smaller alpha keeps every class a larger one keeps
+
+
+BAD_ALPHAS = ("0", "1", "-0.1", "1.5", "abc", "nan", "")
+
+
+@pytest.mark.parametrize("route", ["/skin", "/pathology_ensemble", "/pathology/explain"])
+def test_bad_alpha_answers_422_with_the_reason(server: Server, route: str) -> None:
+    """As a form field or a query parameter, before any work (an explanation loads nothing)."""
+    c = server.client()
+    for raw in BAD_ALPHAS[:-1]:
+        for how in ({"data": {"alpha": raw}}, {"params": {"alpha": raw}}):
+            r = c.post(route, files=files(("a.png", _good_png())), **how)
+            assert r.status_code == 422, (route, raw, how, r.text)
+            assert "alpha must be" in r.json()["error"] and "between 0 and 1" in r.json()["error"]
+    if not route.endswith("/explain"):  # (the first explanation loads torch: tests/test_ui.py)
+        r = c.post(route, files=files(("a.png", _good_png())), data={"alpha": BAD_ALPHAS[-1]})
+        assert r.status_code == 200, r.text  # an empty field is no alpha: the card's
+
+
+def _member_paths(served: Served, order: list[str]) -> list[Path]:
+    from zoo.card import read_card
+
+    by_id = {read_card(p).id: p for p in served.members}
+    return [by_id[i] for i in order]
+
+
+def test_ensemble_answers_its_own_sets_and_so_does_its_explanation(server: Server, served: Served,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ensemble's sets are its own (``zoo.ensemble.ensemble_conformal`` of its members' validation
+    logits, then ``combine``); the explanation worker (in-process here: its first call loads torch,
+    longer than this server's request timeout) answers the same sets for the same images."""
+    from serving.config import ENSEMBLE_ROUTE, load_config
+    from serving.explainer import ExplainTable
+    from zoo.ensemble import combine, ensemble_conformal
+    from zoo.preprocess import load_image
+
+    pngs = [encode(array_to_image(a)) for a in _test_images(served, "pathology")[:6]]
+    ens = server.client().post("/pathology_ensemble", files=files(*[(f"{i}.png", p) for i, p in enumerate(pngs)]),
+                               params={"alpha": "0.2"})
+    assert ens.status_code == 200, ens.text
+    paths = _member_paths(served, [m["id"] for m in ens.json()["model"]["ensemble"]])
+    members = [_onnx(p) for p in paths]
+    x = np.stack([load_image(p, members[0].preprocessing) for p in pngs])
+    outs = [m.outputs(x) for m in members]
+    conformal = ensemble_conformal(paths, [m.meta for m in members])
+    assert conformal is not None, "both members keep their validation logits"
+    expected = combine([o["logits"] for o in outs], [m.meta for m in members], [o.get("ood_score") for o in outs],
+                       conformal, 0.2)
+    assert _sets(ens.json()) == [(expected.prediction_set(n, members[0].labels), 0.2) for n in range(len(pngs))]
+    monkeypatch.setenv("MEDZOO_HOME", str(served.root))
+    monkeypatch.setenv("MEDZOO_SERVE_SOURCE", "store")
+    monkeypatch.setenv("MEDZOO_ENSEMBLE_MEMBERS", ",".join(p.name for p in paths))
+    table = ExplainTable(load_config().model_copy(update={"store": served.root}))
+    explained = table.explain(ENSEMBLE_ROUTE, x, None, 3, 0.2)
+    assert explained.error is None, explained.error
+    assert _sets(explained.model_dump()) == _sets(ens.json())
+
+
+def test_openapi_documents_alpha_and_the_prediction_set(server: Server) -> None:
+    spec = server.client().get("/docs.json").json()
+    for route in ("/skin", "/pathology_ensemble", "/skin/explain", "/pathology_ensemble/explain"):
+        op = spec["paths"][route]["post"]
+        body = _resolve(spec, op["requestBody"]["content"]["multipart/form-data"]["schema"])
+        alpha = body["properties"]["alpha"]
+        assert "422" in alpha["description"] and "1 - alpha" in alpha["description"]
+        assert ("preview" in body["properties"]) == (not route.endswith("/explain"))
+        answer = _resolve(spec, op["responses"]["200"]["content"]["application/json"]["schema"])
+        item = _resolve(spec, answer["properties"]["results"]["items"])
+        assert {"prediction_set", "alpha"} <= set(item["properties"]), route
+        assert "alpha" in op["description"]
+
+
+def test_preview_is_the_decoded_image_the_model_saw(server: Server, served: Served) -> None:
+    """``preview=true``: each answered image carries the decoded array (uint8, the model's image size)
+    as a PNG, exactly what ``zoo.preprocess.load_image`` gives (a DICOM file too); not asked, none."""
+    import base64
+
+    from zoo.preprocess import load_image
+
+    prep = _onnx(served.bundles["organ"]).preprocessing
+    items = {"a.png": _good_png(), "b.jpg": encode(noise_image(seed=3), "JPEG")}
+    if _decoder_takes_dicom():
+        items["c.dcm"] = _dicom_files()["CT_small.dcm"]
+    c = server.client()
+    r = c.post("/organ", files=files(*items.items()), data={"preview": "true"})
+    assert r.status_code == 200, r.text
+    for res in r.json()["results"]:
+        with Image.open(io.BytesIO(base64.b64decode(res["preview_png"]))) as img:
+            assert img.format == "PNG"
+            np.testing.assert_array_equal(np.asarray(img)[None], load_image(items[res["filename"]], prep))
+    assert "preview_png" not in c.post("/organ", files=files(("a.png", items["a.png"]))).json()["results"][0]
+    assert c.post("/organ", files=files(("a.png", items["a.png"])), params={"preview": "maybe"}).status_code == 400

@@ -164,6 +164,8 @@ def test_explain_answers_classes_and_overlays(server: Server) -> None:
         assert np.allclose([probs[label] for label in expected["labels"]], expected["probs"][n], atol=1e-4)
         assert mine.get("in_distribution") == (None if expected["ood"] is None else bool(expected["ood"][n]))
         assert mine["explained"] == mine["predicted"] == mine["top"][0]
+        # the prediction set and its level, as the prediction endpoint answers them (issue 20)
+        assert (mine["prediction_set"], mine["alpha"]) == (onnx["prediction_set"], onnx["alpha"])
 
 
 def test_explain_target_by_label_and_refusals(server: Server) -> None:
@@ -220,6 +222,14 @@ def _screenshot(page: Any, name: str) -> Path:
     return path
 
 
+def _plausible(result: dict[str, Any]) -> str:
+    """The page's line for an answer's prediction set: the level, then the labels, best first ("; "
+    between them when a label holds a comma, as BreastMNIST's "normal, benign" does)."""
+    labels = result["prediction_set"]
+    sep = "; " if any("," in label for label in labels) else ", "
+    return f"plausible at {100 * (1 - result['alpha']):g} %: {sep.join(labels)}"
+
+
 def test_page_uploads_classifies_and_shows_the_overlay(server: Server, browser: Any) -> None:
     page = browser.new_page(viewport={"width": 1200, "height": 900})
     requests: list[str] = []
@@ -253,6 +263,7 @@ def test_page_uploads_classifies_and_shows_the_overlay(server: Server, browser: 
         assert overlay.evaluate("img => img.naturalWidth") == 224
         assert "Grad-CAM for" in card.locator(".overlay figcaption").inner_text()
         assert card.locator(".ood").is_hidden()
+        assert card.locator(".plausible").inner_text() == _plausible(want)
     assert page.locator("#status").inner_text().startswith("Done")
     _screenshot(page, "ui-breast.png")
     assert not errors, errors
@@ -283,4 +294,40 @@ def test_page_shows_the_out_of_distribution_warning(server: Server, browser: Any
     assert "unlike the images the model was trained on (score 4.25)" in page.locator(".card .ood").inner_text()
     assert page.locator(".card .overlay").is_hidden(), "explanations were switched off"
     _screenshot(page, "ui-ood-warning.png")
+    page.close()
+
+
+def _dicom_file() -> Path:
+    from pydicom.data import get_testdata_file
+
+    return Path(get_testdata_file("CT_small.dcm"))
+
+
+def test_page_offers_dicom_and_shows_a_dicom_upload_as_the_model_saw_it(server: Server, browser: Any) -> None:
+    """The file chooser offers DICOM; a DICOM file, which the browser cannot show, is shown as the
+    server decoded it for the model (the answer's ``preview_png``), with its prediction set."""
+    page = browser.new_page(viewport={"width": 1000, "height": 800})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(f"{server.url}/ui/")
+    accept = page.locator("#files").get_attribute("accept")
+    assert "application/dicom" in accept and ".dcm" in accept
+    assert "DICOM" in page.locator(".drop .muted").inner_text()
+    page.wait_for_selector("#task option[value=breast]:not([disabled])", state="attached")
+    page.select_option("#task", "breast")
+    page.uncheck("#explain")
+    page.set_input_files("#files", [str(_dicom_file())])
+    page.click("#run")
+    page.wait_for_selector(".card .original.decoded img", timeout=60_000)
+    page.wait_for_function("() => document.querySelector('.card .original img').naturalWidth > 0")
+    size = page.locator(".card .original img").evaluate("i => [i.naturalWidth, i.naturalHeight]")
+    with server.client() as c:
+        want = c.post("/breast", files=[("images", ("CT_small.dcm", _dicom_file().read_bytes(), "application/dicom"))]
+                      ).json()["results"][0]
+        prep = next(m for m in c.get("/models").json()["models"] if m["task"] == "breast")["preprocessing"]
+    assert size == [prep["image_size"]] * 2, "the image the model saw, at its image size"
+    assert "as the model saw it" in page.locator(".card .original figcaption").inner_text()
+    assert page.locator(".card .plausible").inner_text() == _plausible(want)
+    _screenshot(page, "ui-dicom.png")
+    assert not errors, errors
     page.close()

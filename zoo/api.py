@@ -33,9 +33,9 @@ from typing import Any, Literal
 import numpy as np
 
 from zoo.card import ONNX_FILE, Card, ExportMeta, ModelInfo, read_card
-from zoo.ensemble import EnsemblePredictions, check_compatible, combine, resolve_models
+from zoo.ensemble import EnsemblePredictions, check_compatible, combine, ensemble_conformal, resolve_models
 from zoo.errors import ImageError, ModelFileError, UsageError
-from zoo.postprocess import Predictions, interpret, top_classes
+from zoo.postprocess import Predictions, check_alpha, interpret, top_classes
 from zoo.preprocess import MAX_PIXELS, ImageSource, ImageTransform, Preprocessing, Window
 from zoo.runtime import OnnxModel, RuntimeOptions, bundle_card
 from zoo.settings import runtime_options
@@ -64,7 +64,10 @@ class Prediction:
     ``top_k`` most probable classes, best first. ``calibrated``, ``ood_score`` and
     ``in_distribution`` come from the card (calibration, out-of-distribution detector) and are
     ``False`` / ``None`` until it carries them; ``agreement`` is, for an ensemble, the fraction of
-    members whose own answer is the ensemble's.
+    members whose own answer is the ensemble's. ``prediction_set``: the classes plausible at level
+    1 − ``alpha`` (split conformal prediction: the true class is in it for at least that share of
+    images like the validation split's), most probable first; ``None`` until the card carries
+    conformal scores (``zoo calibrate``).
     """
 
     label: str
@@ -76,15 +79,17 @@ class Prediction:
     ood_score: float | None = None
     in_distribution: bool | None = None
     agreement: float | None = None
+    prediction_set: tuple[str, ...] | None = None
+    alpha: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the shape of one image's answer in the service)."""
         out: dict[str, Any] = {"label": self.label, "class": self.index, "prob": self.prob,
                                "top": [{"class": c.index, "label": c.label, "prob": c.prob} for c in self.top],
                                "calibrated": self.calibrated}
-        for name in ("ood_score", "in_distribution", "agreement"):
+        for name in ("ood_score", "in_distribution", "agreement", "prediction_set", "alpha"):
             if getattr(self, name) is not None:
-                out[name] = getattr(self, name)
+                out[name] = list(self.prediction_set) if name == "prediction_set" else getattr(self, name)
         return out
 
 
@@ -97,11 +102,13 @@ def _predictions(answer: Predictions, labels: Sequence[str], top_k: int) -> list
         probs = answer.probs[n]
         k = int(answer.classes[n])
         top = tuple(ClassScore(t["class"], t["label"], t["prob"]) for t in top_classes(probs, labels, top_k))
+        plausible = answer.prediction_set(n, labels)
         out.append(Prediction(
             label=labels[k], index=k, prob=float(probs[k]), probs=probs, top=top, calibrated=answer.calibrated,
             ood_score=None if answer.ood_score is None else float(answer.ood_score[n]),
             in_distribution=None if answer.in_distribution is None else bool(answer.in_distribution[n]),
             agreement=None if agreement is None else float(agreement[n]),
+            prediction_set=None if plausible is None else tuple(plausible), alpha=answer.alpha,
         ))
     return out
 
@@ -149,28 +156,34 @@ class _Predictor(ABC):
         return np.stack(arrays) if arrays else np.zeros((0, c, s, s), np.uint8)
 
     def predict(self, images: ImageSource | Sequence[ImageSource], top_k: int = DEFAULT_TOP_K,
-                batch_size: int = DEFAULT_BATCH) -> list[Prediction]:
+                batch_size: int = DEFAULT_BATCH, alpha: float | None = None) -> list[Prediction]:
         """One :class:`Prediction` per image, in order (a list also for a single image).
 
         ``images``: a path, bytes, a binary file, a ``PIL.Image``, a pydicom ``Dataset``, a numpy
         image (``(H, W)``, ``(H, W, C)`` or ``(C, H, W)``; any size), a list of those, or a 4-D
-        array (a batch). DICOM files are read with their rescale and window.
+        array (a batch). DICOM files are read with their rescale and window. ``alpha``: the level of
+        the prediction sets, 1 − ``alpha`` (default: the card's, 0.1).
         """
         if top_k < 1:
             raise UsageError(f"top_k must be at least 1, not {top_k}")
+        if alpha is not None:
+            try:
+                alpha = check_alpha(alpha)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
         if batch_size < 1:
             raise UsageError(f"batch_size must be at least 1, not {batch_size}")
         batch = self.decode(images)
         answers: list[Prediction] = []
         for start in range(0, len(batch), batch_size):
-            answers += self._answer(batch[start : start + batch_size], top_k)
+            answers += self._answer(batch[start : start + batch_size], top_k, alpha)
         return answers
 
     __call__ = predict
 
     @abstractmethod
-    def _answer(self, batch: np.ndarray, top_k: int) -> list[Prediction]:
-        """The answers for one batch of uint8 images (N, C, H, W)."""
+    def _answer(self, batch: np.ndarray, top_k: int, alpha: float | None) -> list[Prediction]:
+        """The answers for one batch of uint8 images (N, C, H, W), sets at level 1 − ``alpha``."""
 
 
 class Model(_Predictor):
@@ -212,9 +225,9 @@ class Model(_Predictor):
         """Raw logits ``(N, K')`` for a decoded uint8 batch ``(N, C, H, W)``."""
         return self.outputs(batch)["logits"]
 
-    def _answer(self, batch: np.ndarray, top_k: int) -> list[Prediction]:
+    def _answer(self, batch: np.ndarray, top_k: int, alpha: float | None) -> list[Prediction]:
         out = self.outputs(batch)
-        return _predictions(interpret(out["logits"], self.card, out.get("ood_score")), self.labels, top_k)
+        return _predictions(interpret(out["logits"], self.card, out.get("ood_score"), alpha), self.labels, top_k)
 
     def __repr__(self) -> str:
         p = self.preprocessing
@@ -232,6 +245,8 @@ class Ensemble(_Predictor):
         first = self.members[0]
         self.labels, self.preprocessing = first.labels, first.preprocessing
         self.window, self.max_pixels = first.window, first.max_pixels
+        # the sets of the ensemble's own calibrated probabilities on the members' validation split
+        self.conformal = ensemble_conformal([m.path for m in self.members], self.cards)
 
     @property
     def cards(self) -> list[Card | ExportMeta]:
@@ -241,11 +256,11 @@ class Ensemble(_Predictor):
     def ids(self) -> list[str]:
         return [m.id for m in self.members]
 
-    def _answer(self, batch: np.ndarray, top_k: int) -> list[Prediction]:
+    def _answer(self, batch: np.ndarray, top_k: int, alpha: float | None) -> list[Prediction]:
         outs = [m.outputs(batch) for m in self.members]
-        cards = [m.card for m in self.members]
-        return _predictions(combine([o["logits"] for o in outs], cards, [o.get("ood_score") for o in outs]),
-                            self.labels, top_k)
+        answer = combine([o["logits"] for o in outs], self.cards, [o.get("ood_score") for o in outs],
+                         self.conformal, alpha)
+        return _predictions(answer, self.labels, top_k)
 
     def __repr__(self) -> str:
         return f"Ensemble({self.ids}, combine='mean of logits', backend={self.members[0].backend!r})"

@@ -155,15 +155,83 @@ class EnsembleInfo(_Open):
 
 
 class CalibrationInfo(_Open):
-    """Temperature scaling fitted on the validation split (Guo et al. 2017): probabilities are
-    ``softmax(logits / T)`` (``sigmoid(z / T)`` for a single logit)."""
+    """How logits become calibrated probabilities, chosen on the validation split by evidence.
+
+    ``kind``: ``"temperature"`` (Guo et al. 2017: ``softmax(z / T)``, ``sigmoid(z / T)`` for a single
+    logit), ``"dirichlet"`` (Kull et al. 2019: ``softmax(W · log p + b)`` with ``p`` the uncalibrated
+    probabilities) or ``"none"`` (the network's own probabilities were the best). ``candidates``: each
+    candidate's cross-validated NLL on validation, the chosen one the lowest. Cards written before
+    the choice existed are temperature scaling.
+    """
 
     method: str = "temperature scaling (Guo et al., ICML 2017), fitted on the validation split"
-    temperature: float = Field(gt=0)
+    kind: Literal["none", "temperature", "dirichlet"] = "temperature"
+    temperature: float = Field(1.0, gt=0)
+    weights: list[list[float]] | None = None  # dirichlet: W (K, K)
+    bias: list[float] | None = None  # dirichlet: b (K,)
+    candidates: dict[str, float] = {}  # kind -> cross-validated validation NLL
+    choice: str = ""  # one sentence: why this kind
     # binary tasks: the P(class 1) threshold maximising Youden's J on validation (reported, not applied)
     threshold: float | None = None
     # {"val" | "test": {"before" | "after": {"ece", "brier", "nll"}}}
     metrics: dict[str, dict[str, dict[str, float]]] = {}
+
+
+class ConformalInfo(_Open):
+    """Split conformal prediction sets fitted on the validation split's calibrated probabilities.
+
+    The set at level 1 − α holds every class whose conformal p-value ``(#{s_i ≥ s} + 1) / (n + 1)``
+    is at least α, ``s_i`` the validation conformity scores (those of the same class when
+    ``mondrian``); keeping the scores lets any α be asked for. ``score``: LAC (1 − p of the class),
+    APS (probability mass down to the class) or RAPS (APS plus a penalty past rank ``raps_k``).
+    """
+
+    method: str = ""
+    score: Literal["lac", "aps", "raps"] = "lac"
+    raps_lambda: float = 0.0
+    raps_k: int = 0
+    mondrian: bool = False
+    why: str = ""  # why class-conditional (Mondrian) or marginal
+    alpha: float = Field(0.1, gt=0, lt=1)  # the default level of the answers
+    scores: list[list[float]] = Field(min_length=1)  # sorted; one list per class when mondrian, else one
+    # score name -> {"coverage", "mean_set_size"} at ``alpha``, cross-validated on validation
+    candidates: dict[str, dict[str, float]] = {}
+    # {"val" | "test": {"coverage", "mean_set_size", ...}} at ``alpha``
+    metrics: dict[str, dict[str, float]] = {}
+    # the validation logits and labels (an ensemble of bundles fits its own sets from its members')
+    validation_file: str = "validation.safetensors"
+    validation_sha256: str = ""
+
+
+class RobustnessRow(_Open):
+    """One corruption at one severity applied to the test split (``zoo eval --corruptions``)."""
+
+    corruption: str
+    severity: int
+    acc: float
+    auc: float
+    balanced_error: float
+    ood_flagged: float | None = None  # share flagged out-of-distribution
+    coverage: float | None = None  # conformal coverage at the card's alpha
+    mean_set_size: float | None = None
+
+
+class RobustnessInfo(_Open):
+    """Robustness to acquisition artefacts (MedMNIST-C, Di Salvo et al. 2024) on the test split."""
+
+    source: str = ""  # which corruption set (the medmnistc registry of a dataset, or the generic set)
+    baseline: str = ""  # what BE / rBE are relative to
+    resolution: str = ""  # at which size the corruptions were applied
+    alpha: float | None = None  # the level of the prediction sets measured
+    threshold: float | None = None  # binary tasks: P(class 1) above it predicts class 1 (balanced error)
+    threshold_source: str = ""  # where the threshold comes from (the card's calibration, or 0.5)
+    seed: int = 0  # the corruptions' random draws
+    images: int = 0  # test images corrupted (all, or a seeded sample)
+    clean: dict[str, float | None] = {}  # the same metrics on the uncorrupted test split
+    rows: list[RobustnessRow] = []
+    be: dict[str, float] = {}  # corruption -> balanced error relative to the baseline's
+    rbe: dict[str, float] = {}  # corruption -> relative balanced error
+    summary: dict[str, float] = {}  # mean BE / rBE and the like
 
 
 class OODInfo(_Open):
@@ -195,6 +263,7 @@ class ModelInfo(_Open):
     tta: list[Literal["hflip", "vflip"]] = []
     calibration: CalibrationInfo | None = None
     ood: OODInfo | None = None
+    conformal: ConformalInfo | None = None
 
     @property
     def num_classes(self) -> int:
@@ -231,6 +300,7 @@ class Card(ModelInfo):
     created: str = ""
     exports: dict[str, ExportRecord] = {}
     tuning: Tuning | None = None  # set by `zoo tune` on the best trial's bundle
+    robustness: RobustnessInfo | None = None  # set by `zoo eval --corruptions`
 
     def to_json_dict(self) -> dict[str, Any]:
         """The JSON object written to ``card.json`` (NaN kept as in Python's json)."""
@@ -308,6 +378,7 @@ def _plain(v: Any) -> Any:
 
 
 __all__ = ["CARD", "EXPORT_FILES", "ONNX_FILE", "ONNX_FP16_FILE", "README", "RECIPE", "SCHEMA", "TORCHSCRIPT_FILE",
-           "WEIGHTS", "CalibrationInfo", "Card", "DatasetInfo", "EnsembleInfo", "EnsembleMember", "ExportMeta",
-           "ExportRecord", "Metrics", "ModelInfo", "OODInfo", "Reported", "SplitMetrics", "TrainingInfo", "Tuning",
-           "parse_card", "read_card", "update_card", "write_card"]
+           "WEIGHTS", "CalibrationInfo", "Card", "ConformalInfo", "DatasetInfo", "EnsembleInfo", "EnsembleMember",
+           "ExportMeta", "ExportRecord", "Metrics", "ModelInfo", "OODInfo", "Reported", "RobustnessInfo",
+           "RobustnessRow", "SplitMetrics", "TrainingInfo", "Tuning", "parse_card", "read_card", "update_card",
+           "write_card"]

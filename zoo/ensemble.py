@@ -13,6 +13,9 @@ API, so the same images give the same probabilities and classes everywhere (a te
   the fraction of members whose own predicted class is the ensemble's. With out-of-distribution
   detectors, the ensemble's ``ood_score`` is the mean over members of their score minus their own
   threshold, and an image is in distribution when that mean is not above 0.
+* Prediction sets: :func:`ensemble_conformal` — the members' conformal score and Mondrian choice,
+  fitted on the ensemble's own calibrated validation probabilities (from the validation logits each
+  member bundle keeps), so the set follows the ensemble's answer, not one member's.
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from zoo.card import CARD, ModelInfo, read_card
+from zoo.card import CARD, ConformalInfo, ModelInfo, read_card
 from zoo.errors import BundleError, EnsembleError
-from zoo.postprocess import Predictions, to_probs
+from zoo.io import sha256_of
+from zoo.postprocess import Predictions, calibrated_logits, calibration_scores, to_probs, two_class_logits, with_sets
 from zoo.store import ModelRef, bundles_dir, dataset_of, rank_bundles, resolve_target
 
 log = logging.getLogger(__name__)
@@ -46,9 +50,13 @@ class EnsemblePredictions(Predictions):
     member_probs: np.ndarray  # (N, M, K) float32
 
 
-def _temperatures(members: Sequence[ModelInfo] | None, m: int) -> np.ndarray:
-    temps = [mi.calibration.temperature if mi.calibration is not None else 1.0 for mi in members or ()]
-    return np.asarray(temps or [1.0] * m, dtype=np.float32)
+def _calibrated(member_logits: Sequence[np.ndarray] | np.ndarray, members: Sequence[ModelInfo] | None) -> np.ndarray:
+    """(M, N, K') each member's calibrated logits (K' = 1 only when every member keeps one logit)."""
+    cals = [mi.calibration for mi in members] if members else [None] * len(member_logits)
+    out = [calibrated_logits(m, c) for m, c in zip(member_logits, cals, strict=True)]
+    if len({o.shape[1] for o in out}) > 1:  # a Dirichlet-calibrated member answers with K columns
+        out = [two_class_logits(o) for o in out]
+    return np.stack(out)
 
 
 def _ood(members: Sequence[ModelInfo] | None, scores: Sequence[np.ndarray | None] | None) -> np.ndarray | None:
@@ -61,13 +69,15 @@ def _ood(members: Sequence[ModelInfo] | None, scores: Sequence[np.ndarray | None
 
 
 def combine(member_logits: Sequence[np.ndarray] | np.ndarray, members: Sequence[ModelInfo] | None = None,
-            ood_scores: Sequence[np.ndarray | None] | None = None) -> EnsemblePredictions:
+            ood_scores: Sequence[np.ndarray | None] | None = None, conformal: ConformalInfo | None = None,
+            alpha: float | None = None) -> EnsemblePredictions:
     """Combine logits of shape (M, N, K') — one (N, K') array per member — with what the members'
-    cards say (calibration temperatures, out-of-distribution thresholds)."""
-    stacked = np.stack([np.asarray(m, dtype=np.float32) for m in member_logits])
-    if stacked.ndim != 3 or len(stacked) < 1:
-        raise EnsembleError(f"member logits must be (M, N, K), not {stacked.shape}")
-    stacked = stacked / _temperatures(members, len(stacked))[:, None, None]
+    cards say (calibrations, out-of-distribution thresholds); with the ensemble's ``conformal``
+    (:func:`ensemble_conformal`), each answer's prediction set at level 1 − ``alpha``."""
+    shapes = {np.shape(m) for m in member_logits}
+    if len(member_logits) < 1 or len(shapes) != 1 or len(next(iter(shapes))) != 2:
+        raise EnsembleError(f"member logits must be (M, N, K), not {sorted(shapes)}")
+    stacked = _calibrated([np.asarray(m, dtype=np.float32) for m in member_logits], members)
     mean = stacked.mean(axis=0, dtype=np.float64).astype(np.float32)
     probs = to_probs(mean)
     classes = probs.argmax(axis=1).astype(np.int64)
@@ -76,9 +86,56 @@ def combine(member_logits: Sequence[np.ndarray] | np.ndarray, members: Sequence[
     agreement = (member_classes == classes[:, None]).mean(axis=1).astype(np.float32)
     calibrated = bool(members) and all(mi.calibration is not None for mi in members or ())
     ood = _ood(members, ood_scores)
-    return EnsemblePredictions(probs=probs, classes=classes, calibrated=calibrated, ood_score=ood,
-                               in_distribution=None if ood is None else ood <= 0, logits=mean, agreement=agreement,
-                               member_classes=member_classes, member_probs=member_probs)
+    answer = EnsemblePredictions(probs=probs, classes=classes, calibrated=calibrated, ood_score=ood,
+                                 in_distribution=None if ood is None else ood <= 0, logits=mean, agreement=agreement,
+                                 member_classes=member_classes, member_probs=member_probs)
+    return with_sets(answer, conformal, alpha)
+
+
+def bundle_dir(target: str | Path) -> Path | None:
+    """The bundle a model file or directory belongs to (None for a lone ``.onnx`` file)."""
+    p = Path(target)
+    for d in (p, p.parent):
+        if (d / CARD).is_file():
+            return d
+    return None
+
+
+def _validation(target: str | Path, info: ModelInfo) -> tuple[np.ndarray, np.ndarray] | None:
+    """A member's validation logits and labels, when its bundle keeps them unchanged."""
+    from safetensors.numpy import load_file  # numpy only: the ONNX path stays torch-free
+
+    bundle, conf = bundle_dir(target), info.conformal
+    if bundle is None or conf is None or not (bundle / conf.validation_file).is_file():
+        return None
+    path = bundle / conf.validation_file
+    if conf.validation_sha256 and sha256_of(path) != conf.validation_sha256:
+        log.warning("%s does not match the sha256 in its card: no prediction sets from it", path)
+        return None
+    data = load_file(str(path))
+    return data["logits"], data["labels"]
+
+
+def ensemble_conformal(targets: Sequence[str | Path], members: Sequence[ModelInfo]) -> ConformalInfo | None:
+    """The ensemble's conformal predictor: the first member's score and Mondrian choice, its scores
+    computed from the ensemble's calibrated probabilities on the shared validation split. None (no
+    sets) when a member has no conformal scores or validation logits, or the members were validated
+    on different images."""
+    parts = [_validation(t, mi) for t, mi in zip(targets, members, strict=True)]
+    if not members or any(p is None for p in parts):
+        return None
+    labels = parts[0][1]  # type: ignore[index]
+    if any(len(p[1]) != len(labels) or not np.array_equal(p[1], labels) for p in parts):  # type: ignore[index]
+        log.warning("the ensemble's members were validated on different images: no prediction sets")
+        return None
+    probs = to_probs(_calibrated([p[0] for p in parts], members).mean(axis=0))  # type: ignore[index]
+    first = members[0].conformal
+    assert first is not None
+    scores = calibration_scores(probs, labels, first.score, first.mondrian, first.raps_lambda, first.raps_k)
+    return first.model_copy(update={
+        "scores": scores, "metrics": {}, "candidates": {}, "validation_sha256": "",
+        "method": first.method.split(";")[0] + f"; of the ensemble's calibrated validation probabilities "
+                                                f"({len(members)} members, {COMBINE})"})
 
 
 def check_compatible(members: Sequence[ModelInfo]) -> None:
@@ -144,5 +201,5 @@ def member_cards(paths: Sequence[Path]) -> list[ModelInfo]:
     return [read_card(p) for p in paths]
 
 
-__all__ = ["COMBINE", "EnsemblePredictions", "check_compatible", "choose_members", "combine", "member_cards",
-           "resolve_models"]
+__all__ = ["COMBINE", "EnsemblePredictions", "bundle_dir", "check_compatible", "choose_members", "combine",
+           "ensemble_conformal", "member_cards", "resolve_models"]

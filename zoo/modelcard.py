@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from zoo.benchmarks import published
-from zoo.card import README, Card, read_card
+from zoo.card import README, CalibrationInfo, Card, read_card
 from zoo.io import atomic_write_bytes
 
 NOT_FOR_DIAGNOSIS = (
@@ -115,8 +115,10 @@ def _trust(card: Card) -> str:
         rows = [[split, _num(m["before"]["ece"]), _num(m["after"]["ece"]), _num(m["before"]["brier"]),
                  _num(m["after"]["brier"]), _num(m["before"]["nll"]), _num(m["after"]["nll"])]
                 for split, m in cal.metrics.items()]
-        parts += [f"Probabilities are calibrated by {cal.method}: temperature {cal.temperature:.3f}.", "",
-                  _table(["split", "ECE before", "ECE after", "Brier before", "Brier after", "NLL before",
+        parts += [f"Probabilities are calibrated by {cal.method}{_calibration_params(cal)}.", ""]
+        if cal.choice:
+            parts += [cal.choice, ""]
+        parts += [_table(["split", "ECE before", "ECE after", "Brier before", "Brier after", "NLL before",
                           "NLL after"], rows), "", "Reliability diagram: `reliability.png`."]
         if cal.threshold is not None:
             parts += ["", f"Decision threshold on P({card.labels[1]}) maximising Youden's J on validation: "
@@ -126,6 +128,62 @@ def _trust(card: Card) -> str:
                       f"is flagged; this flags {_num(ood.rates.get('val_flagged'), True)} of the validation and "
                       f"{_num(ood.rates.get('test_flagged'), True)} of the test images. The score is an output of "
                       "the exported model (`ood_score`)."]
+    return "\n".join(parts)
+
+
+def _calibration_params(cal: CalibrationInfo) -> str:
+    if cal.kind == "temperature":
+        return f": temperature {cal.temperature:.3f}"
+    return " (a K × K matrix and a bias on the log-probabilities)" if cal.kind == "dirichlet" else ""
+
+
+def _sets(card: Card) -> str:
+    conf = card.conformal
+    if conf is None:
+        return ("## Prediction sets\n\nNot fitted: answers carry no prediction set. `zoo calibrate BUNDLE` fits "
+                "them on the validation split.")
+    level = f"{1 - conf.alpha:.0%}"
+    parts = ["## Prediction sets", "",
+             f"Every answer carries the set of classes plausible at {level} (`prediction_set`; any level with "
+             f"`alpha`): {conf.method}. {conf.why[0].upper() + conf.why[1:]}.", ""]
+    if conf.candidates:
+        rows = [[name, _num(c.get("coverage"), True), _num(c.get("mean_set_size"))]
+                for name, c in conf.candidates.items() if c]
+        parts += [f"Scores compared on validation (cross-validated, α = {conf.alpha}):", "",
+                  _table(["score", "coverage", "mean set size"], rows), ""]
+    rows = [[split, _num(m.get("coverage"), True), _num(m.get("mean_set_size"))] + [
+             _num(m.get(f"coverage_{k}"), True) for k in range(len(card.labels))] for split, m in conf.metrics.items()]
+    if rows:
+        parts += [f"At α = {conf.alpha} (validation: in-sample; test: evaluated once, choosing nothing):", "",
+                  _table(["split", "coverage", "mean set size", *[f"coverage {lab}" for lab in card.labels]], rows)]
+    return "\n".join(parts)
+
+
+def _robustness(card: Card) -> str:
+    """``zoo eval --corruptions``: the corruption × severity table and BE / rBE (nothing before it ran)."""
+    rob = card.robustness
+    if rob is None:
+        return ""
+    level = f"at α = {rob.alpha}" if rob.alpha is not None else "(no prediction sets)"
+    head = ["corruption", "severity", "ACC", "AUC", "balanced error", "flagged OOD", f"coverage {level}", "set size"]
+
+    def cells(r: dict[str, Any]) -> list[str]:
+        return [_num(r.get("acc"), True), _num(r.get("auc")), _num(r.get("balanced_error")),
+                _num(r.get("ood_flagged"), True), _num(r.get("coverage"), True), _num(r.get("mean_set_size"))]
+
+    rows = [["clean", "–", *cells(rob.clean)]] + [[r.corruption, str(r.severity), *cells(r.model_dump())]
+                                                  for r in rob.rows]
+    parts = ["## Robustness to acquisition artefacts", "",
+             f"{rob.source}, applied to {rob.images} test images {rob.resolution} (seed {rob.seed}; "
+             "`zoo eval --corruptions`). Balanced error (MedMNIST-C's): 1 − balanced accuracy; threshold: "
+             f"{rob.threshold_source}.", "", _table(head, rows)]
+    if rob.be:
+        brows = [[name, _num(rob.be[name]), _num(rob.rbe[name])] for name in rob.be]
+        brows.append(["**mean**", _num(rob.summary.get("be")), _num(rob.summary.get("rbe"))])
+        parts += ["", f"Against the baseline: {rob.baseline}. Below 1: more robust than it.", "",
+                  _table(["corruption", "BE", "rBE"], brows)]
+    else:
+        parts += ["", f"BE / rBE: {rob.baseline}."]
     return "\n".join(parts)
 
 
@@ -212,8 +270,8 @@ def _limitations(card: Card) -> str:
 
 def render(card: Card) -> str:
     """The Markdown model card of a bundle's card."""
-    sections = [_overview(card), _intended_use(card), _data(card), _metrics(card), _trust(card), _training(card),
-                _tuning(card), _exports(card), _limitations(card)]
+    sections = [_overview(card), _intended_use(card), _data(card), _metrics(card), _trust(card), _sets(card),
+                _robustness(card), _training(card), _tuning(card), _exports(card), _limitations(card)]
     return "\n\n".join(s for s in sections if s) + "\n"
 
 

@@ -6,7 +6,10 @@ API, ensembles:
 * a head of K ≥ 2 logits gives ``softmax(logits)``;
 * a single-logit head (BCE / hinge losses) gives ``[1 - sigmoid(z), sigmoid(z)]``;
 * the predicted class is the argmax of those probabilities (for a single logit: ``z > 0``; a tie
-  at exactly 0 goes to class 0, as argmax does).
+  at exactly 0 goes to class 0, as argmax does);
+* with a calibration in the card, the probabilities are the calibrated ones (:func:`calibrated_probs`);
+* with conformal scores in the card, each answer carries a prediction set at level 1 − α
+  (:func:`prediction_sets`): the classes whose conformal p-value is at least α, never empty.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import numpy as np
 from zoo.errors import ExplainError, unknown
 
 if TYPE_CHECKING:
-    from zoo.card import ModelInfo
+    from zoo.card import CalibrationInfo, ConformalInfo, ModelInfo
 
 
 def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -83,7 +86,8 @@ class Predictions:
 
     ``probs`` are the model's answer under the one rule above (calibrated once the card carries a
     calibration); ``ood_score`` / ``in_distribution`` are filled once the card carries an
-    out-of-distribution detector (None until then).
+    out-of-distribution detector, ``sets`` (which classes are in each image's prediction set at
+    level 1 − ``alpha``) once it carries conformal scores (None until then).
     """
 
     probs: np.ndarray  # (N, K) float32
@@ -91,29 +95,126 @@ class Predictions:
     calibrated: bool = False
     ood_score: np.ndarray | None = None  # (N,) float32, higher = more unlike the training data
     in_distribution: np.ndarray | None = None  # (N,) bool
+    sets: np.ndarray | None = None  # (N, K) bool
+    alpha: float | None = None
 
     def __len__(self) -> int:
         return len(self.classes)
 
+    def prediction_set(self, n: int, labels: Sequence[str]) -> list[str] | None:
+        """Image ``n``'s prediction set as labels, most probable first (None without conformal scores)."""
+        return None if self.sets is None else set_labels(self.sets[n], self.probs[n], labels)
 
-def calibrated_probs(logits: Any, temperature: float | None) -> np.ndarray:
-    """:func:`to_probs` of ``logits / T`` (temperature scaling; ``None``: uncalibrated)."""
+
+def set_labels(members: np.ndarray, probs: np.ndarray, labels: Sequence[str]) -> list[str]:
+    """The labels of one image's set (``members``: (K,) bool), most probable first (ties: lower class)."""
+    idx = np.flatnonzero(members)
+    return [labels[int(k)] for k in idx[np.argsort(-np.asarray(probs)[idx], kind="stable")]]
+
+
+def two_class_logits(logits: np.ndarray) -> np.ndarray:
+    """(N, K) logits with K ≥ 2: a single logit z becomes [0, z] (the same probabilities)."""
     x = np.asarray(logits, dtype=np.float32)
-    return to_probs(x if temperature is None else x / np.float32(temperature))
+    return np.concatenate([np.zeros_like(x), x], axis=1) if x.shape[1] == 1 else x
 
 
-def interpret(logits: Any, info: ModelInfo | None = None, ood_score: Any = None) -> Predictions:
-    """The answer of one model for a batch of logits (N, K'), with what its card knows: the
-    temperature of its calibration, and the threshold of its out-of-distribution score (an output
-    of the exported model, ``ood_score``: above the threshold the image is flagged)."""
+def calibrated_logits(logits: Any, calibration: CalibrationInfo | None) -> np.ndarray:
+    """Logits whose :func:`to_probs` are the calibrated probabilities: ``z / T`` (temperature),
+    ``W · log softmax(z) + b`` (Dirichlet; always K ≥ 2 columns), ``z`` (none or no calibration)."""
+    x = np.asarray(logits, dtype=np.float32)
+    if calibration is None or calibration.kind == "none":
+        return x
+    if calibration.kind == "dirichlet":
+        logp = np.log(np.clip(to_probs(x).astype(np.float64), 1e-12, 1.0))
+        w, b = np.asarray(calibration.weights, dtype=np.float64), np.asarray(calibration.bias, dtype=np.float64)
+        return (logp @ w.T + b).astype(np.float32)
+    return x / np.float32(calibration.temperature)
+
+
+def calibrated_probs(logits: Any, calibration: CalibrationInfo | None) -> np.ndarray:
+    """:func:`to_probs` of :func:`calibrated_logits` (``None``: uncalibrated)."""
+    return to_probs(calibrated_logits(logits, calibration))
+
+
+def check_alpha(alpha: float) -> float:
+    """α of a prediction set (the allowed miss rate): a number strictly between 0 and 1."""
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        raise ValueError(f"alpha must be a number between 0 and 1 (e.g. 0.1 for 90 % sets), not {alpha!r}") from None
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"alpha must be strictly between 0 and 1 (e.g. 0.1 for 90 % sets), not {alpha!r}")
+    return value
+
+
+def conformity_scores(probs: np.ndarray, score: str = "lac", raps_lambda: float = 0.0, raps_k: int = 0) -> np.ndarray:
+    """(N, K) conformity score of every candidate class (higher = less conforming).
+
+    LAC (Sadinle et al. 2019): 1 − p_k. APS (Romano et al. 2020, not randomised): the probability
+    mass of the classes ranked at or above k. RAPS (Angelopoulos et al. 2021): APS plus
+    ``raps_lambda`` per rank past ``raps_k``."""
+    p = np.asarray(probs, dtype=np.float64)
+    if score == "lac":
+        return 1.0 - p
+    order = np.argsort(-p, axis=1, kind="stable")
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(p.shape[1])[None, :].repeat(len(p), axis=0), axis=1)
+    mass = np.take_along_axis(np.cumsum(np.take_along_axis(p, order, axis=1), axis=1), ranks, axis=1)
+    if score == "raps":
+        mass = mass + raps_lambda * np.maximum(0, ranks + 1 - raps_k)
+    return mass
+
+
+def calibration_scores(probs: np.ndarray, labels: np.ndarray, score: str, mondrian: bool, raps_lambda: float = 0.0,
+                       raps_k: int = 0) -> list[list[float]]:
+    """The sorted conformity scores of the true classes of labelled images: what a conformal
+    predictor keeps (one list per class when ``mondrian``)."""
+    labels = np.asarray(labels).reshape(-1).astype(np.int64)
+    true = conformity_scores(probs, score, raps_lambda, raps_k)[np.arange(len(labels)), labels]
+    if not mondrian:
+        return [np.sort(true).tolist()]
+    return [np.sort(true[labels == k]).tolist() for k in range(np.asarray(probs).shape[1])]
+
+
+def prediction_sets(probs: np.ndarray, conformal: ConformalInfo, alpha: float | None = None) -> np.ndarray:
+    """(N, K) bool: class k is in image n's set when its conformal p-value
+    ``(#{validation scores ≥ s_nk} + 1) / (n_cal + 1)`` is at least α (crepes' non-smoothed rule;
+    the validation scores of class k alone when Mondrian). The predicted class is always in the set,
+    so no answer is empty (coverage can only rise)."""
+    a = conformal.alpha if alpha is None else check_alpha(alpha)
+    s = conformity_scores(probs, conformal.score, conformal.raps_lambda, conformal.raps_k)
+    out = np.zeros(s.shape, dtype=bool)
+    for k in range(s.shape[1]):
+        cal = np.asarray(conformal.scores[k] if conformal.mondrian else conformal.scores[0], dtype=np.float64)
+        at_least = len(cal) - np.searchsorted(cal, s[:, k], side="left")
+        out[:, k] = (at_least + 1) / (len(cal) + 1) >= a
+    out[np.arange(len(s)), np.asarray(probs).argmax(axis=1)] = True
+    return out
+
+
+def interpret(logits: Any, info: ModelInfo | None = None, ood_score: Any = None,
+              alpha: float | None = None) -> Predictions:
+    """The answer of one model for a batch of logits (N, K'), with what its card knows: its
+    calibration, the threshold of its out-of-distribution score (an output of the exported model,
+    ``ood_score``: above the threshold the image is flagged), and its conformal scores (the
+    prediction set at level 1 − ``alpha``, default the card's)."""
     calibration = info.calibration if info is not None else None
-    probs = calibrated_probs(logits, calibration.temperature if calibration is not None else None)
+    probs = calibrated_probs(logits, calibration)
     out = Predictions(probs=probs, classes=probs.argmax(axis=1).astype(np.int64), calibrated=calibration is not None)
     if ood_score is not None and info is not None and info.ood is not None:
         out.ood_score = np.asarray(ood_score, dtype=np.float32).reshape(-1)
         out.in_distribution = out.ood_score <= info.ood.threshold
-    return out
+    return with_sets(out, info.conformal if info is not None else None, alpha)
 
 
-__all__ = ["Predictions", "calibrated_probs", "class_index", "interpret", "predicted_class", "sigmoid", "softmax",
-           "to_probs", "top_classes"]
+def with_sets(answer: Predictions, conformal: ConformalInfo | None, alpha: float | None) -> Predictions:
+    """``answer`` with its prediction sets (unchanged without conformal scores)."""
+    if conformal is not None:
+        answer.alpha = conformal.alpha if alpha is None else check_alpha(alpha)
+        answer.sets = prediction_sets(answer.probs, conformal, answer.alpha)
+    return answer
+
+
+__all__ = ["Predictions", "calibrated_logits", "calibration_scores", "calibrated_probs", "check_alpha",
+           "class_index", "conformity_scores", "interpret", "predicted_class", "prediction_sets", "set_labels",
+           "sigmoid", "softmax", "to_probs", "top_classes", "two_class_logits", "with_sets"]

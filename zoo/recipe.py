@@ -83,10 +83,14 @@ class AugmentCfg(_Strict):
     brightness: float = Field(0.2, ge=0)
     contrast: float = Field(0.2, ge=0)
     saturation: float = Field(0.2, ge=0)
+    # MedMNIST-C's training augmentation (medmnistc's AugMedMNISTC, Di Salvo et al. 2024), before the
+    # rest: every image gets one of the dataset's acquisition corruptions (or the identity) at a random
+    # intensity within its five severities (zoo.trust.robustness; the generic set for other datasets)
+    medmnistc: bool = False
 
     @property
     def enabled(self) -> bool:
-        return any(
+        return self.medmnistc or any(
             p > 0 for p in (self.hflip_p, self.vflip_p, self.rot90_p, self.rotation_p, self.affine_p, self.jitter_p)
         )
 
@@ -339,7 +343,9 @@ class Recipe(_Strict):
         fam = self.families[name]
         tta = self.tta if fam.tta is None else fam.tta
         train = self.train if fam.balance is None else self.train.model_copy(update={"balance": fam.balance})
-        return self.model_copy(update={"augment": fam.augment, "tta": list(tta), "train": train})
+        # the family's augmentation, with MedMNIST-C's kept when the recipe asks for it (`--set augment.medmnistc=true`)
+        augment = fam.augment.model_copy(update={"medmnistc": fam.augment.medmnistc or self.augment.medmnistc})
+        return self.model_copy(update={"augment": augment, "tta": list(tta), "train": train})
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

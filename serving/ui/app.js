@@ -3,11 +3,14 @@
 
 const ENSEMBLE = "pathology_ensemble";
 const $ = (sel, root = document) => root.querySelector(sel);
-const state = { models: null, files: [] };
+const state = { models: null, files: [], previews: new WeakMap() };
 
 function setStatus(text) { $("#status").textContent = text; }
 
 function pct(p) { return `${(100 * p).toFixed(1)} %`; }
+
+// The level 1 - alpha of a prediction set: 0.1 -> "90 %", 0.025 -> "97.5 %".
+function level(alpha) { return `${Number((100 * (1 - alpha)).toFixed(1))} %`; }
 
 async function readJson(response) {
   try { return await response.json(); } catch { return { error: `${response.status} ${response.statusText}` }; }
@@ -86,16 +89,30 @@ function wireDrop() {
 
 // ------------------------------------------------------------------ results
 
-function formData(files) {
+function formData(files, options = {}) {
   const fd = new FormData();
   for (const f of files) fd.append("images", f, f.name);
+  for (const [name, value] of Object.entries(options)) fd.append(name, value);
   return fd;
+}
+
+// The browser shows PNG, JPEG and BMP itself; a file it cannot show (DICOM, TIFF) is replaced by the
+// image the model saw, which the server decoded once and sends back (preview_png).
+function showDecoded(card) {
+  const png = state.previews.get(card);
+  if (!card.dataset.unshown || !png) return;
+  const fig = $(".original", card);
+  $("img", fig).src = `data:image/png;base64,${png}`;
+  fig.classList.add("decoded");
+  $("figcaption", fig).textContent = "image as the model saw it (decoded by the server)";
 }
 
 function makeCard(file) {
   const card = $("#card-template").content.firstElementChild.cloneNode(true);
   $(".filename", card).textContent = file.name;
-  $(".original img", card).src = URL.createObjectURL(file);
+  const img = $(".original img", card);
+  img.addEventListener("error", () => { card.dataset.unshown = "1"; showDecoded(card); }, { once: true });
+  img.src = URL.createObjectURL(file);
   $("#results").append(card);
   return card;
 }
@@ -123,7 +140,31 @@ function showClasses(card, result) {
     li.append(name, ` ${pct(t.prob)}`, bar);
     list.append(li);
   }
+  showSet(card, result);
   showOod(card, result);
+  if (result.preview_png) { state.previews.set(card, result.preview_png); showDecoded(card); }
+}
+
+// Filled once the model carries conformal scores (prediction_set, alpha); absent fields show nothing.
+function showSet(card, result) {
+  if (!Array.isArray(result.prediction_set) || typeof result.alpha !== "number") return;
+  const p = $(".plausible", card);
+  // "; " between labels when a label holds a comma ("normal, benign"), so the set reads unambiguously
+  const sep = result.prediction_set.some((label) => label.includes(",")) ? "; " : ", ";
+  p.textContent = `plausible at ${level(result.alpha)}: `;
+  const last = result.prediction_set.length - 1;
+  result.prediction_set.forEach((label, i) => {
+    const chip = document.createElement("span");
+    chip.className = "set-label";
+    chip.textContent = label;
+    const item = document.createElement("span");
+    item.className = "set-item"; // the label and its separator stay on one line
+    item.append(chip, i < last ? sep.trim() : "");
+    p.append(item, i < last ? " " : "");
+  });
+  p.title = `conformal prediction set: for images like the model's validation images, the true class is ` +
+    `in this set at least ${level(result.alpha)} of the time`;
+  p.hidden = false;
 }
 
 // Filled once the model carries an out-of-distribution detector: absent fields show nothing.
@@ -145,13 +186,13 @@ function showOverlay(card, result, method) {
   showOod(card, result);
 }
 
-async function post(url, files) {
-  const response = await fetch(url, { method: "POST", body: formData(files) });
+async function post(url, files, options = {}) {
+  const response = await fetch(url, { method: "POST", body: formData(files, options) });
   return { ok: response.ok, body: await readJson(response) };
 }
 
 async function classify(task, files, cards) {
-  const { ok, body } = await post(`../${task}`, files);
+  const { ok, body } = await post(`../${task}`, files, { preview: "true" });
   if (!body.results) throw new Error(body.error || "no answer");
   for (const r of body.results) showClasses(cards[r.index], r);
   return ok;

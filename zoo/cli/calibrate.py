@@ -1,6 +1,6 @@
-"""``zoo calibrate BUNDLE``: fit calibration and the out-of-distribution detector for an existing
-bundle (on its own validation split), then export again what was exported before (the files carry
-both)."""
+"""``zoo calibrate BUNDLE``: fit calibration (chosen by evidence), conformal prediction sets and the
+out-of-distribution detector for an existing bundle (on its own validation split), then export
+again what was exported before (the files carry them)."""
 
 from __future__ import annotations
 
@@ -22,16 +22,20 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     formats = [f for f in before if f != "onnx_fp16"]
     if before:
         export_bundle(path, formats=formats or ["onnx"], fp16="onnx_fp16" in before, data_root=args.data_root)
-    cal, ood = out["calibration"], out["ood"]
+    cal, conf, ood = out["calibration"], out["conformal"], out["ood"]
     if args.json:
-        print_json({"bundle": str(path), "calibration": cal.model_dump(), "ood": ood and ood.model_dump(),
-                    "reexported": sorted(before)})
+        print_json({"bundle": str(path), "calibration": cal.model_dump(), "conformal": conf.model_dump(),
+                    "ood": ood and ood.model_dump(), "reexported": sorted(before)})
         return 0
-    print(f"{path.name}: temperature {cal.temperature:.4f} (fitted on validation)")
+    print(f"{path.name}: {cal.choice or cal.method}")
     for split in ("val", "test"):
         b, a = cal.metrics[split]["before"], cal.metrics[split]["after"]
         print(f"  {split:4s} ECE {b['ece']:.4f} -> {a['ece']:.4f}  Brier {b['brier']:.4f} -> {a['brier']:.4f}  "
               f"NLL {b['nll']:.4f} -> {a['nll']:.4f}")
+    test = conf.metrics.get("test", {})
+    print(f"  prediction sets: {conf.score.upper()}, {'class-conditional' if conf.mondrian else 'marginal'}; at "
+          f"alpha {conf.alpha} test coverage {test.get('coverage', float('nan')):.3f}, mean set size "
+          f"{test.get('mean_set_size', float('nan')):.2f}")
     if cal.threshold is not None:
         print(f"  decision threshold on P(class 1) (Youden's J on validation): {cal.threshold:.3f}")
     if ood is not None:
@@ -44,7 +48,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Add ``zoo calibrate`` to the ``zoo`` command."""
-    c = sub.add_parser("calibrate", help="fit temperature scaling and the out-of-distribution detector for a bundle")
+    c = sub.add_parser("calibrate", help="fit calibration, prediction sets and the out-of-distribution detector "
+                                                 "for a bundle")
     c.add_argument("bundle", help="bundle path, id, or dataset name (its best bundle)")
     c.add_argument("--data-root", help="folder with the bundle's data (default $MEDZOO_DATA or ~/.medmnist)")
     c.add_argument("--no-ood", action="store_true", help="calibration only, no out-of-distribution detector")

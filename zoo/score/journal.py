@@ -80,6 +80,7 @@ class Run:
     chunk_size: int
     batch_size: int
     done: dict[int, dict[str, Any]] = field(default_factory=dict)
+    alpha: float | None = None  # the prediction sets' level 1 − alpha (None: the card's)
 
     @property
     def n_chunks(self) -> int:

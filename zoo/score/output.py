@@ -29,18 +29,22 @@ def output_format(out: Path) -> str:
     return fmt
 
 
-def output_columns(labels: Sequence[str], ensemble: bool, ood: bool = False) -> list[str]:
+SET_SEPARATOR = "|"
+
+
+def output_columns(labels: Sequence[str], ensemble: bool, ood: bool = False, sets: bool = False) -> list[str]:
     """Column names of the output, in order: ``path, model_id, top_class, prob_<label>…,
-    [agreement], calibrated, [ood_score, in_distribution]``."""
+    [agreement], calibrated, [ood_score, in_distribution], [prediction_set]`` (the labels of the
+    set, most probable first, joined by ``|``)."""
     probs = [PROB_PREFIX + lab for lab in labels]
     return (["path", "model_id", "top_class", *probs] + (["agreement"] if ensemble else []) + ["calibrated"]
-            + (["ood_score", "in_distribution"] if ood else []))
+            + (["ood_score", "in_distribution"] if ood else []) + (["prediction_set"] if sets else []))
 
 
 def _arrow_type(column: str) -> Any:
     import pyarrow as pa
 
-    if column in ("path", "model_id", "top_class"):
+    if column in ("path", "model_id", "top_class", "prediction_set"):
         return pa.string()
     if column in ("calibrated", "in_distribution"):
         return pa.bool_()

@@ -47,7 +47,7 @@ from zoo.score.decode import DecodedChunk, Decoder, default_workers
 from zoo.score.journal import Run, chunk_name, chunk_record
 from zoo.score.listing import FileEntry, list_folder
 from zoo.score.models import infer, model_identity, open_models, resolve_models
-from zoo.score.run import DEFAULT_BATCH, DEFAULT_CHUNK, ScorePaths, ScoreSummary, run_journalled
+from zoo.score.run import DEFAULT_BATCH, DEFAULT_CHUNK, ScorePaths, ScoreSummary, checked_alpha, run_journalled
 from zoo.settings import runtime_options
 
 log = logging.getLogger(__name__)
@@ -299,6 +299,7 @@ def score_folder_ray(
     progress: bool = True,
     store: Path | None = None,
     verbose: bool = False,
+    alpha: float | None = None,
 ) -> ScoreSummary:
     """:func:`zoo.score.score_folder` on Ray: same arguments and output, plus where to run.
 
@@ -310,6 +311,7 @@ def score_folder_ray(
     actor's threads, default 2 on a GPU, else 1).
     """
     paths = ScorePaths.of(folder, out, errors_out)
+    alpha = checked_alpha(alpha)
     if batch_size < 1 or chunk_size < 1:
         raise UsageError("batch size and chunk size must be at least 1")
     if actors is not None and actors < 1:
@@ -327,7 +329,7 @@ def score_folder_ray(
         log.info("Ray cluster %s: %d ONNX Runtime actor(s), %s CPU / %s GPU each", ray.cluster_resources(),
                  pool.size, pool.num_cpus, pool.num_gpus)
         summary = run_journalled(paths, onnx_models, entries, chunk_size, batch_size, overwrite,
-                                 lambda run: _score_chunks_ray(run, pool, options, progress, seen))
+                                 lambda run: _score_chunks_ray(run, pool, options, progress, seen), alpha)
     summary.provider = f"{'+'.join(sorted(seen)) or 'no provider'} in {pool.size} Ray actor(s)"
     return summary
 

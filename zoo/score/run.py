@@ -13,8 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
+
+from zoo.ensemble import ensemble_conformal
 from zoo.errors import UsageError
 from zoo.io import atomic_write, atomic_write_bytes, display_name
+from zoo.postprocess import check_alpha, prediction_sets, set_labels
 from zoo.runtime import OnnxModel, RuntimeOptions
 from zoo.score.decode import Decoder, default_workers
 from zoo.score.journal import (
@@ -29,7 +33,7 @@ from zoo.score.journal import (
 )
 from zoo.score.listing import FileEntry, list_folder
 from zoo.score.models import infer, open_models, resolve_models
-from zoo.score.output import count_rows, output_columns, output_format, write_output
+from zoo.score.output import SET_SEPARATOR, count_rows, output_columns, output_format, write_output
 from zoo.settings import runtime_options
 
 log = logging.getLogger(__name__)
@@ -134,15 +138,23 @@ def _assemble(run: Run, ensemble: bool) -> tuple[int, int]:
 
     calibrated = all(m.meta.calibration is not None for m in run.models)
     ood = all(m.has_ood for m in run.models)
+    metas = [m.meta for m in run.models]
+    # the sets from the journal's probabilities (float32 written exactly): the same as HTTP and Python give
+    conformal = ensemble_conformal([m.path for m in run.models], metas) if ensemble else metas[0].conformal
 
     def rows() -> Iterator[list[Any]]:
         for i in range(run.n_chunks):
             for rel, top, probs, agreement, ood_score, flag in run.done[i]["rows"]:
+                plausible = []
+                if conformal is not None:
+                    p = np.asarray(probs, np.float32)
+                    plausible = [SET_SEPARATOR.join(set_labels(prediction_sets(p[None], conformal, run.alpha)[0], p,
+                                                               labels))]
                 yield ([display_name(rel), model_id, labels[top], *probs] + ([agreement] if ensemble else [])
-                       + [calibrated] + ([ood_score, flag] if ood else []))
+                       + [calibrated] + ([ood_score, flag] if ood else []) + plausible)
 
     atomic_write(run.errors_out, write_errors)
-    n = write_output(run.out, run.fmt, output_columns(labels, ensemble, ood), rows())
+    n = write_output(run.out, run.fmt, output_columns(labels, ensemble, ood, conformal is not None), rows())
     return n, len(errors)
 
 
@@ -161,6 +173,7 @@ def score_folder(
     overwrite: bool = False,
     progress: bool = True,
     store: Path | None = None,
+    alpha: float | None = None,
 ) -> ScoreSummary:
     """Score every image under ``folder`` with a model (or an ensemble) into ``out``.
 
@@ -168,9 +181,11 @@ def score_folder(
     name) with ``ensemble``. ``out``: ``.csv``, ``.jsonl`` or ``.parquet``; unreadable files go
     to ``errors_out`` (default ``<out>.errors.csv``). ``workers=0`` decodes in this process.
     ``options``: how ONNX Runtime runs (default :func:`zoo.settings.runtime_options`, the environment's).
-    Killed and started again, it resumes from ``<out>.partial/``.
+    ``alpha``: the prediction sets' level 1 − ``alpha`` (default: the card's). Killed and started
+    again, it resumes from ``<out>.partial/``.
     """
     paths = ScorePaths.of(folder, out, errors_out)
+    alpha = checked_alpha(alpha)
     if batch_size < 1 or chunk_size < 1:
         raise UsageError("batch size and chunk size must be at least 1")
     workers = default_workers() if workers is None else max(0, workers)
@@ -180,7 +195,15 @@ def score_folder(
     onnx_models = open_models(resolve_models(models, ensemble, ensemble_size, store), options)
     entries = list_folder(paths.folder, exclude=[paths.out, paths.errors, paths.journal])
     return run_journalled(paths, onnx_models, entries, chunk_size, batch_size, overwrite,
-                          lambda run: _score_chunks(run, workers, progress))
+                          lambda run: _score_chunks(run, workers, progress), alpha)
+
+
+def checked_alpha(alpha: float | None) -> float | None:
+    """``alpha`` validated (a :class:`UsageError` saying what is wrong), or None for the card's."""
+    try:
+        return None if alpha is None else check_alpha(alpha)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -215,9 +238,11 @@ class ScorePaths:
 
 
 def run_journalled(paths: ScorePaths, models: Sequence[OnnxModel], entries: list[FileEntry], chunk_size: int,
-                   batch_size: int, overwrite: bool, score: Callable[[Run], tuple[int, float]]) -> ScoreSummary:
+                   batch_size: int, overwrite: bool, score: Callable[[Run], tuple[int, float]],
+                   alpha: float | None = None) -> ScoreSummary:
     """Open (or resume) the journal under its lock, let ``score`` fill the missing chunks, then
-    assemble the output and remove the journal. Shared by local and Ray scoring."""
+    assemble the output (prediction sets at level 1 − ``alpha``) and remove the journal. Shared by
+    local and Ray scoring."""
     ensemble = len(models) > 1
     manifest = journal_manifest(paths.folder, entries, models, ensemble, chunk_size, batch_size)
     paths.journal.mkdir(parents=True, exist_ok=True)
@@ -226,7 +251,7 @@ def run_journalled(paths: ScorePaths, models: Sequence[OnnxModel], entries: list
         if overwrite:
             (paths.journal / MANIFEST).unlink(missing_ok=True)
         run = Run(paths.folder, paths.out, paths.errors, paths.journal, paths.fmt, list(models), entries, manifest,
-                  chunk_size, batch_size)
+                  chunk_size, batch_size, alpha=alpha)
         open_journal(run)
         resumed = sum(len(run.chunk_entries(i)) for i in run.done)
         if resumed:

@@ -111,16 +111,29 @@ def _geometry(x: torch.Tensor, cfg: AugmentCfg, g: torch.Generator) -> None:
             x[idx] = _affine(x[idx], shift[idx], zoom[idx], cfg.fill)
 
 
-def augment(x: torch.Tensor, cfg: AugmentCfg, g: torch.Generator) -> torch.Tensor:
+def _medmnistc(x: torch.Tensor, dataset: str | None, g: torch.Generator) -> torch.Tensor:
+    """MedMNIST-C's augmentation of every image (``AugMedMNISTC`` over ``dataset``'s corruptions), on
+    the CPU in numpy / PIL / ImageMagick as medmnistc works; its draws are seeded from ``g``, so a
+    run and its resume draw the same corruptions."""
+    from zoo.trust.robustness import augment_images, corruption_set
+
+    corruptions, _ = corruption_set(dataset or "")
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+    images = x.mul(255).round_().clamp_(0, 255).to(torch.uint8).cpu().numpy()
+    return torch.from_numpy(augment_images(images, corruptions, seed)).to(x.device, x.dtype).div_(255)
+
+
+def augment(x: torch.Tensor, cfg: AugmentCfg, g: torch.Generator, dataset: str | None = None) -> torch.Tensor:
     """Apply the recipe's augmentations, each to the images it draws (probability per image).
 
     Returns a new tensor (``x`` is left as it was); ``g`` (a CPU generator) makes it reproducible.
-    Only the chosen images are touched, so the cost follows p · batch, not the batch.
+    Only the chosen images are touched, so the cost follows p · batch, not the batch. ``dataset``
+    (canonical name) chooses MedMNIST-C's corruptions when ``cfg.medmnistc``.
     """
     if not cfg.enabled:
         return x
     n, dev = x.shape[0], x.device
-    x = x.clone()
+    x = _medmnistc(x, dataset, g) if cfg.medmnistc else x.clone()
     _geometry(x, cfg, g)
     if cfg.jitter_p > 0:
         idx = _chosen(n, cfg.jitter_p, g, dev)

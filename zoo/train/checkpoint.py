@@ -112,9 +112,10 @@ class RunDir:
 
 
 def progress_of(snapshot: dict[str, Any]) -> Progress:
+    """What a snapshot says of the run (``best_is_net``: the best weights are the snapshot's network)."""
+    best = snapshot["net"] if snapshot.get("best_is_net") else snapshot["best_state"]
     return Progress(next_epoch=snapshot["epoch"] + 1, history=snapshot["history"], best_score=snapshot["best_score"],
-                    best_epoch=snapshot["best_epoch"], best_state=snapshot["best_state"],
-                    bad_epochs=snapshot["bad_epochs"])
+                    best_epoch=snapshot["best_epoch"], best_state=best, bad_epochs=snapshot["bad_epochs"])
 
 
 __all__ = ["LOCK", "STATE", "Progress", "RunDir", "progress_of"]

@@ -100,12 +100,15 @@ class Session:
         return s
 
     def snapshot(self, epoch: int, p: Progress, stopped: bool) -> dict[str, Any]:
+        # the best weights are this epoch's own network most of the time: written once, not twice
+        # (a snapshot of a 58M-parameter network is ~1 GB with Adam's moments)
+        best_is_net = p.best_epoch == epoch + 1 and eval_net(self) is self.net
         return {
             "epoch": epoch, "net": self.net.state_dict(), "opt": self.opt.state_dict(),
             "sched": self.sched.state_dict() if self.sched is not None else None,
             "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(), "history": p.history,
             "bad_epochs": p.bad_epochs, "best_score": p.best_score, "best_epoch": p.best_epoch,
-            "best_state": p.best_state, "stopped": stopped,
+            "best_state": None if best_is_net else p.best_state, "best_is_net": best_is_net, "stopped": stopped,
             "averager": self.averager.state_dict() if self.averager is not None else None,
             "aug_gen": self.aug_gen.get_state() if self.aug_gen is not self.gen else None,
         }
@@ -167,7 +170,7 @@ def train_epoch(s: Session) -> float:
 def _step(s: Session, model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
     """Forward, backward and optimiser step on the images ``idx``; returns the loss."""
     cfg = s.recipe.train
-    x = augment(s.train_x[idx].float().div_(255), s.recipe.augment, s.aug_gen or s.gen)
+    x = augment(s.train_x[idx].float().div_(255), s.recipe.augment, s.aug_gen or s.gen, s.splits.name)
     x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.use_amp):
         logits = model(x)

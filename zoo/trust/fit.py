@@ -1,12 +1,15 @@
 """Fitting calibration and the out-of-distribution detector for a bundle, recorded in its card.
 
 ``fit_bundle(path, splits)``: one pass over the validation and test splits (and a subset of the
-train split for the detector's statistics) with the bundle's own weights; temperature and, for a
-binary task, the decision threshold from validation only; ECE / Brier / NLL before and after on
-validation and on test; the detector's statistics written to ``ood.safetensors`` (sha256 in the
-card); ``reliability.png``; the card's ``calibration`` and ``ood`` sections; the Markdown card
-rewritten. Exports made before must be made again (their metadata and graph carry both): the
-``zoo calibrate`` command does that.
+train split for the detector's statistics) with the bundle's own weights; the calibration (chosen
+among none / temperature / Dirichlet by cross-validated NLL), the conformal prediction sets and, for
+a binary task, the decision threshold from validation only; ECE / Brier / NLL before and after, and
+the sets' coverage, on validation and on test (reported, never choosing); the validation logits
+written to ``validation.safetensors`` (an ensemble of bundles fits its own sets from them); the
+detector's statistics written to ``ood.safetensors`` (sha256s in the card); ``reliability.png``;
+the card's ``calibration``, ``conformal`` and ``ood`` sections; the Markdown card rewritten.
+Exports made before must be made again (their metadata and graph carry these): the ``zoo calibrate``
+command does that.
 """
 
 from __future__ import annotations
@@ -20,19 +23,14 @@ import torch
 from safetensors.torch import save_file
 
 from zoo.bundle import load_bundle
-from zoo.card import CalibrationInfo, OODInfo, update_card
+from zoo.card import CalibrationInfo, ConformalInfo, OODInfo, update_card
 from zoo.data import DataSplits
 from zoo.inference import bundle_splits
 from zoo.io import atomic_file, sha256_of
 from zoo.modelcard import write_model_card
 from zoo.postprocess import calibrated_probs
-from zoo.trust.calibration import (
-    calibration_metrics,
-    decision_threshold,
-    fit_temperature,
-    identity_reason,
-    reliability_diagram,
-)
+from zoo.trust.calibration import calibration_metrics, choose_calibration, decision_threshold, reliability_diagram
+from zoo.trust.conformal import evaluate_sets, fit_conformal, save_validation
 from zoo.trust.ood import (
     MAX_FIT_IMAGES,
     METHOD,
@@ -57,21 +55,21 @@ def _train_subset(images: torch.Tensor, limit: int = MAX_FIT_IMAGES, seed: int =
 
 
 def fit_calibration(val: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
-                    num_classes: int) -> tuple[CalibrationInfo, dict[str, Any]]:
-    """Temperature (validation), the binary threshold, and metrics before/after on both splits."""
+                    num_classes: int) -> tuple[CalibrationInfo, ConformalInfo, dict[str, Any]]:
+    """Calibration and conformal sets (validation), the binary threshold, and metrics on both splits."""
     (val_logits, val_y), (test_logits, test_y) = val, test
-    temperature = fit_temperature(val_logits, val_y, num_classes)
+    info = choose_calibration(val_logits, val_y, num_classes)
+    conformal = fit_conformal(calibrated_probs(val_logits, info), val_y, num_classes)
     curves, metrics = {}, {}
     for name, logits, y in (("val", val_logits, val_y), ("test", test_logits, test_y)):
-        before, after = calibrated_probs(logits, None), calibrated_probs(logits, temperature)
+        before, after = calibrated_probs(logits, None), calibrated_probs(logits, info)
         metrics[name] = {"before": calibration_metrics(before, y), "after": calibration_metrics(after, y)}
         curves[f"{name} uncalibrated"], curves[f"{name} calibrated"] = (before, y), (after, y)
-    threshold = None
+        conformal.metrics[name] = evaluate_sets(conformal, after, y)
     if num_classes == 2:
-        threshold = decision_threshold(calibrated_probs(val_logits, temperature), val_y)
-    info = CalibrationInfo(temperature=temperature, threshold=threshold, metrics=metrics)
-    info.method = identity_reason(val_logits, val_y, num_classes) or info.method
-    return info, curves
+        info.threshold = decision_threshold(calibrated_probs(val_logits, info), val_y)
+    info.metrics = metrics
+    return info, conformal, curves
 
 
 def fit_ood(feats: dict[str, list[np.ndarray]], layers: list[str]) -> tuple[OODInfo, list[LayerStats]]:
@@ -96,10 +94,11 @@ def fit_bundle(path: str | Path, splits: DataSplits | None = None, data_root: st
     for name, ds in passes.items():
         logits[name], feats[name] = collect(bundle.model, bundle.net, layers, ds.images, device=device)
     labels = {name: ds.labels.numpy() for name, ds in passes.items()}
-    calibration, curves = fit_calibration((logits["val"], labels["val"]), (logits["test"], labels["test"]),
-                                          bundle.card.num_classes)
+    calibration, conformal, curves = fit_calibration((logits["val"], labels["val"]),
+                                                     (logits["test"], labels["test"]), bundle.card.num_classes)
     reliability_diagram(bundle.path / RELIABILITY, curves, f"{bundle.id}: reliability")
-    fields: dict[str, Any] = {"calibration": calibration}
+    conformal.validation_sha256 = save_validation(bundle.path, logits["val"], labels["val"])
+    fields: dict[str, Any] = {"calibration": calibration, "conformal": conformal}
     if ood:
         train = _train_subset(splits.train.images, max_train_images)
         _, feats["train"] = collect(bundle.model, bundle.net, layers, train, device=device)
@@ -110,7 +109,7 @@ def fit_bundle(path: str | Path, splits: DataSplits | None = None, data_root: st
         fields["ood"] = info
     card = update_card(bundle.path, **fields)
     write_model_card(bundle.path)
-    return {"calibration": card.calibration, "ood": card.ood}
+    return {"calibration": card.calibration, "conformal": card.conformal, "ood": card.ood}
 
 
 __all__ = ["RELIABILITY", "fit_bundle", "fit_calibration", "fit_ood"]
