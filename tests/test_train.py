@@ -85,30 +85,33 @@ def test_sigkill_then_resume_matches_uninterrupted_run(breast_root: Path, tmp_pa
     """A run killed with SIGKILL mid-training continues with --resume and ends in the same bundle."""
     args = ("train", "breast", "lenet", "--data-root", str(breast_root), "--epochs", "25", "--batch-size", "64")
     killed = tmp_path / "killed"
-    proc = _cli(*args, store=killed)
-    deadline = time.time() + 120
-    state = None
-    while time.time() < deadline and proc.poll() is None:
-        found = list((killed / "runs").glob("*/state.pt")) if (killed / "runs").exists() else []
-        if found:
-            state = found[0]
-            break
-        time.sleep(0.05)
-    assert state is not None, "no epoch snapshot was written"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not list((killed / "bundles").glob("*")) if (killed / "bundles").exists() else True
-    snap = torch.load(state, weights_only=True)
-    assert 0 <= snap["epoch"] < 24, "the run was not killed mid-training"
+    straight = _cli(*args, store=tmp_path / "straight")  # the reference run, beside the one killed (2 cores)
+    try:
+        proc = _cli(*args, store=killed)
+        deadline = time.time() + 120
+        state = None
+        while time.time() < deadline and proc.poll() is None:
+            found = list((killed / "runs").glob("*/state.pt")) if (killed / "runs").exists() else []
+            if found:
+                state = found[0]
+                break
+            time.sleep(0.05)
+        assert state is not None, "no epoch snapshot was written"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not list((killed / "bundles").glob("*")) if (killed / "bundles").exists() else True
+        snap = torch.load(state, weights_only=True)
+        assert 0 <= snap["epoch"] < 24, "the run was not killed mid-training"
 
-    resumed = _cli("-v", *args, "--resume", store=killed)
-    out, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, out
-    assert "resuming" in out
-    straight = _cli(*args, store=tmp_path / "straight")
-    out2, _ = straight.communicate(timeout=300)
-    assert straight.returncode == 0, out2
-
+        resumed = _cli("-v", *args, "--resume", store=killed)
+        out, _ = resumed.communicate(timeout=300)
+        assert resumed.returncode == 0, out
+        assert "resuming" in out
+        out2, _ = straight.communicate(timeout=300)
+        assert straight.returncode == 0, out2
+    finally:
+        if straight.poll() is None:  # the test failed before waiting for it
+            straight.kill()
     (a,) = (killed / "bundles").iterdir()
     (b,) = (tmp_path / "straight" / "bundles").iterdir()
     ca, cb = read_card(a), read_card(b)
