@@ -135,7 +135,7 @@ class ExplainTable:
         if why:
             return WorkerExplanation(error=why, status=503)
         try:
-            alpha = None if alpha is None else check_alpha(alpha)  # the API worker checked it already
+            alpha = check_alpha(alpha)  # the API worker checked it already
         except ValueError as e:
             return WorkerExplanation(error=str(e), status=422)
         try:

@@ -166,7 +166,7 @@ def checked_alpha(alpha: float | None, route: str) -> float | None:
     """The request's α, or its answer: 422 unless it is a number strictly between 0 and 1 (the
     HTTP options are checked on arrival; this covers in-process calls)."""
     try:
-        return None if alpha is None else check_alpha(alpha)
+        return check_alpha(alpha)
     except ValueError as e:
         raise Answered(422, ErrorAnswer(error=str(e), task=route)) from None
 

@@ -17,14 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from crepes import ConformalClassifier
 from PIL import Image
 
 import zoo
 from zoo.card import ConformalInfo, read_card, write_card
 from zoo.cli import main
 from zoo.errors import UsageError
-from zoo.postprocess import prediction_sets, set_labels, softmax
-from zoo.trust.conformal import _crepes_sets, fit_conformal, min_images_per_class
+from zoo.postprocess import conformity_scores, prediction_sets, set_labels, softmax
+from zoo.trust.conformal import RAPS_K, RAPS_LAMBDA, fit_conformal, min_images_per_class, true_scores
 
 
 def _probs(n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -34,6 +35,23 @@ def _probs(n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     logits = rng.normal(size=(n, k))
     logits[np.arange(n), labels] += 1.5
     return softmax(logits).astype(np.float32), labels
+
+
+def _crepes_sets(cal_probs: np.ndarray, cal_y: np.ndarray, probs: np.ndarray, score: str, mondrian: bool,
+                 alpha: float) -> np.ndarray:
+    """(N, K) bool sets from crepes' own p-values (non-smoothed; per class when Mondrian, as crepes'
+    ``WrapClassifier(class_cond=True)`` computes them), the predicted class kept: the reference.
+    crepes computes each p-value in a Python loop (seconds per thousand images), so answers and the
+    cross-validation use the vectorised rule."""
+    cc = ConformalClassifier().fit(true_scores(cal_probs, cal_y, score), bins=cal_y if mondrian else None)
+    s = conformity_scores(probs, score, RAPS_LAMBDA, RAPS_K)
+    if mondrian:
+        p = np.stack([cc.predict_p(s, bins=np.full(len(s), k), smoothing=False)[:, k] for k in range(s.shape[1])], 1)
+    else:
+        p = cc.predict_p(s, smoothing=False)
+    out = p >= alpha
+    out[np.arange(len(s)), probs.argmax(axis=1)] = True
+    return out
 
 
 @pytest.mark.parametrize("score", ["lac", "aps", "raps"])

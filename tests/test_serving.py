@@ -489,9 +489,13 @@ def test_ensemble_averages_member_logits(server: Server, served: Served) -> None
 
     x = np.stack([load_image(p, members[0].preprocessing) for p in pngs])
     outs = [by_id[i].outputs(x) for i in order]
-    # each member's logits divided by its own temperature, then averaged (zoo.ensemble.combine)
-    temps = np.array([by_id[i].meta.calibration.temperature if by_id[i].meta.calibration else 1.0 for i in order])
-    member_logits = np.stack([o["logits"] for o in outs], axis=1) / temps[None, :, None]  # (N, M, K)
+    # each member's logits calibrated by its own card, then averaged (zoo.ensemble.combine)
+    from zoo.postprocess import calibrated_logits, two_class_logits
+
+    calibrated = [calibrated_logits(o["logits"], by_id[i].meta.calibration) for o, i in zip(outs, order, strict=True)]
+    if len({c.shape[1] for c in calibrated}) > 1:  # a Dirichlet-calibrated member answers with K columns
+        calibrated = [two_class_logits(c) for c in calibrated]
+    member_logits = np.stack(calibrated, axis=1)  # (N, M, K)
     mean = member_logits.mean(axis=1)
     expected = combine([o["logits"] for o in outs], [by_id[i].meta for i in order], [o.get("ood_score") for o in outs])
     for n, res in enumerate(body["results"]):

@@ -166,11 +166,7 @@ class _Predictor(ABC):
         """
         if top_k < 1:
             raise UsageError(f"top_k must be at least 1, not {top_k}")
-        if alpha is not None:
-            try:
-                alpha = check_alpha(alpha)
-            except ValueError as e:
-                raise UsageError(str(e)) from None
+        alpha = check_alpha(alpha)
         if batch_size < 1:
             raise UsageError(f"batch_size must be at least 1, not {batch_size}")
         batch = self.decode(images)

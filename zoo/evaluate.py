@@ -30,16 +30,6 @@ from zoo.trust.conformal import set_metrics
 SPLITS = ("train", "val", "test")
 
 
-def _alpha(alpha: float | None) -> float | None:
-    """``alpha`` checked (None: the card's); a bad value is a usage error, one line."""
-    if alpha is None:
-        return None
-    try:
-        return check_alpha(alpha)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-
-
 def evaluate_bundle(
     path: str | Path, split: str = "test", data_root: str | Path | None = None,
     device: str | None = None, download: bool = True, alpha: float | None = None,
@@ -47,7 +37,7 @@ def evaluate_bundle(
     """Metrics plus per-image predictions (``pred``, ``probs``, ``sets``) for one split."""
     if split not in SPLITS:
         raise UsageError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
-    alpha = _alpha(alpha)
+    alpha = check_alpha(alpha)
     dev = pick_device(device)
     bundle = load_bundle(path, dev)
     ds = getattr(bundle_splits(bundle.card, data_root, download), split)
@@ -55,8 +45,9 @@ def evaluate_bundle(
     logits, ood = _outputs(bundle, ds.images, dev)
     answer = interpret(logits, bundle.card, ood, alpha)  # calibrated probabilities and sets, as served and scored
     metrics = compute_metrics(labels, answer.probs, bundle.labels)
-    if bundle.card.calibration is not None:
-        metrics["calibration"] = {"temperature": bundle.card.calibration.temperature,
+    cal = bundle.card.calibration
+    if cal is not None:
+        metrics["calibration"] = {"kind": cal.kind, "temperature": cal.temperature,
                                   "before": calibration_metrics(to_probs(logits), labels),
                                   "after": calibration_metrics(answer.probs, labels)}
     if answer.in_distribution is not None:
@@ -87,7 +78,7 @@ def robustness_bundle(
     all five): per corruption × severity ACC, AUC, balanced error, share flagged out of distribution,
     prediction-set coverage and size; per corruption BE / rBE against MedMNIST-C's AlexNet. Written
     into the card and README.md (``write``)."""
-    alpha, severities = _alpha(alpha), rb.parse_severities(severities)
+    alpha, severities = check_alpha(alpha), rb.parse_severities(severities)
     dev = pick_device(device)
     bundle = load_bundle(path, dev)
     card = bundle.card
@@ -143,7 +134,9 @@ def format_metrics(m: dict[str, Any]) -> str:
     cal = m.get("calibration")
     if cal:
         b, a = cal["before"], cal["after"]
-        text += (f"\ncalibration (temperature {cal['temperature']:.3f}): ECE {b['ece']:.4f} -> {a['ece']:.4f}, "
+        kind = cal.get("kind", "temperature")
+        how = f"temperature {cal['temperature']:.3f}" if kind == "temperature" else kind
+        text += (f"\ncalibration ({how}): ECE {b['ece']:.4f} -> {a['ece']:.4f}, "
                  f"Brier {b['brier']:.4f} -> {a['brier']:.4f}, NLL {b['nll']:.4f} -> {a['nll']:.4f}")
     if "ood_flagged" in m:
         text += f"\nflagged out of distribution: {m['ood_flagged']:.1%}"

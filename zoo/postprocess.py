@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from zoo.errors import ExplainError, unknown
+from zoo.errors import ExplainError, UsageError, unknown
 
 if TYPE_CHECKING:
     from zoo.card import CalibrationInfo, ConformalInfo, ModelInfo
@@ -136,14 +136,17 @@ def calibrated_probs(logits: Any, calibration: CalibrationInfo | None) -> np.nda
     return to_probs(calibrated_logits(logits, calibration))
 
 
-def check_alpha(alpha: float) -> float:
-    """α of a prediction set (the allowed miss rate): a number strictly between 0 and 1."""
+def check_alpha(alpha: Any) -> float | None:
+    """α of a prediction set (the allowed miss rate): a number strictly between 0 and 1, or None
+    (the card's); otherwise a :class:`~zoo.errors.UsageError` (a ``ValueError``) saying so."""
+    if alpha is None:
+        return None
     try:
         value = float(alpha)
     except (TypeError, ValueError):
-        raise ValueError(f"alpha must be a number between 0 and 1 (e.g. 0.1 for 90 % sets), not {alpha!r}") from None
-    if not 0.0 < value < 1.0:
-        raise ValueError(f"alpha must be strictly between 0 and 1 (e.g. 0.1 for 90 % sets), not {alpha!r}")
+        raise UsageError(f"alpha must be a number between 0 and 1 (e.g. 0.1 for 90 % sets), not {alpha!r}") from None
+    if not 0.0 < value < 1.0:  # NaN fails it too
+        raise UsageError(f"alpha must be strictly between 0 and 1 (e.g. 0.1 for 90 % sets), not {alpha!r}")
     return value
 
 
@@ -181,7 +184,7 @@ def prediction_sets(probs: np.ndarray, conformal: ConformalInfo, alpha: float | 
     ``(#{validation scores ≥ s_nk} + 1) / (n_cal + 1)`` is at least α (crepes' non-smoothed rule;
     the validation scores of class k alone when Mondrian). The predicted class is always in the set,
     so no answer is empty (coverage can only rise)."""
-    a = conformal.alpha if alpha is None else check_alpha(alpha)
+    a = check_alpha(alpha) or conformal.alpha
     s = conformity_scores(probs, conformal.score, conformal.raps_lambda, conformal.raps_k)
     out = np.zeros(s.shape, dtype=bool)
     for k in range(s.shape[1]):
@@ -210,7 +213,7 @@ def interpret(logits: Any, info: ModelInfo | None = None, ood_score: Any = None,
 def with_sets(answer: Predictions, conformal: ConformalInfo | None, alpha: float | None) -> Predictions:
     """``answer`` with its prediction sets (unchanged without conformal scores)."""
     if conformal is not None:
-        answer.alpha = conformal.alpha if alpha is None else check_alpha(alpha)
+        answer.alpha = check_alpha(alpha) or conformal.alpha
         answer.sets = prediction_sets(answer.probs, conformal, answer.alpha)
     return answer
 

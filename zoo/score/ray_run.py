@@ -41,13 +41,14 @@ import numpy as np
 
 from zoo.errors import ModelFileError, UsageError, UserError
 from zoo.io import atomic_write_bytes
+from zoo.postprocess import check_alpha
 from zoo.preprocess import Preprocessing
 from zoo.runtime import OnnxModel, RuntimeOptions
 from zoo.score.decode import DecodedChunk, Decoder, default_workers
 from zoo.score.journal import Run, chunk_name, chunk_record
 from zoo.score.listing import FileEntry, list_folder
 from zoo.score.models import infer, model_identity, open_models, resolve_models
-from zoo.score.run import DEFAULT_BATCH, DEFAULT_CHUNK, ScorePaths, ScoreSummary, checked_alpha, run_journalled
+from zoo.score.run import DEFAULT_BATCH, DEFAULT_CHUNK, ScorePaths, ScoreSummary, run_journalled
 from zoo.settings import runtime_options
 
 log = logging.getLogger(__name__)
@@ -311,7 +312,7 @@ def score_folder_ray(
     actor's threads, default 2 on a GPU, else 1).
     """
     paths = ScorePaths.of(folder, out, errors_out)
-    alpha = checked_alpha(alpha)
+    alpha = check_alpha(alpha)
     if batch_size < 1 or chunk_size < 1:
         raise UsageError("batch size and chunk size must be at least 1")
     if actors is not None and actors < 1:

@@ -185,7 +185,7 @@ def score_folder(
     again, it resumes from ``<out>.partial/``.
     """
     paths = ScorePaths.of(folder, out, errors_out)
-    alpha = checked_alpha(alpha)
+    alpha = check_alpha(alpha)
     if batch_size < 1 or chunk_size < 1:
         raise UsageError("batch size and chunk size must be at least 1")
     workers = default_workers() if workers is None else max(0, workers)
@@ -196,14 +196,6 @@ def score_folder(
     entries = list_folder(paths.folder, exclude=[paths.out, paths.errors, paths.journal])
     return run_journalled(paths, onnx_models, entries, chunk_size, batch_size, overwrite,
                           lambda run: _score_chunks(run, workers, progress), alpha)
-
-
-def checked_alpha(alpha: float | None) -> float | None:
-    """``alpha`` validated (a :class:`UsageError` saying what is wrong), or None for the card's."""
-    try:
-        return None if alpha is None else check_alpha(alpha)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ def min_images_per_class(alpha: float) -> int:
     return math.ceil((1 - alpha) / alpha)
 
 
-def _true_scores(probs: np.ndarray, labels: np.ndarray, score: str) -> np.ndarray:
+def true_scores(probs: np.ndarray, labels: np.ndarray, score: str) -> np.ndarray:
     s = conformity_scores(probs, score, RAPS_LAMBDA, RAPS_K)
     return s[np.arange(len(labels)), labels]
 
@@ -54,30 +54,13 @@ def _fitted(probs: np.ndarray, labels: np.ndarray, score: str, mondrian: bool, a
     """A conformal predictor fitted by crepes on labelled probabilities: its calibration scores
     (per class when Mondrian, crepes' bins being the labels, as in ``WrapClassifier(class_cond=True)``)."""
     num_classes = probs.shape[1]
-    cc = ConformalClassifier().fit(_true_scores(probs, labels, score), bins=labels if mondrian else None)
+    cc = ConformalClassifier().fit(true_scores(probs, labels, score), bins=labels if mondrian else None)
     if mondrian:
         scores = [np.sort(cc.alphas[cc.bins == k]).tolist() for k in range(num_classes)]
     else:
         scores = [np.sort(cc.alphas).tolist()]
     return ConformalInfo(score=score, raps_lambda=RAPS_LAMBDA, raps_k=RAPS_K, mondrian=mondrian, alpha=alpha,
                          scores=scores)
-
-
-def _crepes_sets(cal_probs: np.ndarray, cal_y: np.ndarray, probs: np.ndarray, score: str, mondrian: bool,
-                 alpha: float) -> np.ndarray:
-    """(N, K) bool sets from crepes' own p-values (non-smoothed; per class when Mondrian), the
-    predicted class kept: the reference :func:`zoo.postprocess.prediction_sets` is tested against.
-    crepes computes each p-value in a Python loop (seconds per thousand images), so answers and the
-    cross-validation use the vectorised rule."""
-    cc = ConformalClassifier().fit(_true_scores(cal_probs, cal_y, score), bins=cal_y if mondrian else None)
-    s = conformity_scores(probs, score, RAPS_LAMBDA, RAPS_K)
-    if mondrian:
-        p = np.stack([cc.predict_p(s, bins=np.full(len(s), k), smoothing=False)[:, k] for k in range(s.shape[1])], 1)
-    else:
-        p = cc.predict_p(s, smoothing=False)
-    out = p >= alpha
-    out[np.arange(len(s)), probs.argmax(axis=1)] = True
-    return out
 
 
 def set_metrics(sets: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -138,5 +121,5 @@ def evaluate_sets(conformal: ConformalInfo, probs: np.ndarray, labels: np.ndarra
     return set_metrics(prediction_sets(probs, conformal, alpha), np.asarray(labels).reshape(-1).astype(np.int64))
 
 
-__all__ = ["ALPHA", "ALPHA_MIN", "SCORES", "cross_validated", "evaluate_sets", "fit_conformal",
+__all__ = ["ALPHA", "ALPHA_MIN", "SCORES", "cross_validated", "evaluate_sets", "fit_conformal", "true_scores",
            "min_images_per_class", "save_validation", "set_metrics"]
