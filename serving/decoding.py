@@ -22,6 +22,7 @@ Decoding a large image takes seconds of CPU and hundreds of MB, so three limits 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import math
 import threading
@@ -204,13 +205,14 @@ def check_headers(uploads: list[Upload], limits: Limits, abandoned: threading.Ev
             return
         if up.data is None:
             continue
+        up.sha256 = hashlib.sha256(up.data).hexdigest()  # the audit trail's name for the file (serving.events)
         if len(up.data) == 0:
-            up.refuse(400, "empty file")
+            up.refuse(400, "empty file", "empty")
             continue
         try:
             up.header = probe(up.data, max_pixels=limits.max_image_pixels)
         except ImageError as e:
-            up.refuse(image_error_status(e), str(e))
+            up.refuse(image_error_status(e), str(e), e.kind)
 
 
 def decode_upload(up: Upload, prep: Preprocessing, max_pixels: int, abandoned: threading.Event) -> None:
@@ -220,9 +222,9 @@ def decode_upload(up: Upload, prep: Preprocessing, max_pixels: int, abandoned: t
     try:
         up.array = load_image(AbandonableBytes(up.data, abandoned), prep, max_pixels=max_pixels)
     except ImageError as e:
-        up.refuse(image_error_status(e), str(e))
+        up.refuse(image_error_status(e), str(e), e.kind)
     except Abandoned:  # nobody waits for this answer any more
-        up.refuse(503, "abandoned: the request was cancelled")
+        up.refuse(503, "abandoned: the request was cancelled", "abandoned")
     up.data = None
 
 

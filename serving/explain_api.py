@@ -16,6 +16,7 @@ import numpy as np
 from pydantic import BaseModel, TypeAdapter
 
 from serving.config import ENSEMBLE_ROUTE
+from serving.events import ServedModel
 from serving.frontend import Answered, Frontend, Route, checked_alpha
 from serving.schemas import ExplainableRoute, ExplainAnswer, ExplainedItem, WorkerExplanation
 from serving.uploads import Problem, Upload
@@ -65,6 +66,9 @@ class ExplainRoute(Route):
 
     def answer(self, results: list[Any], error: str | None) -> ExplainAnswer:
         return ExplainAnswer(task=self.route, results=results, error=error, **self.meta)
+
+    def served(self) -> tuple[ServedModel, ...]:
+        return tuple(ServedModel(m["id"], m["weights_sha256"]) for m in self.meta.get("models") or ())
 
 
 async def explain_route(explainer: Any, route: str, target: str | None, top_k: int,

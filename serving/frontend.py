@@ -17,7 +17,9 @@ for ``POST /<task>``, :class:`EnsembleRoute` for ``POST /pathology_ensemble``,
    is not a level); with ``refuse_ood`` a flagged image is refused (422);
 5. answer: one result per upload, in upload order (with ``preview``, each answered image's decoded
    array as a PNG: what the model saw, from the one decode); the request fails (with its images'
-   status) only when none could be used.
+   status) only when none could be used;
+6. observe: the request's :class:`~serving.events.RequestEvent` (each image's answer or refusal,
+   the models, timings) goes to the observers (live metrics, drift windows, the audit trail).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import asyncio
 import base64
 import io
 import logging
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -37,6 +40,7 @@ from pydantic import BaseModel
 from serving.batching import Coalescer
 from serving.config import ENSEMBLE_ROUTE, Limits
 from serving.decoding import DecodePool, decode
+from serving.events import RequestEvent, RequestMeta, ServedModel, image_event, publish
 from serving.outputs import read_record
 from serving.schemas import (
     ClassScore,
@@ -118,6 +122,10 @@ class Route(abc.ABC):
     def flagged(self, out: Any, n: int) -> str | None:
         """Why image ``n`` is refused under ``refuse_ood`` (None: it is answered)."""
         return None
+
+    def served(self) -> tuple[ServedModel, ...]:
+        """The model(s) that answer this route (bundle ids and weights sha256), for the observers."""
+        return ()
 
     def refused(self, up: Upload) -> BaseModel:
         return self.result_type(index=up.index, filename=up.filename, status=up.status, error=up.error)
@@ -207,6 +215,9 @@ class TaskRoute(Route):
     def flagged(self, out: Any, n: int) -> str | None:
         return _ood_refusal(out, n, self.info.model_info)
 
+    def served(self) -> tuple[ServedModel, ...]:
+        return (ServedModel(self.info.id or "", self.info.weights_sha256 or ""),)
+
     def answer(self, results: list[Any], error: str | None) -> BaseModel:
         i = self.info
         model = ServedModelRef(id=i.id or "", weights_sha256=i.weights_sha256 or "", arch=i.arch or "",
@@ -248,6 +259,9 @@ class EnsembleRoute(Route):
 
     def flagged(self, out: Any, n: int) -> str | None:
         return _ood_refusal(out, n, None)
+
+    def served(self) -> tuple[ServedModel, ...]:
+        return tuple(ServedModel(m.id, m.weights_sha256) for m in self.members)
 
     def answer(self, results: list[Any], error: str | None) -> BaseModel:
         model = EnsembleModel(ensemble=self.members, arch=self.info.arch, combine=COMBINE)
@@ -312,25 +326,44 @@ class Frontend:
         return await self.infer(self._batchers[name](batch))
 
     async def run(self, route: Route, uploads: list[Upload]) -> tuple[int, BaseModel]:
-        """The pipeline's steps for one request (module docstring): status and answer."""
+        """The pipeline's steps for one request (module docstring): status and answer; the request's
+        :class:`~serving.events.RequestEvent` goes to the observers (metrics, drift, audit)."""
         self.requests[route.name] += 1
-        await decode(self.pool, uploads, route.prep, self.limits)
-        good = [up for up in uploads if up.array is not None]
+        started = time.perf_counter()
+        timings: dict[str, Any] = {}
         results: dict[int, BaseModel] = {}
-        if good:
-            out = await route.infer(_stack(good))
-            await route.render(good)
-            for n, up in enumerate(good):
-                reason = route.flagged(out, n) if self.refuse_ood else None
-                if reason:
-                    up.refuse(422, reason)
-                else:
-                    results[up.index] = route.result(up, out, n)
+        try:
+            await decode(self.pool, uploads, route.prep, self.limits)
+            timings["decode_s"] = time.perf_counter() - started
+            good = [up for up in uploads if up.array is not None]
+            if good:
+                out = await route.infer(_stack(good))
+                timings["infer_s"], timings["batch"] = time.perf_counter() - started - timings["decode_s"], len(good)
+                await route.render(good)
+                for n, up in enumerate(good):
+                    reason = route.flagged(out, n) if self.refuse_ood else None
+                    if reason:
+                        up.refuse(422, reason, "out_of_distribution")
+                    else:
+                        results[up.index] = route.result(up, out, n)
+        except (Problem, Answered) as e:
+            message = e.message if isinstance(e, Problem) else getattr(e.body, "error", None) or ""
+            self._publish(route, uploads, {}, e.status, timings, message)
+            raise
         for up in uploads:
             if up.index not in results:
                 results[up.index] = route.refused(up)
         status, error = _overall(uploads)
+        self._publish(route, uploads, results, status, timings, error or "")
         return status, route.answer([results[i] for i in sorted(results)], error)
+
+    @staticmethod
+    def _publish(route: Route, uploads: list[Upload], results: dict[int, BaseModel], status: int,
+                 timings: dict[str, Any], error: str) -> None:
+        meta = uploads[0].meta if uploads else RequestMeta()
+        images = tuple(image_event(up, results.get(up.index)) for up in uploads)
+        publish(RequestEvent(meta=meta, route=route.name, status=status, images=images, models=route.served(),
+                             error=error, **timings))
 
     async def answered(self, build: Awaitable[Route], uploads: list[Upload]) -> tuple[int, BaseModel]:
         """:meth:`run` with the route ``build`` gives, or the answer it gave instead (:class:`Answered`)."""

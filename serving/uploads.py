@@ -40,6 +40,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.config import Limits
+from serving.events import RequestEvent, RequestMeta, publish, with_request_id
 from zoo.io import display_name
 from zoo.postprocess import check_alpha
 from zoo.preprocess import ImageHeader
@@ -75,9 +76,13 @@ class Upload:
     error: str = ""
     header: ImageHeader | None = None  # read before decoding (serving.frontend)
     array: np.ndarray | None = None  # uint8 (C, H, W) once decoded
+    sha256: str | None = None  # of ``data``, taken with the header (serving.decoding), kept after the bytes go
+    kind: str = ""  # why refused, one word (serving.events.REFUSAL_KINDS by status unless the refusal names one)
+    meta: RequestMeta = field(default_factory=RequestMeta)  # the request it came in (serving.events)
 
-    def refuse(self, status: int, error: str) -> None:
+    def refuse(self, status: int, error: str, kind: str = "") -> None:
         self.status, self.error, self.data, self.array = status, error, None, None
+        self.kind = kind
 
 
 @dataclass
@@ -352,12 +357,17 @@ class UploadGuard:
         if method != "POST" or path not in self.upload_routes:
             await self.app(scope, receive, send)
             return
+        meta = RequestMeta.from_scope(scope)
+        send = with_request_id(send, meta.request_id)
         try:
             parsed = await read_request(scope, receive, self.limits)
         except Problem as p:
+            publish(RequestEvent(meta=meta, route=path.strip("/"), status=p.status, error=p.message))
             # The body may be unread: the connection is closed after the answer.
             body = {"error": p.message, "task": path.strip("/")}
             await JSONResponse(body, status_code=p.status, headers={"connection": "close"})(scope, receive, send)
             return
+        for up in parsed.uploads:
+            up.meta = meta
         scope.setdefault("state", {})[STATE_KEY] = parsed
         await self.app(scope, _replay_empty(receive), send)

@@ -6,6 +6,7 @@ arrays whose answers are known."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 from typing import Any
 
@@ -15,6 +16,7 @@ from PIL import Image
 
 from serving.config import ENSEMBLE_ROUTE, Limits
 from serving.decoding import DecodePool
+from serving.events import RequestEvent, ServedModel, subscribe, unsubscribe_all
 from serving.frontend import Frontend
 from serving.outputs import read_record, to_record
 from serving.schemas import ServedEnsembleInfo, ServedModelInfo, ServedTable
@@ -158,3 +160,54 @@ def test_outputs_travel_as_named_fields() -> None:
     np.testing.assert_array_equal(out_logits, logits)
     np.testing.assert_allclose(ood, [0.1, 0.2])
     assert read_record(to_record({"logits": logits}, with_ood=False))[1] is None
+
+
+class Recorder:
+    """An observer (serving.events) keeping every event it is given."""
+
+    def __init__(self) -> None:
+        self.events: list[RequestEvent] = []
+
+    def observe(self, event: RequestEvent) -> None:
+        self.events.append(event)
+
+
+@pytest.fixture()
+def recorder() -> Any:
+    rec = Recorder()
+    subscribe(rec)
+    yield rec
+    unsubscribe_all()
+
+
+def test_every_request_is_published_to_the_observers_with_each_image(recorder: Recorder) -> None:
+    """One event per request: each image's sha256, answer or refusal kind, the model, timings; an
+    observer that raises fails no request."""
+    subscribe(Broken())
+    fe, _ = frontend(with_ood=True, refuse_ood=True)
+    files = (png(10), png(120)[:60], b"", png(200))
+    status, _ = asyncio.run(fe.classify("skin", uploads(*files), None))
+    assert status == 200
+    (event,) = recorder.events
+    assert event.route == "skin" and event.status == 200 and event.batch == 2
+    assert event.models == (ServedModel("skin-1", "0" * 64),)
+    assert event.decode_s is not None and event.infer_s is not None
+    good, corrupt, empty, flagged = event.images
+    assert good.sha256 == hashlib.sha256(files[0]).hexdigest() and good.status == 200 and good.kind == ""
+    assert good.predicted == "a" and good.in_distribution is True and good.ood_score == pytest.approx(10 / 255)
+    assert (corrupt.status, corrupt.kind, corrupt.top) == (422, "corrupt", ())
+    assert (empty.status, empty.kind, empty.sha256) == (400, "empty", hashlib.sha256(b"").hexdigest())
+    assert (flagged.status, flagged.kind, flagged.in_distribution) == (422, "out_of_distribution", None)
+
+
+def test_a_request_answered_before_decoding_is_published_too(recorder: Recorder) -> None:
+    fe, _ = frontend()
+    status, _ = asyncio.run(fe.classify("organ", uploads(png(10)), None))  # the task has no model: 503
+    assert status == 503 and recorder.events == []  # nothing was read: no route ran
+    status, _ = asyncio.run(fe.classify("skin", uploads(png(10)), None, alpha=2.0))
+    assert status == 422 and recorder.events == []
+
+
+class Broken:
+    def observe(self, event: RequestEvent) -> None:
+        raise RuntimeError("observer bug")
