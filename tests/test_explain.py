@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 from scipy.stats import spearmanr
-from test_export import HEAVY, make_bundle
+from test_export import EVERY_ARCH, HEAVY, make_bundle
 from torch import nn
 
 from zoo.bundle import Bundle, build_net, load_bundle
@@ -160,7 +160,7 @@ def _png_files(folder: Path, images: np.ndarray) -> list[Path]:
     return paths
 
 
-@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow) if a in HEAVY else a for a in list_models()])
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow) if a in HEAVY else a for a in EVERY_ARCH])
 def test_every_architecture_explains(arch: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Untrained, at its smallest standard size: maps of the image's shape, and `zoo explain` writes them."""
     size = get_spec(arch).sizes()[0]
