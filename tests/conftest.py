@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,6 +45,21 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("synthetic_medmnist")
     for i, flag in enumerate(("dermamnist", "organamnist", "pathmnist")):
         write_synthetic_medmnist(root, flag, 28, (240, 60, 60), seed=i)
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_breast_root(breast_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real BreastMNIST cut to 16 images per split, both classes in each: for tests of a pipeline
+    (a CLI command, a report's four models at 224 px) rather than of what a model learns."""
+    full = np.load(breast_root / "breastmnist.npz")
+    keep: dict[str, np.ndarray] = {}
+    for split in ("train", "val", "test"):
+        labels = full[f"{split}_labels"][:, 0]
+        idx = np.sort(np.concatenate([np.flatnonzero(labels == c)[:8] for c in np.unique(labels)]))
+        keep[f"{split}_images"], keep[f"{split}_labels"] = full[f"{split}_images"][idx], full[f"{split}_labels"][idx]
+    root = tmp_path_factory.mktemp("small_breast")
+    np.savez_compressed(root / "breastmnist.npz", **keep)
     return root
 
 

@@ -74,8 +74,8 @@ def test_store_after_the_sub_command_and_json_listings(one_bundle_store: Path, t
     assert any(r["name"] == "medmnist-v2" for r in recipes) and all(r["citation"] for r in recipes)
 
 
-def test_train_and_score_summaries_as_json(breast_root: Path, tmp_path: Path) -> None:
-    r = _zoo("train", "breast", "mlp", "--data-root", str(breast_root), "--epochs", "1", "--offline", "--json",
+def test_train_and_score_summaries_as_json(small_breast_root: Path, tmp_path: Path) -> None:
+    r = _zoo("train", "breast", "mlp", "--data-root", str(small_breast_root), "--epochs", "1", "--offline", "--json",
              "--store", str(tmp_path / "store"))
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)

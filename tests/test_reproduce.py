@@ -6,7 +6,6 @@ import csv
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from zoo.card import read_card
@@ -16,21 +15,6 @@ from zoo.reproduce import V2_ROWS, recipes_for
 from zoo.store import bundles_dir
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def small_breast_root(breast_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real BreastMNIST cut to 16 images per split, both classes in each: four models evaluated at
-    224 px on the whole file would take minutes on 2 CPU cores, and this test checks the pipeline."""
-    full = np.load(breast_root / "breastmnist.npz")
-    keep: dict[str, np.ndarray] = {}
-    for split in ("train", "val", "test"):
-        labels = full[f"{split}_labels"][:, 0]
-        idx = np.sort(np.concatenate([np.flatnonzero(labels == c)[:8] for c in np.unique(labels)]))
-        keep[f"{split}_images"], keep[f"{split}_labels"] = full[f"{split}_images"][idx], full[f"{split}_labels"][idx]
-    root = tmp_path_factory.mktemp("small_breast")
-    np.savez_compressed(root / "breastmnist.npz", **keep)
-    return root
 
 
 def _rows(folder: Path) -> list[dict[str, str]]:
