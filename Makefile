@@ -29,3 +29,19 @@ test: $(STAMP)
 
 serve: $(STAMP)
 	$(BIN)/zoo serve
+
+# `make gpu-check` (docs/BENCHMARKS.md, "GPU check"): without a GPU, one line and exit 0 before anything is
+# installed; with one, `make install`, then bench/gpu_check.py's stages within GPU_CHECK_BUDGET seconds from the
+# start (the install included). GPU_CHECK_PYTHON=<an interpreter already set up> skips the install (and never
+# pip-installs '.[gpu]'); GPU_CHECK_ARGS passes options (e.g. --out DIR, --stages …).
+GPU_CHECK_BUDGET ?= 480
+GPU_CHECK_PYTHON ?=
+GPU_CHECK_ARGS ?=
+.PHONY: gpu-check
+gpu-check:
+	@t0=$$(date +%s); $(PYTHON) bench/gpu_check.py --detect; rc=$$?; \
+	if [ $$rc -eq 10 ]; then exit 0; elif [ $$rc -ne 0 ]; then exit $$rc; fi; \
+	py="$(GPU_CHECK_PYTHON)"; \
+	if [ -z "$$py" ]; then $(MAKE) --no-print-directory install || exit $$?; py=$(BIN)/python; fi; \
+	$$py bench/gpu_check.py --since $$t0 --budget $(GPU_CHECK_BUDGET) $(if $(GPU_CHECK_PYTHON),--no-install) \
+	  $(GPU_CHECK_ARGS)

@@ -184,7 +184,7 @@ def main() -> None:
         print(f"setup (bundle, {args.images} PNGs): {time.perf_counter() - t0:.0f} s")
 
         model = OnnxModel.open(bundle, runtime_options(threads=args.threads))
-        prep = model.preprocessing
+        prep, provider = model.preprocessing, model.provider
         arrays = np.stack([load_image(folder / e.rel, prep) for e in list_folder(folder)])
         best: dict[str, float] = {"decode": 0.0, "engine": 0.0, "score": 0.0, "score_loop": 0.0}
         half = len(arrays) // 2
@@ -226,7 +226,8 @@ def main() -> None:
     print(f"  zoo score / lower limit = {ratio:.2f} (target {TARGET}: {verdict})")
     if args.json:
         out: dict[str, Any] = {**best, "ratio_to_limit": ratio, "images": args.images, "arch": args.arch,
-                               "batch_size": args.batch_size, "workers": args.workers, "machine": machine()}
+                               "batch_size": args.batch_size, "workers": args.workers, "machine": machine(),
+                               "provider": provider}
         print(json.dumps(out))
 
 

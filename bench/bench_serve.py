@@ -21,6 +21,7 @@ the model saw (``/stats``).
     python bench/bench_serve.py [--requests 200] [--concurrency 1 16 64] [--rounds 2] [--markdown]
                                 [--before TREE]
 
+``--json PATH`` also writes the figures (and the providers the service and raw ONNX Runtime got) as JSON.
 ``--before TREE`` serves the same bundle from another checkout too (e.g. ``git worktree add /tmp/before
 COMMIT``), measured in the same rounds: ``after / before`` = this tree's served req/s ÷ that tree's,
 for a change of the serving code.
@@ -358,6 +359,7 @@ def _bench(work: Path, levels: list[int], n_requests: int, rounds: int, before: 
                     runs[name][c].append(measured_load(urls[name], pngs, c, n, served_procs[name]))
                 runs["naive"][c].append(asyncio.run(_load(urls["naive"], pngs, c, n)))
         stats = httpx.get(urls["bentoml"] + "/stats", timeout=30).json()["batches"].get("pathology", {})
+        served_provider = _served_provider(urls["bentoml"])
     finally:
         for proc in procs:
             stop(proc)
@@ -370,7 +372,37 @@ def _bench(work: Path, levels: list[int], n_requests: int, rounds: int, before: 
             "ort_1": float(np.median(ort_1)) if ort_1 else raw_ort(bundle, batch=1, seconds=2.0), "ratios": ratios,
             "vs_naive": vs_naive, "rounds": rounds,
             "results": {k: [median_level(v[c]) for c in levels] for k, v in runs.items()},
-            "stats": stats, "load": os.getloadavg(), "cpus": os.cpu_count()}
+            "stats": stats, "load": os.getloadavg(), "cpus": os.cpu_count(),
+            "served_provider": served_provider, "ort_provider": _provider(bundle)}
+
+
+def _served_provider(url: str) -> str | None:
+    """The provider the service's pathology model runs on (``/models``), None when it does not say."""
+    import httpx
+
+    try:
+        served = httpx.get(url + "/models", timeout=30).json()["models"]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return None
+    return next((m.get("provider") for m in served if isinstance(m, dict) and m.get("task") == "pathology"), None)
+
+
+def _provider(bundle: Path) -> str:
+    """The provider raw ONNX Runtime gets here (``raw_ort``'s options)."""
+    from zoo.runtime import OnnxModel
+    from zoo.settings import runtime_options
+
+    return OnnxModel.open(bundle, runtime_options(spinning=False)).provider
+
+
+def write_results(out: dict[str, Any], path: Path) -> None:
+    """The figures as JSON (``--json``), for bench/gpu_check.py."""
+    import dataclasses
+
+    from zoo.io import write_json
+
+    results = {k: [dataclasses.asdict(level) for level in v] for k, v in out["results"].items()}
+    write_json(path, {**out, "results": results, "load": list(out["load"])})
 
 
 def report(out: dict[str, Any], markdown: bool) -> str:
@@ -385,8 +417,8 @@ def report(out: dict[str, Any], markdown: bool) -> str:
             f"round), {out['ort_1']:.0f} img/s at batch 1 (measured in the concurrency-1 rounds); ONNX Runtime's "
             f"session options as in the service. Medians of {out['rounds']} interleaved rounds. "
             f"Machine: {out['cpus']} CPU cores ({platform.processor() or platform.machine()}), shared with other "
-            f"jobs (load average {out['load'][0]:.1f} at the end), no GPU; bentoml {bentoml.__version__}, "
-            f"onnxruntime {onnxruntime.__version__}, torch {torch.__version__}.")
+            f"jobs (load average {out['load'][0]:.1f} at the end), served on {out['served_provider']}; "
+            f"bentoml {bentoml.__version__}, onnxruntime {onnxruntime.__version__}, torch {torch.__version__}.")
     rows = []
     for s, n in zip(served, naive, strict=True):
         c = s.concurrency
@@ -425,13 +457,19 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds per level (medians reported)")
     p.add_argument("--markdown", action="store_true", help="print the table for docs/BENCHMARKS.md")
     p.add_argument("--before", type=Path, metavar="TREE", help="also serve from this checkout (after / before)")
+    p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--naive-server", metavar="BUNDLE", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.naive_server:
         run_naive(Path(args.naive_server), args.port)
         return
-    print(report(bench(args.concurrency, args.requests, args.rounds, args.before), args.markdown))
+    # SIGTERM (a caller's timeout) unwinds through bench()'s `finally`, which stops the servers it started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    out = bench(args.concurrency, args.requests, args.rounds, args.before)
+    print(report(out, args.markdown))
+    if args.json:
+        write_results(out, args.json)
 
 
 if __name__ == "__main__":

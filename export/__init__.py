@@ -1,8 +1,8 @@
-"""Export of bundles to ONNX and TorchScript with a parity check (``zoo export``).
+"""Export of bundles to ONNX, TorchScript and ``torch.export`` with a parity check (``zoo export``).
 
 Modules: :mod:`export.exporter` (export, check, "export if missing"), :mod:`export.onnx_export`,
-:mod:`export.torchscript_export`, :mod:`export.parity`, :mod:`export.cli`. This package file only
-re-exports; no submodule imports it back.
+:mod:`export.torchscript_export`, :mod:`export.pt2_export`, :mod:`export.parity`, :mod:`export.cli`. This
+package file only re-exports; no submodule imports it back.
 """
 
 from export.exporter import FORMATS, check_bundle, ensure_exported, export_bundle, resolve_formats

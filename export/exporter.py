@@ -1,4 +1,5 @@
-"""Export of a bundle to ONNX (fp32 and fp16) and TorchScript, with the parity check.
+"""Export of a bundle to ONNX (fp32 and fp16), TorchScript and ``torch.export`` (``pt2``, on
+request), with the parity check.
 
 The exported model is :func:`zoo.preprocess.adapter.full_model` — ``Sequential(InputAdapter, net)``
 — so the files take **uint8 NCHW images at ``image_size``** and return logits; the preprocessing
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch
 
-from export import onnx_export, parity, torchscript_export
+from export import onnx_export, parity, pt2_export, torchscript_export
 from zoo.bundle import load_bundle
 from zoo.card import EXPORT_FILES, ONNX_FILE, read_card, update_card
 from zoo.errors import ExportError, ModelFileError, ParityError, UsageError
@@ -37,7 +38,7 @@ from zoo.settings import runtime_options
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("onnx", "torchscript")  # what `zoo export` writes by default; --fp16 adds "onnx_fp16"
+FORMATS = ("onnx", "torchscript")  # what `zoo export` writes by default; --fp16 adds "onnx_fp16"; "pt2" on request
 
 
 def resolve_formats(formats: Sequence[str] | None, fp16: bool) -> list[str]:
@@ -102,6 +103,9 @@ def export_bundle(
                 traced = torchscript_export.to_torchscript(bundle.exported_model, prep)
                 torchscript_export.save_torchscript(traced, meta, dest)
                 extra: dict[str, Any] = {"opset": None, "precision": "fp32"}
+            elif fmt == "pt2":
+                pt2_export.save_pt2(pt2_export.to_pt2(bundle.exported_model, prep), meta, dest)
+                extra = {"opset": None, "precision": "fp32"}
             else:
                 assert proto is not None
                 variant = onnx_export.to_fp16(proto) if fmt == "onnx_fp16" else proto

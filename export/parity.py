@@ -16,7 +16,7 @@ Numbers, per batch size, for the whole split and over everything:
   tolerance band 2·max(ABS_TOL, REL_TOL·max|reference|): both answers are right to within the
   tolerance we accept, so they are listed but not counted against fp32 parity.
 
-Pass criteria. fp32 (``onnx``, ``torchscript``): finite logits of the right shape, metadata equal
+Pass criteria. fp32 (``onnx``, ``torchscript``, ``pt2``): finite logits of the right shape, metadata equal
 to the card, ``max_abs_diff ≤ ABS_TOL`` **or** ``max_rel_diff ≤ REL_TOL`` over all inputs, and
 100 % argmax agreement (near ties excepted) on every input set. fp16 (``onnx_fp16``): finite
 logits, metadata, argmax agreement ≥ FP16_MIN_AGREEMENT on the real test split (on the parity
@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from export.pt2_export import load_pt2
 from export.torchscript_export import load_torchscript
 from zoo.card import Card
 from zoo.errors import DataUnavailableError, ParityError
@@ -192,6 +193,9 @@ def _open(fmt: str, path: Path, options: RuntimeOptions | None,
     if fmt == "torchscript":
         ts = load_torchscript(path)
         return ts.outputs, ts.provider, ts.meta.model_dump(), []
+    if fmt == "pt2":
+        ep = load_pt2(path)
+        return ep.outputs, ep.provider, ep.meta.model_dump(), []
     model = OnnxModel.open(path, options)
     problems = []
     inp, out = model.session.get_inputs(), model.session.get_outputs()

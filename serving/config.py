@@ -40,8 +40,13 @@ YAML layout (every key optional)::
     refuse_ood: false                     # true: an image flagged out of distribution is answered 422, not classified
     api_workers: 1                        # processes decoding requests (the API layer)
     access_log: true                      # BentoML's per-request access log lines
+    drift_window: 500                     # the last images per task whose class mix and OOD scores GET /drift tests
     ort_threads: null                     # ONNX Runtime intra-op threads (null: its default)
     ort_spinning: false                   # idle ONNX Runtime threads spin (they share the CPU with the API workers)
+    audit_log: null                       # a folder: one JSON line per answered or refused image (`zoo audit`);
+                                          # null: no audit trail
+    audit_max_mb: 100                     # an audit file reaching this size is closed; the next lines go to a new one
+    audit_flush_s: 1                      # the audit file is fsynced this often (what a machine crash may lose)
 
 Environment: ``MEDZOO_<SETTING>`` for each setting (``MEDZOO_TOP_K``, ``MEDZOO_MAX_FILE_MB``, …);
 ``MEDZOO_SERVE_<TASK>`` sets a task's bundle, and adds the task when the file has none of that
@@ -91,7 +96,8 @@ MANIFEST = "serving.json"  # inside that model: task → bundle directory, ensem
 RESERVED_ROUTES = frozenset(
     {"models", "stats", "readyz", "livez", "healthz", "metrics", "docs", "docs.json", "schema.json",
      "static_content", "assets", ENSEMBLE_ROUTE, "ensemble", "describe", "config", "source",
-     "to_async", "to_sync", "bento_service", "table", "ui", "explain", "frontend", "inference"}
+     "to_async", "to_sync", "bento_service", "table", "ui", "explain", "frontend", "inference",
+     "v2", "drift"}
 )
 SHORTHAND_TASKS = tuple(TASKS)  # skin, organ, pathology may also be written at the top level (skin: ID)
 SECTIONS = ("tasks", "ensemble")  # the top-level keys that are not settings
@@ -203,10 +209,22 @@ class ServeConfig(BaseSettings):
                                                 "classified")
     api_workers: int = Field(1, ge=1, description="processes reading and decoding requests (the API layer)")
     access_log: bool = Field(True, description="BentoML's per-request access log lines")
+    drift_window: int = Field(500, ge=1, description=(  # serving.drift: one window per task, in the inference worker
+        "the last images per task whose predicted-class mix and out-of-distribution scores `GET /drift` and the "
+        "`medzoo_drift_p_value` gauge test against the validation split"))
     ort_threads: int | None = Field(None, ge=1, description="ONNX Runtime intra-op threads per model (null: its "
                                                             "default, one per physical core)")
     ort_spinning: bool = Field(False, description="idle ONNX Runtime threads spin-wait (they share the CPU with the "
                                                   "API workers)")
+    audit_log: Path | None = Field(None, description=(  # serving.audit; read by zoo.audit (`zoo audit DIR`)
+        "a folder for the audit trail: one JSON line per answered or refused image (time, request id, client, "
+        "file name and sha256, task, model, answer, status; never the image), one file per API worker; a "
+        "relative path is taken from the config file's folder (null: no trail)"))
+    audit_max_mb: float = Field(100, gt=0, description="an audit file reaching this size is closed and the next "
+                                                       "lines go to a new one (files in use are never renamed)")
+    audit_flush_s: float = Field(1, gt=0, description=(
+        "each audit line is written at once and the file fsynced this often: a killed server loses at most the "
+        "lines of the moment, a machine crash at most this interval"))
     source: str = Field("store", exclude=True)  # "store" or "bento" (set by load_config)
     bento_dir: Path | None = Field(None, exclude=True)
 
@@ -241,7 +259,7 @@ class ServeConfig(BaseSettings):
                              f"({self.request_timeout_s:g}): what is admitted must be able to finish in time")
         return self
 
-    @field_validator("store", mode="before")
+    @field_validator("store", "audit_log", mode="before")
     @classmethod
     def _expand(cls, v: Any) -> Any:
         return Path(str(v)).expanduser() if v else None
@@ -389,6 +407,9 @@ def load_config(path: str | Path | None = None) -> ServeConfig:
     cfg_path = path or os.environ.get(CONFIG_ENV)
     if cfg_path:
         file_layer, problems = _file_layer(read_yaml(cfg_path))
+        if isinstance(file_layer.get("audit_log"), str):  # relative: beside the config file, whatever the cwd
+            folder = Path(cfg_path).expanduser().resolve().parent
+            file_layer["audit_log"] = str(folder / Path(file_layer["audit_log"]).expanduser())
         layer = _merge(layer, file_layer)
     cfg: ServeConfig | None = None
     try:

@@ -197,9 +197,11 @@ def image_error_status(err: ImageError) -> int:
     return IMAGE_ERROR_STATUS.get(err.kind, 422)
 
 
-def check_headers(uploads: list[Upload], limits: Limits, abandoned: threading.Event) -> None:
+def check_headers(uploads: list[Upload], limits: Limits, abandoned: threading.Event,
+                  keep_dicom: bool = False) -> None:
     """Format, size and frames of each file from its header (:func:`zoo.preprocess.probe`, bounded
-    time each; nothing decoded); refusals are recorded on the uploads."""
+    time each; nothing decoded); refusals are recorded on the uploads. ``keep_dicom`` (``output=dicom-sr``):
+    also each DICOM header, without pixel data (:func:`keep_dicom_header`)."""
     for up in uploads:
         if abandoned.is_set():
             return
@@ -213,6 +215,28 @@ def check_headers(uploads: list[Upload], limits: Limits, abandoned: threading.Ev
             up.header = probe(up.data, max_pixels=limits.max_image_pixels)
         except ImageError as e:
             up.refuse(image_error_status(e), str(e), e.kind)
+            continue
+        if keep_dicom:
+            keep_dicom_header(up)
+
+
+def keep_dicom_header(up: Upload) -> None:
+    """The DICOM header a structured report copies and references (read once, here; no pixel data),
+    or 406 for this image (then not decoded): it is not DICOM, or lacks the UIDs a report references."""
+    from zoo.dicom_sr import DicomSRError, source_header  # highdicom: imported when a report is asked for
+
+    assert up.header is not None and up.data is not None
+    if up.header.format != "DICOM":
+        up.refuse(406, f"a {up.header.format} image has no DICOM header to report on: DICOM structured reports "
+                       "answer DICOM images only (ask without output=dicom-sr or Accept: application/dicom for "
+                       "a JSON answer)", "not_dicom")
+    else:
+        try:
+            up.dicom = source_header(up.data)
+        except DicomSRError as e:
+            up.refuse(406, f"no DICOM structured report: {e}", "not_dicom")
+    if up.status != 200:
+        up.header = None  # nothing to decode
 
 
 def decode_upload(up: Upload, prep: Preprocessing, max_pixels: int, abandoned: threading.Event) -> None:
@@ -238,11 +262,13 @@ def request_pixels(uploads: list[Upload], limits: Limits) -> int:
     return total
 
 
-async def decode(pool: DecodePool, uploads: list[Upload], prep: Preprocessing, limits: Limits) -> None:
-    """A request's decode step: headers first (limits, the request's pixel budget, admission), then
-    its images, concurrently under the pool's limits. A cancelled request abandons its work."""
+async def decode(pool: DecodePool, uploads: list[Upload], prep: Preprocessing, limits: Limits,
+                 keep_dicom: bool = False) -> None:
+    """A request's decode step: headers first (limits, the request's pixel budget, admission; with
+    ``keep_dicom`` the DICOM headers), then its images, concurrently under the pool's limits. A cancelled
+    request abandons its work."""
     abandoned = threading.Event()
-    await pool.run(check_headers, uploads, limits, abandoned, work=HEADER_WORK, abandoned=abandoned)
+    await pool.run(check_headers, uploads, limits, abandoned, keep_dicom, work=HEADER_WORK, abandoned=abandoned)
     request_pixels(uploads, limits)
     todo = [(up, decode_bytes(up.header, prep.image_size)) for up in uploads if up.header is not None]
     with pool.admit(sum(work for _, work in todo)) as admitted:

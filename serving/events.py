@@ -90,6 +90,17 @@ class RequestEvent:
     batch: int = 0  # images the request sent to the model(s)
 
 
+def split_route(route: str) -> tuple[str, str]:
+    """A route's task and endpoint: ``breast`` → (``breast``, ``classify``), ``breast/explain`` →
+    (``breast``, ``explain``), ``v2/models/breast/infer`` → (``breast``, ``v2``)."""
+    parts = route.split("/")
+    if parts[0] == "v2" and len(parts) >= 3:
+        return parts[2], "v2"
+    if len(parts) == 2 and parts[1] == "explain":
+        return parts[0], "explain"
+    return parts[0], "classify" if len(parts) == 1 else "other"
+
+
 def image_event(up: Any, result: BaseModel | None) -> ImageEvent:
     """The event of one upload (:class:`serving.uploads.Upload`) from its result in the answer."""
     top = tuple((c.label, float(c.prob)) for c in (getattr(result, "top", None) or ()))

@@ -95,6 +95,7 @@ class Route(abc.ABC):
     result_type: type[BaseModel] = ImageResult  # one image's result, also for a refused image
     preview: bool = False  # answer each decoded image as a PNG (``preview_png``)
     previews: dict[int, str] | None = None  # upload index -> base64 PNG, once rendered
+    keep_dicom: bool = False  # keep each DICOM header, refuse other images (406): output=dicom-sr (serving.sr)
 
     async def render(self, uploads: list[Upload]) -> None:
         """With ``preview``: the decoded images as PNGs, in a thread, not on the event loop that answers
@@ -333,7 +334,7 @@ class Frontend:
         timings: dict[str, Any] = {}
         results: dict[int, BaseModel] = {}
         try:
-            await decode(self.pool, uploads, route.prep, self.limits)
+            await decode(self.pool, uploads, route.prep, self.limits, route.keep_dicom)
             timings["decode_s"] = time.perf_counter() - started
             good = [up for up in uploads if up.array is not None]
             if good:

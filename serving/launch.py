@@ -10,7 +10,9 @@ The drain on SIGTERM: the API workers stop listening at once (new connections ar
 uvicorn lets the requests in flight finish for up to ``shutdown_grace_s`` (``--timeout-graceful-shutdown``);
 the inference and explanation workers keep answering until the API workers are gone
 (:mod:`serving.connections`). ``--timeout-keep-alive`` is ``idle_timeout_s``: uvicorn closes an
-idle keep-alive connection as the connection guard does.
+idle keep-alive connection as the connection guard does. Once an API worker has drained, BentoML runs
+the service's shutdown hook, which writes what the audit trail still holds and syncs it
+(:mod:`serving.audit`); the kill ``KILL_MARGIN_S`` after the grace leaves it that time.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ log = logging.getLogger("serving")
 REPO = Path(__file__).resolve().parents[1]
 GRACE_S = 20  # seconds to stop when no config is given
 KILL_MARGIN_S = 5  # after shutdown_grace_s: the dependency workers and the arbiter stopping
+AUDIT_ENV = "MEDZOO_AUDIT_LOG"
 
 
 def server_env(store: str | Path | None, config: str | Path | None) -> dict[str, str]:
@@ -42,6 +45,9 @@ def server_env(store: str | Path | None, config: str | Path | None) -> dict[str,
         env["MEDZOO_HOME"] = str(Path(store).expanduser().resolve())
     if config:
         env[CONFIG_ENV] = str(Path(config).expanduser().resolve())
+    audit = env.get(AUDIT_ENV)
+    if audit:  # the server runs in the repository: a relative audit folder is this process's cwd's
+        env[AUDIT_ENV] = str(Path(audit).expanduser().resolve())
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return env
 

@@ -2,8 +2,9 @@
 
 Runs inside the inference worker. :class:`ModelTable` opens what the configuration names,
 remembers why a task has no model (the message its endpoint answers with 503), fits the
-ensemble's prediction sets once (:func:`zoo.ensemble.ensemble_conformal`), runs batches and
-counts the batch sizes each model saw.
+ensemble's prediction sets once (:func:`zoo.ensemble.ensemble_conformal`), runs batches,
+counts the batch sizes each model saw and keeps each task's drift window (:mod:`serving.drift`: this
+worker sees the images of every API worker).
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ from serving.config import (
     resolve_ensemble,
     resolve_task,
 )
-from serving.outputs import LOGITS, to_record
-from serving.schemas import ServedEnsembleInfo, ServedModelInfo, ServedTable
+from serving.drift import DriftMonitor
+from serving.outputs import LOGITS, read_record, to_record
+from serving.schemas import DriftAnswer, ServedEnsembleInfo, ServedModelInfo, ServedTable
 from zoo.card import Card, ConformalInfo, ModelInfo, read_card
 from zoo.ensemble import check_compatible, ensemble_conformal
 from zoo.errors import BundleError, EnsembleError, ModelFileError
+from zoo.postprocess import interpret
 from zoo.runtime import GPU_PROVIDERS, OnnxModel, RuntimeOptions
 from zoo.settings import runtime_options
 
@@ -142,6 +145,7 @@ class ModelTable:
         self.ensemble_message = ""
         self.ensemble_conformal: ConformalInfo | None = None
         self.stats = BatchStats()
+        self.drift = DriftMonitor(cfg.drift_window)
         # This worker shares the CPU with the HTTP workers: by default (ort_spinning) ONNX Runtime's
         # idle threads sleep rather than spin.
         self.options = runtime_options(threads=cfg.ort_threads, spinning=cfg.ort_spinning)
@@ -155,10 +159,12 @@ class ModelTable:
             log.warning("%s: not served: %s", r.task, r.message)
             return
         try:
-            self.models[r.task] = open_bundle(r.task, r.path, self.options, self.cfg.max_batch_size)
+            self.models[r.task] = served = open_bundle(r.task, r.path, self.options, self.cfg.max_batch_size)
         except (BundleError, ModelFileError) as e:
             self.missing[r.task] = f"{e}"
             log.warning("%s: not served: %s", r.task, e)
+            return
+        self.drift.watch(r.task, served.id, served.model.labels, served.card.drift)
 
     def _open_ensemble(self) -> None:
         found, problems = resolve_ensemble(self.cfg)
@@ -198,10 +204,13 @@ class ModelTable:
 
     def predict(self, task: str, images: np.ndarray) -> np.ndarray:
         """``task``'s model outputs for a batch (a record array, :mod:`serving.outputs`); the batch size
-        is recorded."""
+        is recorded, and the answers join the task's drift window."""
         model = self.get(task)
         self.stats.record(task, len(images))
-        return model.run(images)
+        record = model.run(images)
+        logits, ood = read_record(record)
+        self.drift.add(task, interpret(logits, model.card, ood))  # the answers the API workers give
+        return record
 
     def predict_members(self, images: np.ndarray) -> np.ndarray:
         """The members' outputs, a record array (N, M) (each member's OOD score when all have one)."""
@@ -241,6 +250,9 @@ class LocalInference:
 
     async def stats(self) -> dict[str, Any]:
         return self.table.stats.snapshot()
+
+    async def drift(self) -> DriftAnswer:
+        return self.table.drift.report()
 
     async def predict(self, task: str, images: np.ndarray) -> np.ndarray:
         import anyio

@@ -38,7 +38,8 @@ PACKAGED_SETTINGS = ("top_k", "max_batch_size", "max_latency_ms", "max_file_mb",
                      "max_image_megapixels", "max_request_megapixels", "body_timeout_s", "request_timeout_s",
                      "refuse_ood")
 HOST_SETTINGS = ("store", "idle_timeout_s", "max_connections", "shutdown_grace_s", "decode_threads",
-                 "decode_memory_mb", "decode_queue_s", "api_workers", "access_log", "ort_threads", "ort_spinning")
+                 "decode_memory_mb", "decode_queue_s", "api_workers", "access_log", "ort_threads", "ort_spinning",
+                 "audit_log", "audit_max_mb", "audit_flush_s", "drift_window")
 
 
 def plan(cfg: ServeConfig) -> tuple[dict[str, Any], dict[str, Path]]:

@@ -8,8 +8,9 @@ Its :meth:`ImagesInput.from_http_request` takes the uploads that :class:`serving
 already read, with the limits checked, instead of BentoML's own multipart parsing (see there why).
 
 Answers: :class:`TaskAnswer` (``/<task>``), :class:`EnsembleAnswer` (``/pathology_ensemble``),
-:class:`ModelsAnswer` (``/models``), :class:`StatsAnswer` (``/stats``); a refused request answers
-:class:`ErrorAnswer` with its 4xx / 503 status. Fields that are None are left out of the JSON
+:class:`ModelsAnswer` (``/models``), :class:`StatsAnswer` (``/stats``), :class:`DriftAnswer`
+(``/drift``); a refused request answers :class:`ErrorAnswer` with its 4xx / 503 status. Fields
+that are None are left out of the JSON
 (``calibrated``, ``ood_score`` and ``in_distribution`` appear once the card carries a calibration
 or an out-of-distribution detector, ``prediction_set`` and ``alpha`` once it carries conformal
 scores; ``error`` only on refused images).
@@ -60,13 +61,16 @@ class ImagesInput(_Uploads):
 
     preview: bool = Field(False, description="also answer each image as the model saw it (decoded, at the model's "
                                              "image size) as a base64 PNG in `preview_png`; also ?preview=true")
+    output: str | None = Field(None, description="'json' (default) or 'dicom-sr': a DICOM Comprehensive SR per "
+                                                 "DICOM image (application/dicom; several: multipart/related); also "
+                                                 "?output= or Accept: application/dicom. A non-DICOM image: 406")
 
     @classmethod
     async def from_http_request(cls, request: Any, serde: Any) -> ImagesInput:
         """The uploads :class:`~serving.uploads.UploadGuard` read (BentoML's own parsing is bypassed)."""
         parsed = _parsed(request)
         return cls.model_construct(images=parsed.uploads, top_k=parsed.top_k, alpha=parsed.alpha,
-                                   preview=parsed.preview)
+                                   preview=parsed.preview, output=parsed.output)
 
 
 class ExplainInput(_Uploads):
@@ -112,7 +116,7 @@ class ImageResult(_Out):
 
     index: int = Field(description="position of the file in the request")
     filename: str
-    status: int = Field(200, description="200, or the HTTP status of this image's refusal (400, 413, 415, 422)")
+    status: int = Field(200, description="200, or the HTTP status of this image's refusal (400, 406, 413, 415, 422)")
     error: str | None = Field(None, description="why this image was refused")
     top: list[ClassScore] | None = Field(None, description="the top_k classes, most probable first")
     calibrated: bool | None = Field(None, description="whether the probabilities are calibrated")
@@ -310,3 +314,44 @@ class BatchSizes(_Out):
 class StatsAnswer(_Answer):
     batches: dict[str, BatchSizes] = Field(description="per model: the batch sizes it ran")
     requests: dict[str, int] = Field(description="requests answered per route by this API worker")
+
+
+class DriftTest(_Out):
+    """One drift test of a window against the validation split (:mod:`serving.drift`)."""
+
+    name: str = Field(description="chi-square (predicted-class mix) or kolmogorov-smirnov (OOD scores)")
+    statistic: float
+    p_value: float = Field(description="small: the window is unlike the validation split")
+    dof: int | None = Field(None, description="chi-square: degrees of freedom (cells - 1)")
+    pooled: list[str] = Field([], description="chi-square: classes pooled into one cell (expected < 5 times)")
+
+
+class DriftClass(_Out):
+    label: str
+    images: int = Field(description="images of the window predicted as this class")
+    share: float = Field(description="their share of the window")
+    reference_share: float | None = Field(None, description="the share of validation images predicted as it")
+
+
+class TaskDrift(_Out):
+    """One task's window of recent answers against its model's validation split."""
+
+    task: str
+    model: str = Field(description="bundle id")
+    status: str = Field(description="'ok', or 'no reference' (an old card: window only, no test)")
+    message: str = ""
+    window_size: int = Field(description="the most images the window holds (the drift_window setting)")
+    images: int = Field(description="images in the window now")
+    class_mix: list[DriftClass] = []
+    class_test: DriftTest | None = Field(None, description="chi-square of the predicted-class counts")
+    ood_test: DriftTest | None = Field(None, description="Kolmogorov-Smirnov of the OOD scores")
+    ood_rate: float | None = Field(None, description="share of the window flagged out of distribution")
+    reference_ood_rate: float | None = Field(None, description="share of validation images flagged")
+    reference_images: int | None = Field(None, description="validation images of the reference")
+
+
+class DriftAnswer(_Answer):
+    """``/drift``: per served task, the window and its tests (the inference worker's one window per task)."""
+
+    window_size: int
+    tasks: dict[str, TaskDrift] = Field(description="served tasks (a task without a model has no window)")

@@ -6,14 +6,15 @@ Three services, each in its own process:
   ``/docs.json`` (OpenAPI, the Swagger page at ``/``) and callable by name through
   ``bentoml.SyncHTTPClient`` / ``AsyncHTTPClient``: ``POST /<task>`` and ``POST /<task>/explain``
   for every configured task (added by :func:`task_routes`, each calling :meth:`MedZoo.classify` or
-  :meth:`MedZoo.explain`), ``POST /pathology_ensemble`` and its explanation, ``/models`` and
-  ``/stats`` (POST, and GET for curl), the upload page at ``/ui``. :class:`serving.uploads.UploadGuard`
+  :meth:`MedZoo.explain`), ``POST /pathology_ensemble`` and its explanation, ``/models``,
+  ``/stats`` and ``/drift`` (POST, and GET for curl), the upload page at ``/ui``, the Open Inference Protocol v2 at
+  ``/v2/…`` (:mod:`serving.v2`). :class:`serving.uploads.UploadGuard`
   reads the uploads with the limits before BentoML sees the request; :class:`serving.frontend.Frontend`
   runs the request pipeline (decode, infer, interpret, answer).
 * :class:`MedZooInference` holds one ONNX Runtime session per model and exposes one ``batchable``
   method per task (added by :func:`inference_routes`, each calling :meth:`MedZooInference.infer`)
   plus one for the ensemble members: BentoML's adaptive batching merges the arrays of concurrent
-  requests into one model call.
+  requests into one model call. It keeps each task's drift window (:mod:`serving.drift`).
 * ``MedZooExplainer`` (:mod:`serving.explainer`): the explanations, with torch.
 
 The configuration is read once, by the one call ``CONFIG = load_config()`` below: the tasks, hence
@@ -33,14 +34,18 @@ import numpy as np
 from pydantic import BaseModel
 from starlette.responses import Response
 
+from serving.audit import AuditTrail
 from serving.config import ENSEMBLE_ROUTE, load_config
 from serving.connections import install as install_connections
 from serving.decoding import DecodePool
+from serving.events import subscribe
 from serving.explain_api import explain, explain_doc
 from serving.explainer import MedZooExplainer
 from serving.frontend import Frontend
+from serving.metrics import ServiceMetrics, export_drift
 from serving.pages import UI_PATH, ui_app
 from serving.schemas import (
+    DriftAnswer,
     EnsembleAnswer,
     ErrorAnswer,
     ExplainAnswer,
@@ -51,7 +56,9 @@ from serving.schemas import (
     StatsAnswer,
     TaskAnswer,
 )
+from serving.sr import sr_answer, wants_sr
 from serving.uploads import Problem, Upload, UploadGuard, as_uploads
+from serving.v2 import INFER_PATH, v2_app
 
 log = logging.getLogger("serving")
 if not log.handlers:
@@ -68,8 +75,10 @@ INFERENCE_TIMEOUT_S = CONFIG.max_latency_ms / 1000 + 60
 CODES = ("Refusals: 400 malformed request or empty file, 408 stalled upload, 413 file, request or image too large "
          "(limits in /models → config), 415 not a PNG/JPEG/TIFF/BMP/DICOM image or a codec that cannot be decoded, "
          "422 corrupt or truncated image, each per image in `results` when other images of the request were "
-         "answered (HTTP 200); 422 for an `alpha` that is not a number strictly between 0 and 1; 503 when the task "
-         "has no model (the message says what to train) or the server is busy (Retry-After).")
+         "answered (HTTP 200); 406 for an image that is not DICOM when output=dicom-sr (DICOM SRs: one "
+         "application/dicom, several multipart/related, 206 + Warning when some were refused); 422 for an `alpha` "
+         "that is not a number strictly between 0 and 1; 503 when the task has no model (the message says what to "
+         "train) or the server is busy (Retry-After).")
 SETS = ("Each answered image carries `prediction_set` (the labels plausible at level 1 - `alpha`, most probable "
         "first; split conformal prediction) and its `alpha` once the model card has conformal scores.")
 Cls = TypeVar("Cls", bound=type)
@@ -115,6 +124,7 @@ class MedZooInference:
         from serving.models import ModelTable
 
         self.table = ModelTable(CONFIG)
+        self.table.drift.start(export_drift)  # the medzoo_drift_* gauges follow the windows (serving.metrics)
 
     # async: answered on the event loop, not queued behind a running batch in the one thread
     @bentoml.api
@@ -126,6 +136,11 @@ class MedZooInference:
     async def stats(self) -> dict[str, Any]:
         """Histogram of the batch sizes each model saw in this worker."""
         return self.table.stats.snapshot()
+
+    @bentoml.api
+    async def drift(self) -> dict[str, Any]:
+        """Each task's drift window and its tests (a :class:`DriftAnswer`)."""
+        return self.table.drift.report().model_dump(mode="json")
 
     @bentoml.api(batchable=True, max_batch_size=CONFIG.max_batch_size, max_latency_ms=CONFIG.max_latency_ms)
     def ensemble(self, images: np.ndarray) -> np.ndarray:
@@ -167,6 +182,9 @@ class RemoteInference:
     async def stats(self) -> dict[str, Any]:
         return await self._call("stats")
 
+    async def drift(self) -> DriftAnswer:
+        return DriftAnswer.model_validate(await self._call("drift"))
+
     async def predict(self, task: str, images: np.ndarray) -> np.ndarray:
         return await self._call(task, images)
 
@@ -178,11 +196,15 @@ class RemoteInference:
 # the API worker
 
 
-async def respond(work: Awaitable[tuple[int, BaseModel]]) -> Response:
-    """The JSON answer with its status; fields that are None are left out."""
+async def respond(work: Awaitable[tuple[int, BaseModel] | Response]) -> Response:
+    """The JSON answer with its status; fields that are None are left out (a Response, e.g. DICOM SRs,
+    as it is)."""
     headers: dict[str, str] = {}
     try:
-        status, body = await work
+        answer = await work
+        if isinstance(answer, Response):
+            return answer
+        status, body = answer
     except Problem as p:
         status, body, headers = p.status, ErrorAnswer(error=p.message), p.headers
     return Response(body.model_dump_json(exclude_none=True), status_code=status, headers=headers,
@@ -210,8 +232,8 @@ def task_routes(tasks: Sequence[str]) -> Callable[[Cls], Cls]:
 
     def classify(task: str) -> Any:
         async def endpoint(self: MedZoo, images: list[Path], top_k: int | None = None, alpha: float | None = None,
-                           preview: bool = False) -> Response:
-            return await self.classify(task, images, top_k, alpha, preview)
+                           preview: bool = False, output: str | None = None) -> Response:
+            return await self.classify(task, images, top_k, alpha, preview, output)
 
         endpoint.__name__ = task
         endpoint.__doc__ = (f"Classify {task} images with the served {task} model: the top_k classes with "
@@ -250,9 +272,24 @@ class MedZoo:
 
     def __init__(self) -> None:
         pool = DecodePool(CONFIG.decode_threads, int(CONFIG.decode_memory_mb * 2**20), CONFIG.admission_s)
-        self.frontend = Frontend(RemoteInference(self.inference), CONFIG.limits, CONFIG.top_k, pool,
+        self.remote = RemoteInference(self.inference)
+        self.frontend = Frontend(self.remote, CONFIG.limits, CONFIG.top_k, pool,
                                  CONFIG.max_batch_size, CONFIG.refuse_ood)
-        log.info("endpoints: %s", ", ".join(f"/{t}" for t in (*CONFIG.task_names, ENSEMBLE_ROUTE, "models", "stats")))
+        # the audit trail of this API worker: a file of its own (serving.audit), closed by close_audit
+        self.audit: AuditTrail | None = None
+        if CONFIG.audit_log is not None:
+            self.audit = AuditTrail(CONFIG.audit_log, CONFIG.audit_max_mb, CONFIG.audit_flush_s)
+            subscribe(self.audit)
+        # live metrics at /metrics: this worker's counts, summed with the other workers' by BentoML
+        subscribe(ServiceMetrics((*CONFIG.task_names, ENSEMBLE_ROUTE)))
+        log.info("endpoints: %s", ", ".join(f"/{t}" for t in (*CONFIG.task_names, ENSEMBLE_ROUTE, "models", "stats",
+                                                                "drift")))
+
+    @bentoml.on_shutdown
+    def close_audit(self) -> None:
+        """After the SIGTERM drain: write and fsync what the audit trail still holds."""
+        if self.audit is not None:
+            self.audit.close()
 
     async def __is_ready__(self) -> bool:
         """Ready once the inference worker has described its models."""
@@ -264,8 +301,11 @@ class MedZoo:
         return True
 
     async def classify(self, task: str, images: list[Path] | list[Upload], top_k: int | None,
-                       alpha: float | None = None, preview: bool = False) -> Response:
-        """``POST /<task>``: what every task route calls."""
+                       alpha: float | None = None, preview: bool = False, output: str | None = None) -> Response:
+        """``POST /<task>``: what every task route calls (``output="dicom-sr"``: DICOM SRs, serving.sr)."""
+        if wants_sr(output):
+            return await respond(sr_answer(self.frontend, self.frontend.task_route(task, top_k, alpha),
+                                           _uploads(images)))
         return await respond(self.frontend.classify(task, _uploads(images), top_k, alpha, preview))
 
     async def explain(self, route: str, images: list[Path] | list[Upload], target: str | None,
@@ -278,7 +318,10 @@ class MedZoo:
     @documented(f"Classify pathology images with the ensemble (mean of the members' logits): per image the top_k "
                 f"classes, probabilities, logits, each member's vote and their agreement. {SETS} {CODES}")
     async def pathology_ensemble(self, images: list[Path], top_k: int | None = None, alpha: float | None = None,
-                                 preview: bool = False) -> Response:
+                                 preview: bool = False, output: str | None = None) -> Response:
+        if wants_sr(output):
+            return await respond(sr_answer(self.frontend, self.frontend.ensemble_route(top_k, alpha),
+                                           _uploads(images)))
         return await respond(self.frontend.ensemble(_uploads(images), top_k, alpha, preview))
 
     @bentoml.api(route=f"/{ENSEMBLE_ROUTE}/explain", input_spec=ExplainInput, output_spec=ExplainAnswer)
@@ -298,13 +341,30 @@ class MedZoo:
         """Batch sizes each model saw (adaptive batching) and the requests answered per route. Also ``GET /stats``."""
         return await respond(self._ok(self.frontend.stats()))  # type: ignore[return-value]
 
+    @bentoml.api
+    async def drift(self) -> DriftAnswer:
+        """Per task, the last `drift_window` images its model scored against its validation split: the
+        predicted-class mix (chi-square), the OOD scores (Kolmogorov-Smirnov), the OOD rate. One window per
+        task, kept by the inference worker. Also ``GET /drift``."""
+        return await respond(self._ok(self.frontend.infer(self.remote.drift())))  # type: ignore[return-value]
+
     @staticmethod
     async def _ok(work: Awaitable[BaseModel]) -> tuple[int, BaseModel]:
         return 200, await work
 
 
 UPLOAD_ROUTES = [f"/{route}{suffix}" for route in (*CONFIG.task_names, ENSEMBLE_ROUTE) for suffix in ("", "/explain")]
-MedZoo.add_asgi_middleware(UploadGuard, upload_routes=UPLOAD_ROUTES, get_routes=["/models", "/stats"],
-                           limits=CONFIG.limits)
+MedZoo.add_asgi_middleware(UploadGuard, upload_routes=UPLOAD_ROUTES, get_routes=["/models", "/stats", "/drift"],
+                           limits=CONFIG.limits, body_routes=INFER_PATH)
+
+
+def _frontend() -> Frontend:
+    """This API worker's pipeline: the ``MedZoo`` that BentoML created in this process."""
+    return bentoml.get_current_service().frontend  # type: ignore[no-any-return]
+
+
+# The Open Inference Protocol v2 (serving.v2): a Starlette app mounted at "/" (BentoML's PassiveMount
+# hands it only the /v2/... paths its routes match); no FastAPI needed to reach the service's Frontend.
+MedZoo.mount_asgi_app(v2_app(_frontend), path="/")
 # Idle / header timeout, a cap on open connections, the drain on SIGTERM (serving.connections).
 install_connections(MedZoo, CONFIG.shutdown_grace_s, CONFIG.idle_timeout_s, CONFIG.max_connections)

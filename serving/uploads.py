@@ -13,11 +13,15 @@ routes first:
 * no body data for ``body_timeout_s`` → 408 (a stalled upload is the client's fault, not a 504);
 * multipart (starlette's parser, with limits on files, fields and text-part size): every part
   with a filename is an image, whatever its field name; the text fields taken are the options
-  ``top_k``, ``target``, ``alpha`` and ``preview`` (each also a query parameter); a text value
+  ``top_k``, ``target``, ``alpha``, ``preview`` and ``output`` (each also a query parameter; ``output``
+  also from ``Accept: application/dicom``, :func:`parse_accept`); a text value
   where a file is expected is refused, never fetched; malformed → 400, an ``alpha`` that is not a
   level (a number strictly between 0 and 1) → 422;
 * ``image/*``, ``application/dicom`` or ``application/octet-stream``: the body is one image;
 * anything else → 415.
+
+The Open Inference Protocol's infer routes (``body_routes``, :mod:`serving.v2`) get their whole body
+read with the same byte limits and body timeout (any content type; the route parses it).
 
 The result (:class:`ParsedRequest`) goes to the endpoint through the ASGI scope
 (``scope["state"][STATE_KEY]``); :class:`serving.schemas.ImagesInput` picks it up there. It also
@@ -26,10 +30,11 @@ lets ``GET /models`` and ``GET /stats`` through to their (POST) typed endpoints.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import numpy as np
@@ -45,10 +50,15 @@ from zoo.io import display_name
 from zoo.postprocess import check_alpha
 from zoo.preprocess import ImageHeader
 
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
 STATE_KEY = "medzoo.request"
 # target: the class an explanation explains (/<task>/explain); alpha: the prediction sets' level 1 − alpha;
 # preview: answer each image's decoded input as a small PNG (what the model saw, e.g. of a DICOM file)
-OPTION_FIELDS = ("top_k", "target", "alpha", "preview")
+# output: json (default) or dicom-sr (a DICOM Structured Report per DICOM image: serving.sr)
+OPTION_FIELDS = ("top_k", "target", "alpha", "preview", "output")
+OUTPUTS = ("json", "dicom-sr")
 RAW_TYPES = ("application/octet-stream", "application/dicom")
 MAX_FIELDS = 10  # text fields in a form: the options, with room for a client's repeats, and no more
 TEXT_PART_BYTES = 64 * 1024  # a text form field (top_k) is short; a longer one is a file sent as text
@@ -79,6 +89,7 @@ class Upload:
     sha256: str | None = None  # of ``data``, taken with the header (serving.decoding), kept after the bytes go
     kind: str = ""  # why refused, one word (serving.events.REFUSAL_KINDS by status unless the refusal names one)
     meta: RequestMeta = field(default_factory=RequestMeta)  # the request it came in (serving.events)
+    dicom: Dataset | None = None  # with output=dicom-sr: its DICOM header, no pixel data (serving.decoding)
 
     def refuse(self, status: int, error: str, kind: str = "") -> None:
         self.status, self.error, self.data, self.array = status, error, None, None
@@ -92,6 +103,9 @@ class ParsedRequest:
     target: str | None = None
     alpha: float | None = None
     preview: bool = False
+    output: str | None = None  # None: not asked (JSON)
+    body: bytes = b""  # a body route's whole body (serving.v2 parses it)
+    meta: RequestMeta = field(default_factory=RequestMeta)
 
 
 def megabytes(n: float) -> str:
@@ -215,11 +229,13 @@ def collect(items: Iterable[tuple[str, str | UploadFile]], limits: Limits) -> Pa
             out.alpha = parse_alpha(value)
         elif name == "preview":
             out.preview = parse_flag(name, value)
+        elif name == "output":
+            out.output = parse_output(value)
         elif name == "images":
             out.uploads.append(_text_upload(len(out.uploads), name, value))
         else:
             raise Problem(400, f"unexpected form field {name!r}: send image files and optionally top_k, alpha, "
-                               "preview (and target)")
+                               "preview, output (and target)")
     return out
 
 
@@ -256,15 +272,26 @@ async def read_raw(receive: Receive, limits: Limits) -> ParsedRequest:
     return ParsedRequest([Upload(0, "body", data=data)])
 
 
-async def read_request(scope: Scope, receive: Receive, limits: Limits) -> ParsedRequest:
-    """The uploads and ``top_k`` of one prediction request, or :class:`Problem`."""
-    headers = Headers(scope=scope)
+def check_length(headers: Headers, limits: Limits) -> None:
+    """413 for a ``Content-Length`` above ``max_request_bytes``, before a byte is read."""
     length = headers.get("content-length")
     if length is not None:
         if not (length.strip().isascii() and length.strip().isdigit()):
             raise Problem(400, "invalid Content-Length header")
         if int(length) > limits.max_request_bytes:
             raise too_large_request(limits)
+
+
+async def read_body(scope: Scope, receive: Receive, limits: Limits) -> ParsedRequest:
+    """A body route's whole body (any content type), read with the same limits as the uploads."""
+    check_length(Headers(scope=scope), limits)
+    return ParsedRequest(body=b"".join([chunk async for chunk in body_stream(receive, limits)]))
+
+
+async def read_request(scope: Scope, receive: Receive, limits: Limits) -> ParsedRequest:
+    """The uploads and ``top_k`` of one prediction request, or :class:`Problem`."""
+    headers = Headers(scope=scope)
+    check_length(headers, limits)
     ctype = headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         parsed = await read_multipart(headers, receive, limits)
@@ -274,6 +301,8 @@ async def read_request(scope: Scope, receive: Receive, limits: Limits) -> Parsed
         raise Problem(415, "send multipart/form-data with image files (field 'images'), "
                            "or one raw image body with Content-Type image/* or application/dicom")
     _query_options(scope, parsed)
+    if parsed.output is None and parse_accept(headers.get("accept", "")):
+        parsed.output = "dicom-sr"
     if not parsed.uploads:
         raise Problem(400, "no image in the request: attach one or more files (multipart field 'images')")
     return parsed
@@ -288,7 +317,7 @@ def _query(scope: Scope, name: str) -> str | None:
 
 def _query_options(scope: Scope, parsed: ParsedRequest) -> None:
     """The options given as query parameters, where the form did not give them."""
-    raw_k, raw_target, raw_alpha, raw_preview = (_query(scope, name) for name in OPTION_FIELDS)
+    raw_k, raw_target, raw_alpha, raw_preview, raw_output = (_query(scope, name) for name in OPTION_FIELDS)
     if parsed.top_k is None and raw_k is not None:
         parsed.top_k = parse_top_k(raw_k)
     if parsed.target is None and raw_target:
@@ -297,6 +326,35 @@ def _query_options(scope: Scope, parsed: ParsedRequest) -> None:
         parsed.alpha = parse_alpha(raw_alpha)
     if not parsed.preview and raw_preview is not None:
         parsed.preview = parse_flag("preview", raw_preview)
+    if parsed.output is None and raw_output is not None:
+        parsed.output = parse_output(raw_output)
+
+
+def parse_output(raw: str | None) -> str | None:
+    """``output``: ``json`` or ``dicom-sr`` (400 for anything else)."""
+    text = (raw or "").strip().strip('"').lower()
+    if text in ("", "null"):
+        return None
+    if text not in OUTPUTS:
+        raise Problem(400, f"output must be one of {', '.join(OUTPUTS)}, not {(raw or '')[:40]!r}")
+    return text
+
+
+def parse_accept(accept: str) -> bool:
+    """Whether an ``Accept`` header prefers DICOM (``application/dicom``, or DICOMweb's ``multipart/related;
+    type="application/dicom"``) to JSON and anything else (highest q, first listed on a tie)."""
+    best, best_q = False, 0.0
+    for part in accept.split(","):
+        media, params = parse_options_header(part.strip())
+        try:
+            weight = float(params.get(b"q", b"1"))
+        except ValueError:
+            weight = 0.0
+        dicom = media == b"application/dicom" or (
+            media == b"multipart/related" and params.get(b"type", b"").strip(b'"').lower() == b"application/dicom")
+        if weight > best_q:
+            best, best_q = dicom, weight
+    return best
 
 
 def parse_target(raw: str) -> str | None:
@@ -327,11 +385,14 @@ def _replay_empty(receive: Receive) -> Receive:
 class UploadGuard:
     """ASGI middleware: reads the prediction routes' uploads with the limits (module docstring)."""
 
-    def __init__(self, app: ASGIApp, upload_routes: Iterable[str], get_routes: Iterable[str], limits: Limits) -> None:
+    def __init__(self, app: ASGIApp, upload_routes: Iterable[str], get_routes: Iterable[str], limits: Limits,
+                 body_routes: str | None = None) -> None:
         self.app = app
         self.upload_routes = frozenset(upload_routes)
         self.get_routes = frozenset(get_routes)
         self.limits = limits
+        # POST routes whose whole body is read with the limits and parsed by the route (serving.v2)
+        self.body_routes = re.compile(body_routes) if body_routes else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -354,19 +415,21 @@ class UploadGuard:
             await JSONResponse({"error": message}, status_code=status, headers={"connection": "close", **extra})(
                 scope, receive, send)
             return
-        if method != "POST" or path not in self.upload_routes:
+        whole_body = method == "POST" and self.body_routes is not None and self.body_routes.fullmatch(path) is not None
+        if method != "POST" or (path not in self.upload_routes and not whole_body):
             await self.app(scope, receive, send)
             return
         meta = RequestMeta.from_scope(scope)
         send = with_request_id(send, meta.request_id)
         try:
-            parsed = await read_request(scope, receive, self.limits)
+            parsed = await (read_body if whole_body else read_request)(scope, receive, self.limits)
         except Problem as p:
             publish(RequestEvent(meta=meta, route=path.strip("/"), status=p.status, error=p.message))
             # The body may be unread: the connection is closed after the answer.
             body = {"error": p.message, "task": path.strip("/")}
             await JSONResponse(body, status_code=p.status, headers={"connection": "close"})(scope, receive, send)
             return
+        parsed.meta = meta
         for up in parsed.uploads:
             up.meta = meta
         scope.setdefault("state", {})[STATE_KEY] = parsed

@@ -105,7 +105,7 @@ def test_packaged_and_host_settings_are_exactly_the_settings() -> None:
 @pytest.mark.parametrize(("text", "message"), [
     ("max_file_mbb: 30\n",
      "max_file_mbb: unknown setting (did you mean 'max_file_mb'?); extra tasks go under 'tasks:'"),
-    ("audit_log: /var/log/medzoo\n", "audit_log: unknown setting; extra tasks go under 'tasks:'"),
+    ("syslog_host: logs.example\n", "syslog_host: unknown setting; extra tasks go under 'tasks:'"),
     ("breast: b\n", "breast: unknown setting; extra tasks go under 'tasks:'"),
     ("skn: a\ntop_k: 0\n", "skn: unknown setting (did you mean 'skin'?); extra tasks go under 'tasks:'; "
                            "top_k: Input should be greater than or equal to 1 (got 0)"),

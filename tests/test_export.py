@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
+import zoo
 from export import check_bundle, ensure_exported, export_bundle, onnx_export, parity
+from export.pt2_export import load_pt2
 from export.torchscript_export import load_torchscript
 from zoo.bundle import load_bundle, save_bundle
-from zoo.card import ONNX_FILE, ONNX_FP16_FILE, TORCHSCRIPT_FILE, ExportMeta, read_card, update_card
+from zoo.card import ONNX_FILE, ONNX_FP16_FILE, PT2_FILE, TORCHSCRIPT_FILE, ExportMeta, read_card, update_card
 from zoo.cli import main
 from zoo.errors import ModelFileError, ParityError
 from zoo.evaluate import evaluate_bundle
@@ -192,6 +195,43 @@ def test_onnx_gives_the_metrics_of_zoo_eval(exported_breast: Path, breast_root: 
     assert got["acc"] == expected["acc"] and got["macro_f1"] == expected["macro_f1"]
     assert got["per_class_recall"] == expected["per_class_recall"]
     assert got["auc"] == pytest.approx(expected["auc"], abs=1e-6)
+
+
+def test_pt2_passes_parity_and_zoo_load_torch_runs_it(exported_copy: Path, breast_root: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """`zoo export BUNDLE --format pt2`: the torch.export program passes the parity check on the real
+    test split, is recorded beside the other formats, and zoo.load(..., backend="torch") runs it with
+    the ONNX model's answers. A tampered file, or one whose loading would unpickle, is refused."""
+    assert main(["export", str(exported_copy), "--format", "pt2", "--data-root", str(breast_root)]) == 0
+    assert f"wrote {PT2_FILE}" in capsys.readouterr().out
+    card = read_card(exported_copy)
+    assert set(card.exports) == {"onnx", "onnx_fp16", "torchscript", "pt2"}  # the others kept
+    test = bundle_splits(card, breast_root).test
+    rec, par = card.exports["pt2"], card.exports["pt2"].parity
+    assert par["passed"] and par["inputs"] == f"test split of breastmnist ({len(test)} images)", par
+    assert par["split"]["argmax_agreement"] == 1.0 and par["split"]["max_abs_diff"] <= parity.ABS_TOL
+    assert par["ood_score"]["passed"] and rec.sha256 == sha256_of(exported_copy / PT2_FILE)
+    on_torch, on_onnx = zoo.load(exported_copy, backend="torch"), zoo.load(exported_copy)
+    assert on_torch.provider.startswith("torch.export")
+    images = test.images.numpy()
+    got, want = on_torch.predict(images), on_onnx.predict(images)
+    assert [p.label for p in got] == [p.label for p in want]
+    assert [p.in_distribution for p in got] == [p.in_distribution for p in want]
+    np.testing.assert_allclose(np.stack([p.probs for p in got]), np.stack([p.probs for p in want]), atol=1e-5)
+    pickled = tmp_path / "pickled.pt2"  # a weight marked as pickled: torch.export.load would unpickle it
+    with zipfile.ZipFile(exported_copy / PT2_FILE) as zin, zipfile.ZipFile(pickled, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item)
+            if item.filename.endswith("model_weights_config.json"):
+                config = json.loads(data)
+                next(iter(config["config"].values()))["use_pickle"] = True
+                data = json.dumps(config).encode()
+            zout.writestr(item, data)
+    with pytest.raises(ModelFileError, match="pickled payloads"):
+        load_pt2(pickled)
+    _flip_middle(exported_copy / PT2_FILE)
+    with pytest.raises(ModelFileError, match="does not match the sha256"):
+        zoo.load(exported_copy, backend="torch")
 
 
 def test_lone_files_carry_everything_needed(exported_breast: Path, tmp_path: Path) -> None:

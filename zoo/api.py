@@ -11,7 +11,9 @@ bundle directory or a ``.onnx`` file exported by ``zoo export``; a list of them,
 ``ensemble=True``, gives an :class:`Ensemble` (:mod:`zoo.ensemble`: the members, checks and
 combination of ``/pathology_ensemble`` and ``zoo score --ensemble``). Models run on ONNX Runtime
 (a bundle without ``model.onnx`` is exported first, parity-checked) or, with ``backend="torch"``,
-on PyTorch from the bundle's safetensors weights.
+on PyTorch: the bundle's ``torch.export`` program (``model.pt2``, written by ``zoo export --format
+pt2``: sha256 and archive checked, parity-checked at export) when it has one, else the network
+rebuilt from its safetensors weights.
 
 Images are decoded by :func:`zoo.preprocess.load_image` — ``model.transforms()`` is that function
 bound to the model's preprocessing — and answers follow :mod:`zoo.postprocess` (probabilities,
@@ -32,7 +34,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from zoo.card import ONNX_FILE, Card, ExportMeta, ModelInfo, read_card
+from zoo.card import ONNX_FILE, PT2_FILE, Card, ExportMeta, ModelInfo, read_card
 from zoo.ensemble import EnsemblePredictions, check_compatible, combine, ensemble_conformal, resolve_models
 from zoo.errors import ImageError, ModelFileError, UsageError
 from zoo.postprocess import Predictions, check_alpha, interpret, top_classes
@@ -287,6 +289,13 @@ def _torch_model(target: Path, device: str | None, window: Window | None, max_pi
     from zoo.inference import pick_device, predict_logits
 
     dev = pick_device(device)
+    if (target / PT2_FILE).is_file():
+        # the exported program: what `zoo export --format pt2` checked against the eager network, and what
+        # a deployment without medzoo's model code runs (torch is imported only here)
+        from export.pt2_export import load_pt2
+
+        program = load_pt2(target, dev)
+        return Model(read_card(target), program.outputs, "torch", target, program.provider, window, max_pixels)
     bundle = load_bundle(target, dev)
 
     def run(batch: np.ndarray) -> dict[str, np.ndarray]:
@@ -322,7 +331,8 @@ def load(
     ``backend``: ``"onnx"`` (ONNX Runtime made with ``options``, default
     :func:`zoo.settings.runtime_options`: the best provider present, ``$MEDZOO_PROVIDERS`` … read
     once here; a bundle without ``model.onnx`` is exported first) or ``"torch"`` (on ``device``,
-    default CUDA when present, else the CPU). A list naming the same model twice is refused
+    default CUDA when present, else the CPU: the bundle's ``model.pt2`` when it has one, else its
+    network from the safetensors weights). A list naming the same model twice is refused
     (:func:`zoo.ensemble.resolve_models`, as ``zoo score``). ``store``: the medzoo home holding ``bundles/`` (default
     ``$MEDZOO_HOME``). ``window``: ``(center, width)`` applied to DICOM grey images (e.g. a CT
     window in HU) instead of the file's own; ``max_pixels``: the largest image accepted.

@@ -36,8 +36,9 @@ README = "README.md"
 ONNX_FILE = "model.onnx"
 ONNX_FP16_FILE = "model.fp16.onnx"
 TORCHSCRIPT_FILE = "model.torchscript.pt"
+PT2_FILE = "model.pt2"  # torch.export's ExportedProgram (torch.export.save)
 # Card.exports key → file name inside the bundle
-EXPORT_FILES = {"onnx": ONNX_FILE, "onnx_fp16": ONNX_FP16_FILE, "torchscript": TORCHSCRIPT_FILE}
+EXPORT_FILES = {"onnx": ONNX_FILE, "onnx_fp16": ONNX_FP16_FILE, "torchscript": TORCHSCRIPT_FILE, "pt2": PT2_FILE}
 
 
 class _Open(BaseModel):
@@ -119,6 +120,17 @@ class Tuning(_Open):
     trials: dict[str, int] = {}  # the study's trials by state (complete, pruned …) when a worker last finished
     host: str = ""  # the machine that trained it
     selected: str = ""  # ISO time it became the study's best
+
+
+class TrackingInfo(_Open):
+    """Where the training run was tracked (``zoo train --track``): the experiment tracker's own
+    names for it, so that ``mlflow.get_run(run_id)`` (or TensorBoard on ``uri``) finds it."""
+
+    backend: Literal["mlflow", "tensorboard"]
+    run_id: str  # MLflow's run id; TensorBoard: the run's folder name
+    experiment_id: str | None = None  # MLflow only
+    uri: str = ""  # MLflow's tracking URI, or TensorBoard's log folder of the run
+    parent_run_id: str | None = None  # a tuning study's run (zoo tune) or a seed ensemble's
 
 
 class ExportRecord(_Open):
@@ -247,6 +259,19 @@ class OODInfo(_Open):
     stats_sha256: str = ""
 
 
+class DriftReference(_Open):
+    """What the service's drift tests compare its recent answers with: the validation split's answers
+    under the served rule (:func:`zoo.postprocess.interpret` with the card's calibration and detector).
+    The OOD scores are all kept, sorted: the two-sample Kolmogorov-Smirnov test needs the sample itself
+    (quantiles would change its p-value), and they are as many as the conformal scores already kept."""
+
+    method: str = "validation split, answered by the served rule (calibrated argmax; OOD score and threshold)"
+    images: int = Field(ge=1)  # validation images
+    class_proportions: list[float] = Field(min_length=2)  # share of validation images predicted as each class
+    ood_scores: list[float] | None = None  # sorted validation OOD scores (None: no detector)
+    ood_rate: float | None = None  # share of validation images flagged out of distribution
+
+
 class ModelInfo(_Open):
     """What every user of a model needs; carried by bundles, exported files and the service."""
 
@@ -301,6 +326,9 @@ class Card(ModelInfo):
     exports: dict[str, ExportRecord] = {}
     tuning: Tuning | None = None  # set by `zoo tune` on the best trial's bundle
     robustness: RobustnessInfo | None = None  # set by `zoo eval --corruptions`
+    # set by zoo.trust.fit; the service's drift tests (serving.drift). Not in exports: only the bundle serves it.
+    drift: DriftReference | None = None
+    tracking: TrackingInfo | None = None  # set by `zoo train --track mlflow|tensorboard`
 
     def to_json_dict(self) -> dict[str, Any]:
         """The JSON object written to ``card.json`` (NaN kept as in Python's json)."""
@@ -377,8 +405,8 @@ def _plain(v: Any) -> Any:
     return v
 
 
-__all__ = ["CARD", "EXPORT_FILES", "ONNX_FILE", "ONNX_FP16_FILE", "README", "RECIPE", "SCHEMA", "TORCHSCRIPT_FILE",
-           "WEIGHTS", "CalibrationInfo", "Card", "ConformalInfo", "DatasetInfo", "EnsembleInfo", "EnsembleMember",
-           "ExportMeta", "ExportRecord", "Metrics", "ModelInfo", "OODInfo", "Reported", "RobustnessInfo",
-           "RobustnessRow", "SplitMetrics", "TrainingInfo", "Tuning", "parse_card", "read_card", "update_card",
-           "write_card"]
+__all__ = ["CARD", "EXPORT_FILES", "ONNX_FILE", "ONNX_FP16_FILE", "PT2_FILE", "README", "RECIPE", "SCHEMA",
+           "TORCHSCRIPT_FILE", "WEIGHTS", "CalibrationInfo", "Card", "ConformalInfo", "DatasetInfo", "DriftReference",
+           "EnsembleInfo", "EnsembleMember", "ExportMeta", "ExportRecord", "Metrics", "ModelInfo", "OODInfo",
+           "Reported", "RobustnessInfo", "RobustnessRow", "SplitMetrics", "TrackingInfo", "TrainingInfo", "Tuning",
+           "parse_card", "read_card", "update_card", "write_card"]

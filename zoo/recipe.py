@@ -172,6 +172,9 @@ class TrainCfg(_Strict):
     # "fp32": never.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     early_stopping: EarlyStoppingCfg = EarlyStoppingCfg()
+    # experiment tracking (zoo.train.tracking): None takes $MEDZOO_TRACK (zoo.settings), else none. Not
+    # part of what a run is: the run directory's hash and a study's identity leave it out
+    track: Literal["none", "mlflow", "tensorboard"] | None = None
 
 
 class ReportedCfg(_Strict):
@@ -349,6 +352,11 @@ class Recipe(_Strict):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def run_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` without ``train.track``: what a run computes. Run directories and studies
+        hash this, so that tracking a run (or not) never makes it another run."""
+        return self.model_dump(mode="json", exclude={"train": {"track"}})
 
 
 def _check_space(recipe: Recipe) -> None:
@@ -528,6 +536,7 @@ SHORTCUTS = {
     "pretrained": "pretrained",
     "precision": "train.precision",
     "seeds": "train.seeds",
+    "track": "train.track",
 }
 
 

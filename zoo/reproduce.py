@@ -195,11 +195,13 @@ def reproduce(
     resume: bool = False,
     progress: bool = False,
     say: Callable[[str], None] = print,
+    track: str | None = None,
 ) -> dict[str, list[Row]]:
     """Train every recipe of ``report`` (or of every report: ``all``) and write its comparison
     tables; returns report → rows. ``folders`` maps an image-folder dataset (``isic2019``) to its
     folder; ``epochs`` / ``quick`` shorten every run (a smoke run); ``resume`` continues killed runs
-    and takes the bundles of the recipes already finished (an interrupted reproduction goes on)."""
+    and takes the bundles of the recipes already finished (an interrupted reproduction goes on).
+    ``track``: ``mlflow`` / ``tensorboard`` logs one run per recipe (default ``$MEDZOO_TRACK``)."""
     from zoo.train import train
 
     reports = list(REPORTS) if report == "all" else [report]
@@ -210,7 +212,7 @@ def reproduce(
         recipes = recipes_for(rep, datasets, root, download, archs, sizes)
         rows = []
         for i, recipe in enumerate(recipes, 1):
-            recipe = _shorten(recipe, epochs, quick)
+            recipe = _shorten(recipe, epochs, quick, track)
             where = (folders or {}).get(resolve_name(recipe.dataset), data_root)
             say(f"reproduce {rep}: [{i}/{len(recipes)}] {recipe.name} on {recipe.dataset} "
                 f"({recipe.train.epochs} epochs)")
@@ -232,10 +234,12 @@ def reproduce(
     return out
 
 
-def _shorten(recipe: Recipe, epochs: int | None, quick: bool) -> Recipe:
+def _shorten(recipe: Recipe, epochs: int | None, quick: bool, track: str | None = None) -> Recipe:
     overrides: dict[str, Any] = dict(QUICK) if quick else {}
     if epochs is not None:
         overrides["train.epochs"] = epochs
+    if track is not None:
+        overrides["train.track"] = track
     return apply_overrides(recipe, overrides) if overrides else recipe
 
 

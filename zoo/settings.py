@@ -15,14 +15,21 @@ variable                    ``RuntimeOptions`` field
 ``MEDZOO_ORT_SPINNING``     ``spinning``: ``0`` / ``false`` / ``no`` / ``off``: idle threads sleep
 ``CUDA_VISIBLE_DEVICES``    ``visible_devices``: ``""`` or ``-1`` hides every GPU
 ==========================  =========================================================================
+
+:func:`tracking_settings` reads the experiment tracking defaults of ``zoo train`` / ``zoo tune`` /
+``zoo reproduce`` (:mod:`zoo.train.tracking`): ``MEDZOO_TRACK`` (``mlflow``, ``tensorboard`` or
+``none``: the tracker when the recipe's ``train.track`` is unset), ``MLFLOW_TRACKING_URI`` (where
+MLflow logs; default a local store under ``$MEDZOO_HOME/mlruns``) and ``MLFLOW_EXPERIMENT_NAME``.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
+from zoo.errors import UsageError
 from zoo.runtime import RuntimeOptions
 
 _OFF = ("0", "false", "no", "off")
@@ -43,4 +50,27 @@ def runtime_options(environ: Mapping[str, str] | None = None, **changes: Any) ->
     return options.replace(**changes) if changes else options
 
 
-__all__ = ["runtime_options"]
+TRACKERS = ("none", "mlflow", "tensorboard")
+
+
+@dataclass(frozen=True)
+class TrackingSettings:
+    """The environment's tracking defaults (None: not set)."""
+
+    track: str | None = None  # MEDZOO_TRACK
+    mlflow_uri: str | None = None  # MLFLOW_TRACKING_URI
+    experiment: str | None = None  # MLFLOW_EXPERIMENT_NAME
+
+
+def tracking_settings(environ: Mapping[str, str] | None = None) -> TrackingSettings:
+    """:class:`TrackingSettings` from the environment (``environ``, default ``os.environ``); an
+    unknown ``MEDZOO_TRACK`` is a :class:`~zoo.errors.UsageError` naming the choices."""
+    env = os.environ if environ is None else environ
+    track = env.get("MEDZOO_TRACK", "").strip().lower() or None
+    if track is not None and track not in TRACKERS:
+        raise UsageError(f"MEDZOO_TRACK={track!r} is not a tracker; choose from {', '.join(TRACKERS)}")
+    return TrackingSettings(track, env.get("MLFLOW_TRACKING_URI", "").strip() or None,
+                            env.get("MLFLOW_EXPERIMENT_NAME", "").strip() or None)
+
+
+__all__ = ["TRACKERS", "TrackingSettings", "runtime_options", "tracking_settings"]

@@ -47,7 +47,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
@@ -56,7 +56,7 @@ from urllib.parse import urlsplit, urlunsplit
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from zoo.card import Card, Tuning, read_card, update_card
+from zoo.card import Card, TrackingInfo, Tuning, read_card, update_card
 from zoo.errors import RecipeError, UserError
 from zoo.io import file_lock, pid_alive
 from zoo.modelcard import write_model_card
@@ -65,10 +65,22 @@ from zoo.recipe import PrunerCfg, Recipe, TuneCfg, TuneParam, apply_overrides
 from zoo.store import bundles_dir, home, list_bundles
 from zoo.train import train
 from zoo.train.loop import EpochCallback
+from zoo.train.tracking import (
+    NoTracker,
+    Parent,
+    RunSpec,
+    Tracker,
+    backend_of,
+    dataset_label,
+    open_tracker,
+    params_of,
+    tracked,
+)
 
 log = logging.getLogger(__name__)
 
 ATTR_IDENTITY = "medzoo.identity"  # study user attribute: what the study tunes (recipe, space, metric)
+ATTR_TRACKING = "medzoo.tracking"  # study user attribute: the study's tracked run (zoo.card.TrackingInfo JSON)
 SQLITE_HEADER = b"SQLite format 3\x00"
 CREATE_TRIES = 6  # an RDB (a server one above all): tries at creating the tables and the study before giving up
 T = TypeVar("T")
@@ -277,7 +289,7 @@ def identity(recipe: Recipe) -> str:
     """What a study tunes, as stable text: the recipe without its search space (digest), the space,
     the metric and the direction. Workers joining a study must bring the same."""
     assert recipe.tune is not None
-    base = recipe.model_dump(mode="json", exclude={"tune"})
+    base = recipe.model_dump(mode="json", exclude={"tune": True, "train": {"track"}})  # tracking is no part of it
     return json.dumps({"recipe": recipe.name, "dataset": recipe.dataset, "arch": recipe.arch,
                        "base_sha256": hashlib.sha256(json.dumps(base, sort_keys=True).encode()).hexdigest(),
                        "space": recipe.tune.model_dump(mode="json")["params"], "metric": recipe.tune_metric,
@@ -363,6 +375,10 @@ class Tuner:
     download: bool = True
     progress: bool = True
     ran: list[int] = field(default_factory=list)
+    parent: Parent | None = None  # the study's tracked run: each trial is a child run of it
+
+    def child(self, number: int) -> Parent | None:
+        return replace(self.parent, child_name=f"trial-{number}") if self.parent is not None else None
 
     @property
     def metric(self) -> str:
@@ -403,7 +419,8 @@ class Tuner:
         try:
             recipe = apply_overrides(self.recipe, values, parse_text=False)
             result = train(recipe, data_root=self.data_root, store=scratch, device=self.device,
-                           download=self.download, progress=False, on_epoch=self.on_epoch(trial))
+                           download=self.download, progress=False, on_epoch=self.on_epoch(trial),
+                           parent=self.child(trial.number))
         except BaseException as e:
             shutil.rmtree(scratch, ignore_errors=True)
             if isinstance(e, Exception) and not isinstance(e, (UserError, optuna.TrialPruned)):
@@ -572,10 +589,42 @@ def tune(
     callbacks: list[Any] = [tuner.after_trial]
     if max_trials is not None:
         callbacks.append(optuna.study.MaxTrialsCallback(max_trials, states=(TrialState.COMPLETE, TrialState.PRUNED)))
-    opened.optimize(tuner.objective, n_trials=trials, timeout=timeout, catch=(TrialFailure,), callbacks=callbacks,
-                    gc_after_trial=True)
-    return tuner.finish()
+    with tracked(study_tracker(recipe, opened, store)) as tracker:
+        tuner.parent = Parent.of(tracker.info)
+        opened.optimize(tuner.objective, n_trials=trials, timeout=timeout, catch=(TrialFailure,),
+                        callbacks=callbacks, gc_after_trial=True)
+        summary = tuner.finish()
+        figures = {f"trials_{state}": float(n) for state, n in summary.trials.items()}
+        if summary.best is not None:
+            figures.update({f"best_{summary.metric}": float(summary.best["value"]),
+                            "best_trial": float(summary.best["number"])})
+        tracker.log_summary(figures, sum(summary.trials.values()))
+    return summary
+
+
+def study_tracker(recipe: Recipe, study: optuna.Study, store: Path | None = None) -> Tracker:
+    """The study's tracked run (``train.track`` / ``$MEDZOO_TRACK``), its trials' parent: the one its
+    attributes name when it was tracked the same way (every worker joins it), else a new one."""
+    backend = backend_of(recipe.train.track)
+    if backend == "none":
+        return NoTracker()
+    assert recipe.tune is not None
+    raw = study.user_attrs.get(ATTR_TRACKING)
+    try:
+        previous = TrackingInfo.model_validate_json(raw) if isinstance(raw, str) else None
+    except ValueError:  # written by another medzoo: a run of its own
+        previous = None
+    flag = dataset_label(recipe.dataset)
+    params = params_of({"study": study.study_name, "recipe": recipe.name, "metric": f"val_{recipe.tune_metric}",
+                        "direction": recipe.tune_direction, "tune": recipe.tune.model_dump(mode="json")})
+    spec = RunSpec(name=safe_name(study.study_name), dataset=flag, store=store, previous=previous, params=params,
+                   tags={"medzoo.study": study.study_name, "medzoo.recipe": recipe.name, "medzoo.arch": recipe.arch})
+    tracker = open_tracker(backend, spec)
+    if tracker.info is not None and tracker.info != previous:
+        study.set_user_attr(ATTR_TRACKING, tracker.info.model_dump_json())
+    return tracker
 
 
 __all__ = ["TrialFailure", "TuneSummary", "Tuner", "default_storage", "default_study_name", "identity",
-           "open_storage", "open_study", "selected_value", "shown_storage", "studies_dir", "suggest", "tune"]
+           "open_storage", "open_study", "selected_value", "shown_storage", "studies_dir", "study_tracker", "suggest",
+           "tune"]

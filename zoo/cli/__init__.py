@@ -2,11 +2,11 @@
 
 Sub-commands: ``zoo/cli/commands.py`` (train, eval, list, models, recipes, card),
 ``zoo/cli/export.py``, ``zoo/cli/explain.py``, ``zoo/cli/score.py``, ``zoo/cli/serve.py``,
-``zoo/cli/tune.py``, ``zoo/cli/calibrate.py``, ``zoo/cli/reproduce.py``. Each imports the package it
-drives only when it runs, so ``zoo --help``, ``zoo list``, ``zoo models`` and ``zoo recipes`` never import
-torch. Errors a user can act on (:class:`zoo.errors.UserError` and its kinds, nothing else) print
-one line per mistake on stderr and exit 2; any other exception is a bug: its traceback, then one line
-asking for a report. Output piped into a closed pipe (``zoo eval … | head -1``) ends quietly.
+``zoo/cli/tune.py``, ``zoo/cli/calibrate.py``, ``zoo/cli/reproduce.py``, ``zoo/cli/audit.py``. Each
+imports the package it drives only when it runs, so ``zoo --help``, ``zoo list``, ``zoo models`` and
+``zoo recipes`` never import torch. Errors a user can act on (:class:`zoo.errors.UserError` and its
+kinds, nothing else) print one line per mistake on stderr and exit 2; any other exception is a bug: its
+traceback, then one line asking for a report. Output piped into a closed pipe (``zoo eval … | head -1``) ends quietly.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ BUG_REPORT = f"zoo: this is a bug in medzoo {__version__}, please report it with
 
 def _plugins() -> list[Callable[[Any], None]]:
     """Every sub-command's ``register(subparsers)``."""
+    from zoo.cli.audit import register as audit_cmd
     from zoo.cli.calibrate import register as calibrate_cmd
     from zoo.cli.commands import register as core_cmds
     from zoo.cli.explain import register as explain_cmd
@@ -36,7 +37,7 @@ def _plugins() -> list[Callable[[Any], None]]:
     from zoo.cli.serve import register as serve_cmd
     from zoo.cli.tune import register as tune_cmd
 
-    return [core_cmds, calibrate_cmd, export_cmd, explain_cmd, score_cmd, serve_cmd, tune_cmd, reproduce_cmd]
+    return [core_cmds, calibrate_cmd, export_cmd, explain_cmd, score_cmd, serve_cmd, tune_cmd, reproduce_cmd, audit_cmd]
 
 
 def _common(p: argparse.ArgumentParser, top: bool) -> None:

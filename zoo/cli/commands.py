@@ -25,6 +25,9 @@ TRAIN_HELP = {
     "seeds": "train N runs (seeds SEED, SEED+1, …) and bundle them as one ensemble model (mean of their logits); "
              "prints the ensemble bundle",
     "seed": "random seed (default: the recipe's)",
+    "track": "log the run to MLflow ($MLFLOW_TRACKING_URI, default <store>/mlruns) or TensorBoard "
+             "(<store>/tensorboard): mlflow, tensorboard or none (default $MEDZOO_TRACK, else none); the card "
+             "records the run",
 }
 
 

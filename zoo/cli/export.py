@@ -20,14 +20,16 @@ def register(sub: Any) -> None:
     """Add the ``export`` sub-command to the ``zoo`` parser."""
     p = sub.add_parser(
         "export",
-        help="export a bundle to ONNX / TorchScript with a parity check",
-        description="Write model.onnx, model.torchscript.pt (and model.fp16.onnx with --fp16) into a bundle: "
+        help="export a bundle to ONNX / TorchScript / torch.export with a parity check",
+        description="Write model.onnx, model.torchscript.pt (and model.fp16.onnx with --fp16, model.pt2 with "
+        "--format pt2) into a bundle: "
         "uint8 NCHW images in, logits out. Each file is checked against the PyTorch model at batch sizes "
         "1, 7 and 64 (and on the test split when the data are found) before it is moved into the bundle.",
     )
     p.add_argument("bundle", help="bundle path, id, or dataset name (its best bundle)")
-    p.add_argument("--format", dest="formats", nargs="+", choices=["onnx", "torchscript"],
-                   help="formats to write (default: onnx torchscript)")
+    p.add_argument("--format", dest="formats", nargs="+", choices=["onnx", "torchscript", "pt2"],
+                   help="formats to write (default: onnx torchscript); pt2: a torch.export ExportedProgram "
+                        "(zoo.load(..., backend='torch') runs it)")
     p.add_argument("--fp16", action="store_true", help="also write model.fp16.onnx (float16 weights and compute)")
     p.add_argument("--check", action="store_true",
                    help="only re-run the parity check on the files already exported (and record it)")
@@ -83,7 +85,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"{'checked' if args.check else 'exported'} {path.name}  (parity inputs: {first['parity']['inputs']})")
     for fmt, rec in records.items():
         print(_line(fmt, rec))
-    onnx_providers = sorted({rec["provider"] for fmt, rec in records.items() if fmt != "torchscript"})
+    onnx_providers = sorted({rec["provider"] for fmt, rec in records.items() if fmt not in ("torchscript", "pt2")})
     if onnx_providers:
         print(f"ONNX Runtime provider: {', '.join(onnx_providers)}")
     files = ", ".join(EXPORT_FILES[f] for f in records)

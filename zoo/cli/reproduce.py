@@ -42,7 +42,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                     epochs=args.epochs, quick=args.quick, download=not args.offline, device=args.device,
                     folders=_folders(args.folder), archs=_list(args.archs), sizes=[int(x) for x in _list(args.sizes)],
                     resume=args.resume, progress=not args.json,
-                    say=(lambda _: None) if args.json else print)
+                    say=(lambda _: None) if args.json else print, track=args.track)
     if args.json:
         print_json({rep: [asdict(r) for r in rows] for rep, rows in out.items()})
     failed = sum(r.status != "ok" for rows in out.values() for r in rows)
@@ -72,6 +72,8 @@ def register(sub: Any) -> None:
     p.add_argument("--offline", action="store_true", help="never download")
     p.add_argument("--resume", action="store_true",
                    help="go on with an interrupted reproduction: killed runs continue, finished recipes are kept")
+    p.add_argument("--track", choices=["mlflow", "tensorboard", "none"],
+                   help="log one run per recipe to MLflow or TensorBoard (default $MEDZOO_TRACK, else none)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(func=cmd_reproduce)
 

@@ -18,7 +18,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     common: dict[str, Any] = dict(
         ensemble=args.ensemble, ensemble_size=args.ensemble_size, errors_out=args.errors,
         batch_size=args.batch_size, chunk_size=args.chunk_size, options=runtime_options(threads=args.threads),
-        overwrite=args.overwrite, alpha=args.alpha,
+        overwrite=args.overwrite, alpha=args.alpha, dicom_sr=args.dicom_sr,
         progress=not (args.no_progress or args.json), store=Path(args.store) if getattr(args, "store", None) else None,
     )
     if args.ray is not None:
@@ -69,6 +69,9 @@ def register(sub: Any) -> None:
     s.add_argument("--actors", type=int,
                    help="ONNX Runtime actors with --ray (default: one per GPU, else one per two CPUs)")
     s.add_argument("--alpha", type=float, help="prediction sets at level 1 - ALPHA (default: the card's, 0.1)")
+    s.add_argument("--dicom-sr", metavar="OUTDIR",
+                   help="also write a DICOM structured report per scored DICOM file: OUTDIR/<SOP Instance UID>.sr.dcm "
+                        "(Comprehensive SR, TID 1500: class, probability, prediction set, OOD flag and score, model)")
     s.add_argument("--overwrite", action="store_true", help="score again even if the output exists")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument("--json", action="store_true", help="print the summary as JSON (no progress bar)")

@@ -27,6 +27,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ["MEDZOO_HOME"] = str(Path(args.store).expanduser().resolve())
     # A mistake in the config (a ConfigError, one line) is reported before torch and BentoML are imported.
     cfg = load_config(args.config)
+    if cfg.audit_log is not None:  # here, not in the API worker, whose failure BentoML would retry for ever
+        from serving.audit import check_folder
+
+        check_folder(cfg.audit_log)
     from serving.launch import REPO, run_server, server_command, server_env, stop_grace
     from zoo.bootstrap import build_default_models, export_served, tasks_to_build
 

@@ -50,6 +50,9 @@ def register(sub: Any) -> None:
     t.add_argument("--data-root", help="folder with the data files (default $MEDZOO_DATA or ~/.medmnist)")
     t.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
     t.add_argument("--offline", action="store_true", help="never download")
+    t.add_argument("--track", choices=["mlflow", "tensorboard", "none"],
+                   help="log the study as a run and each trial as its child run, to MLflow or TensorBoard "
+                        "(default $MEDZOO_TRACK, else none)")
     t.add_argument("--json", action="store_true", help="print the summary as JSON (no per-trial lines)")
     # recipe_from_args reads zoo train's shortcut flags; zoo tune leaves them to the search space
     t.set_defaults(func=cmd_tune, **{flag.replace("-", "_"): None for flag, _ in TRAIN_FLAGS})

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from zoo.ensemble import check_compatible, combine
+from zoo.card import ConformalInfo
+from zoo.ensemble import check_compatible, combine, ensemble_conformal
 from zoo.ensemble import resolve_models as resolve_refs
 from zoo.errors import UsageError
 from zoo.io import sha256_of
@@ -58,6 +59,12 @@ def open_models(targets: Sequence[Path], options: RuntimeOptions | None = None) 
     if len(models) > 1:
         check_compatible([m.meta for m in models])
     return models
+
+
+def sets_conformal(models: Sequence[OnnxModel]) -> ConformalInfo | None:
+    """The conformal scores of the prediction sets: the model's card's, or the ensemble's own."""
+    metas = [m.meta for m in models]
+    return ensemble_conformal([m.path for m in models], metas) if len(models) > 1 else metas[0].conformal
 
 
 def _run(m: OnnxModel, images: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray | None]:

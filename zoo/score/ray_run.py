@@ -301,6 +301,7 @@ def score_folder_ray(
     store: Path | None = None,
     verbose: bool = False,
     alpha: float | None = None,
+    dicom_sr: str | Path | None = None,
 ) -> ScoreSummary:
     """:func:`zoo.score.score_folder` on Ray: same arguments and output, plus where to run.
 
@@ -330,7 +331,7 @@ def score_folder_ray(
         log.info("Ray cluster %s: %d ONNX Runtime actor(s), %s CPU / %s GPU each", ray.cluster_resources(),
                  pool.size, pool.num_cpus, pool.num_gpus)
         summary = run_journalled(paths, onnx_models, entries, chunk_size, batch_size, overwrite,
-                                 lambda run: _score_chunks_ray(run, pool, options, progress, seen), alpha)
+                                 lambda run: _score_chunks_ray(run, pool, options, progress, seen), alpha, dicom_sr)
     summary.provider = f"{'+'.join(sorted(seen)) or 'no provider'} in {pool.size} Ray actor(s)"
     return summary
 

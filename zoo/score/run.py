@@ -15,12 +15,12 @@ from typing import IO, Any
 
 import numpy as np
 
-from zoo.ensemble import ensemble_conformal
 from zoo.errors import UsageError
 from zoo.io import atomic_write, atomic_write_bytes, display_name
 from zoo.postprocess import check_alpha, prediction_sets, set_labels
 from zoo.runtime import OnnxModel, RuntimeOptions
 from zoo.score.decode import Decoder, default_workers
+from zoo.score.dicom_reports import ReportCount, write_reports
 from zoo.score.journal import (
     MANIFEST,
     Run,
@@ -32,7 +32,7 @@ from zoo.score.journal import (
     open_journal,
 )
 from zoo.score.listing import FileEntry, list_folder
-from zoo.score.models import infer, open_models, resolve_models
+from zoo.score.models import infer, open_models, resolve_models, sets_conformal
 from zoo.score.output import SET_SEPARATOR, count_rows, output_columns, output_format, write_output
 from zoo.settings import runtime_options
 
@@ -57,6 +57,7 @@ class ScoreSummary:
     provider: str = ""
     seconds: float = 0.0  # wall time of the decode + inference loop of this run
     processed: int = 0  # files decoded (scored or refused) by this run
+    reports: ReportCount | None = None  # with --dicom-sr: the DICOM structured reports written
 
     @property
     def images_per_s(self) -> float:
@@ -68,7 +69,10 @@ class ScoreSummary:
         return {"out": str(self.out), "errors_out": str(self.errors_out), "models": self.models,
                 "files": self.files, "scored": self.scored, "errors": self.errors, "resumed": self.resumed,
                 "already_done": self.already_done, "provider": self.provider, "seconds": round(self.seconds, 3),
-                "processed": self.processed, "images_per_s": None if rate != rate else round(rate, 2)}
+                "processed": self.processed, "images_per_s": None if rate != rate else round(rate, 2),
+                **({"dicom_sr": {"out": str(self.reports.out), "written": self.reports.written,
+                                 "not_dicom": self.reports.not_dicom, "unreferenced": self.reports.unreferenced}}
+                   if self.reports is not None else {})}
 
     def describe(self) -> str:
         """A few lines for the user."""
@@ -82,6 +86,8 @@ class ScoreSummary:
         if self.processed and self.seconds > 0:
             lines.append(f"{self.processed} files in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s)")
         lines.append(f"{self.errors} unreadable files listed in {self.errors_out}")
+        if self.reports is not None:
+            lines.append(self.reports.describe())
         return "\n".join(lines)
 
 
@@ -138,9 +144,8 @@ def _assemble(run: Run, ensemble: bool) -> tuple[int, int]:
 
     calibrated = all(m.meta.calibration is not None for m in run.models)
     ood = all(m.has_ood for m in run.models)
-    metas = [m.meta for m in run.models]
     # the sets from the journal's probabilities (float32 written exactly): the same as HTTP and Python give
-    conformal = ensemble_conformal([m.path for m in run.models], metas) if ensemble else metas[0].conformal
+    conformal = sets_conformal(run.models)
 
     def rows() -> Iterator[list[Any]]:
         for i in range(run.n_chunks):
@@ -174,6 +179,7 @@ def score_folder(
     progress: bool = True,
     store: Path | None = None,
     alpha: float | None = None,
+    dicom_sr: str | Path | None = None,
 ) -> ScoreSummary:
     """Score every image under ``folder`` with a model (or an ensemble) into ``out``.
 
@@ -181,8 +187,9 @@ def score_folder(
     name) with ``ensemble``. ``out``: ``.csv``, ``.jsonl`` or ``.parquet``; unreadable files go
     to ``errors_out`` (default ``<out>.errors.csv``). ``workers=0`` decodes in this process.
     ``options``: how ONNX Runtime runs (default :func:`zoo.settings.runtime_options`, the environment's).
-    ``alpha``: the prediction sets' level 1 − ``alpha`` (default: the card's). Killed and started
-    again, it resumes from ``<out>.partial/``.
+    ``alpha``: the prediction sets' level 1 − ``alpha`` (default: the card's). ``dicom_sr``: a folder
+    for a DICOM structured report per scored DICOM file (:mod:`zoo.score.dicom_reports`). Killed and
+    started again, it resumes from ``<out>.partial/``.
     """
     paths = ScorePaths.of(folder, out, errors_out)
     alpha = check_alpha(alpha)
@@ -195,7 +202,7 @@ def score_folder(
     onnx_models = open_models(resolve_models(models, ensemble, ensemble_size, store), options)
     entries = list_folder(paths.folder, exclude=[paths.out, paths.errors, paths.journal])
     return run_journalled(paths, onnx_models, entries, chunk_size, batch_size, overwrite,
-                          lambda run: _score_chunks(run, workers, progress), alpha)
+                          lambda run: _score_chunks(run, workers, progress), alpha, dicom_sr)
 
 
 @dataclass(frozen=True)
@@ -231,10 +238,10 @@ class ScorePaths:
 
 def run_journalled(paths: ScorePaths, models: Sequence[OnnxModel], entries: list[FileEntry], chunk_size: int,
                    batch_size: int, overwrite: bool, score: Callable[[Run], tuple[int, float]],
-                   alpha: float | None = None) -> ScoreSummary:
+                   alpha: float | None = None, dicom_sr: str | Path | None = None) -> ScoreSummary:
     """Open (or resume) the journal under its lock, let ``score`` fill the missing chunks, then
-    assemble the output (prediction sets at level 1 − ``alpha``) and remove the journal. Shared by
-    local and Ray scoring."""
+    assemble the output (prediction sets at level 1 − ``alpha``; with ``dicom_sr`` the DICOM
+    structured reports) and remove the journal. Shared by local and Ray scoring."""
     ensemble = len(models) > 1
     manifest = journal_manifest(paths.folder, entries, models, ensemble, chunk_size, batch_size)
     paths.journal.mkdir(parents=True, exist_ok=True)
@@ -250,9 +257,12 @@ def run_journalled(paths: ScorePaths, models: Sequence[OnnxModel], entries: list
             log.info("resuming %s: %d of %d files already done", paths.journal, resumed, len(entries))
         processed, seconds = score(run)
         n_rows, n_errors = _assemble(run, ensemble)
+        reports = None
+        if dicom_sr is not None:
+            reports = write_reports(run, Path(dicom_sr).expanduser().resolve(), sets_conformal(run.models))
         clear_journal(paths.journal)
     finally:
         lock.release()
     return ScoreSummary(paths.out, paths.errors, [m.id for m in models], files=len(entries), scored=n_rows,
                         errors=n_errors, resumed=resumed, provider=models[0].provider, seconds=seconds,
-                        processed=processed)
+                        processed=processed, reports=reports)

@@ -66,6 +66,11 @@ def launched() -> bool:
     return all(k in os.environ for k in ENV) and int(os.environ["WORLD_SIZE"]) > 1
 
 
+def is_main() -> bool:
+    """Rank 0 under torchrun, or the one process (without joining the process group)."""
+    return not launched() or int(os.environ["RANK"]) == 0
+
+
 def restarted() -> bool:
     """Whether torchrun restarted this worker group after a rank died (the run then resumes)."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
@@ -170,5 +175,5 @@ def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
 
 
 __all__ = ["CONNECT_TIMEOUT_ENV", "CONNECT_TIMEOUT_S", "EXIT_NO_PEERS", "MAX_RESTARTS", "Dist", "barrier", "broadcast",
-           "close", "die_with_parent", "from_env", "gather", "launched", "mean", "restarted", "shard",
+           "close", "die_with_parent", "from_env", "gather", "is_main", "launched", "mean", "restarted", "shard",
            "torchrun_command"]

@@ -41,6 +41,18 @@ from zoo.train.distributed import Dist, broadcast, from_env, restarted
 from zoo.train.loop import EpochCallback, Session, end_epoch, eval_model, evaluate, train_epoch
 from zoo.train.precision import use_bf16_autocast
 from zoo.train.report import card_fields, plots
+from zoo.train.tracking import (
+    NoTracker,
+    Parent,
+    RunSpec,
+    Tracker,
+    backend_of,
+    finish,
+    open_tracker,
+    params_of,
+    require,
+    tracked,
+)
 from zoo.trust.fit import fit_bundle
 
 log = logging.getLogger(__name__)
@@ -73,7 +85,7 @@ def make_preprocessing(recipe: Recipe, splits: DataSplits) -> Preprocessing:
 
 def run_id(recipe: Recipe, splits: DataSplits) -> str:
     """Same recipe and data → same run directory, which is what ``--resume`` finds."""
-    h = hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True).encode() + splits.checksum.encode())
+    h = hashlib.sha256(json.dumps(recipe.run_dict(), sort_keys=True).encode() + splits.checksum.encode())
     return f"{short_name(splits.name)}-{recipe.arch}-{h.hexdigest()[:10]}"
 
 
@@ -107,7 +119,8 @@ def _callback(on_epoch: EpochCallback | None, row: dict[str, Any], d: Dist | Non
         raise TrainingError(f"stopped after epoch {row['epoch']} by rank 0")
 
 
-def _run_epochs(s: Session, p: Progress, run: RunDir, progress: bool, on_epoch: EpochCallback | None) -> None:
+def _run_epochs(s: Session, p: Progress, run: RunDir, progress: bool, on_epoch: EpochCallback | None,
+                tracker: Tracker) -> None:
     cfg = s.recipe.train
     patience = cfg.early_stopping.patience
     main = s.dist is None or s.dist.main
@@ -119,7 +132,12 @@ def _run_epochs(s: Session, p: Progress, run: RunDir, progress: bool, on_epoch: 
                         val_auc=f"{row['val_auc']:.3f}")
         stop = patience is not None and p.bad_epochs >= patience
         run.save(s.snapshot(epoch, p, stop))  # rank 0 only (the others follow its directory)
-        _callback(on_epoch, row, s.dist)
+        tracker.log_epoch(row)  # after the snapshot: a resumed run logs what it missed from there
+        try:
+            _callback(on_epoch, row, s.dist)
+        except BaseException:
+            tracker.stopped = True  # stopped on purpose (an Optuna pruner): the tracked run ends KILLED
+            raise
         if stop:
             log.info("early stopping after epoch %d (best %d)", epoch + 1, p.best_epoch)
             break
@@ -169,10 +187,14 @@ def train_single(
     download: bool = True,
     progress: bool = True,
     on_epoch: EpochCallback | None = None,
+    parent: Parent | None = None,
 ) -> TrainResult:
     """Train one model of a recipe (its ``train.seed``) end to end and write its bundle into the store.
-    :func:`zoo.train.train` is the entry point: it also trains seed ensembles (``train.seeds`` > 1)."""
+    :func:`zoo.train.train` is the entry point: it also trains seed ensembles (``train.seeds`` > 1).
+    ``parent``: the tracked run this one is a child of (:mod:`zoo.train.tracking`)."""
     d = from_env(device)  # under torchrun: this rank joins the process group
+    if d is None or d.main:  # a missing tracker package fails now, not after loading the data
+        require(parent.backend if parent is not None else backend_of(recipe.train.track))
     resume = resume or (d is not None and restarted())  # torchrun restarted the group after a rank died
     dev = d.device() if d is not None else pick_device(device)
     use_amp = use_bf16_autocast(recipe.train.precision, dev)  # before any work: bf16 may be refused
@@ -190,10 +212,27 @@ def train_single(
             torch.manual_seed(recipe.train.seed * 1000 + d.rank + p.next_epoch)
         if run.writer:
             atomic_write_bytes(run.path / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False).encode())
-        t0 = time.perf_counter()
-        _run_epochs(s, p, run, progress, on_epoch)
-        path = _finish(s, p, run, store, time.perf_counter() - t0)
+        with tracked(_tracker(recipe, splits.name, run, store, resume, p, parent, d)) as tracker:
+            t0 = time.perf_counter()
+            _run_epochs(s, p, run, progress, on_epoch, tracker)
+            path = _finish(s, p, run, store, time.perf_counter() - t0)
+            finish(tracker, path)  # the run id into the card, final figures and files to the run
     return TrainResult(bundle=path, card=read_card(path))
+
+
+def _tracker(recipe: Recipe, dataset: str, run: RunDir, store: Path | None, resume: bool, p: Progress,
+             parent: Parent | None, d: Dist | None) -> Tracker:
+    """The run's tracker (rank 0 only): MLflow, TensorBoard or none (:mod:`zoo.train.tracking`)."""
+    if d is not None and not d.main:
+        return NoTracker()
+    # a resumed snapshot continues its tracked run; a resume that starts afresh (a finished run whose
+    # bundle is gone, or one killed before its first snapshot) starts a new one
+    spec = RunSpec(name=run.path.name, dataset=dataset, store=store, state=run.path,
+                   resume=resume and p.next_epoch > 0, parent=parent, history=p.history,
+                   params=params_of(recipe.run_dict()),
+                   tags={"medzoo.dataset": dataset, "medzoo.recipe": recipe.name, "medzoo.arch": recipe.arch,
+                         "medzoo.run_dir": str(run.path)})
+    return open_tracker(backend_of(recipe.train.track), spec)
 
 
 def _run_dir(store: Path | None, rid: str, resume: bool, d: Dist | None) -> RunDir:

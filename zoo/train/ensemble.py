@@ -33,9 +33,22 @@ from zoo.postprocess import to_probs
 from zoo.preprocess.adapter import full_model
 from zoo.recipe import ENSEMBLE, Recipe, apply_overrides
 from zoo.store import bundles_dir
+from zoo.train.distributed import is_main
 from zoo.train.engine import TrainResult, train_single
 from zoo.train.loop import EpochCallback
 from zoo.train.report import device_name, ensemble_plots, versions
+from zoo.train.tracking import (
+    NoTracker,
+    Parent,
+    RunSpec,
+    Tracker,
+    backend_of,
+    dataset_label,
+    finish,
+    open_tracker,
+    params_of,
+    tracked,
+)
 from zoo.trust.fit import fit_bundle
 
 log = logging.getLogger(__name__)
@@ -43,15 +56,31 @@ log = logging.getLogger(__name__)
 
 def train_ensemble(recipe: Recipe, data_root: str | Path | None = None, store: Path | None = None,
                    device: str | None = None, resume: bool = False, download: bool = True, progress: bool = True,
-                   on_epoch: EpochCallback | None = None) -> TrainResult:
-    """One run per seed of ``recipe`` (``train.seeds`` of them), then their ensemble bundle."""
+                   on_epoch: EpochCallback | None = None, parent: Parent | None = None) -> TrainResult:
+    """One run per seed of ``recipe`` (``train.seeds`` of them), then their ensemble bundle. Tracked,
+    the ensemble is a run of its own and the members' runs are its children."""
     n, first = recipe.train.seeds, recipe.train.seed
     members = []
-    for k in range(n):
-        member = apply_overrides(recipe, {"train.seed": first + k, "train.seeds": 1})
-        log.info("ensemble member %d/%d: seed %d", k + 1, n, first + k)
-        members.append(train_single(member, data_root, store, device, resume, download, progress, on_epoch).bundle)
-    return ensemble_bundles(members, data_root, store, device, download)
+    with tracked(_tracker(recipe, store, parent)) as tracker:
+        child = Parent.of(tracker.info) or parent
+        for k in range(n):
+            member = apply_overrides(recipe, {"train.seed": first + k, "train.seeds": 1})
+            log.info("ensemble member %d/%d: seed %d", k + 1, n, first + k)
+            members.append(train_single(member, data_root, store, device, resume, download, progress, on_epoch,
+                                        child).bundle)
+        result = ensemble_bundles(members, data_root, store, device, download)
+        return TrainResult(result.bundle, finish(tracker, result.bundle))
+
+
+def _tracker(recipe: Recipe, store: Path | None, parent: Parent | None) -> Tracker:
+    """The ensemble's own tracked run (rank 0 only; a new one each time: it has no run directory)."""
+    if not is_main():
+        return NoTracker()
+    dataset = dataset_label(recipe.dataset)
+    name = f"{dataset}-{ENSEMBLE}-{recipe.arch}x{recipe.train.seeds}"
+    spec = RunSpec(name=name, dataset=dataset, store=store, parent=parent, params=params_of(recipe.run_dict()),
+                   tags={"medzoo.recipe": recipe.name, "medzoo.arch": ENSEMBLE})
+    return open_tracker(backend_of(recipe.train.track), spec)
 
 
 def _check_members(bundles: Sequence[Bundle]) -> None:

@@ -12,6 +12,7 @@ from zoo.recipe import Recipe
 from zoo.train.engine import TrainResult, train_single
 from zoo.train.ensemble import train_ensemble
 from zoo.train.loop import EpochCallback
+from zoo.train.tracking import Parent
 
 
 def train(
@@ -23,15 +24,17 @@ def train(
     download: bool = True,
     progress: bool = True,
     on_epoch: EpochCallback | None = None,
+    parent: Parent | None = None,
 ) -> TrainResult:
     """Train a recipe end to end and write its bundle into the store.
 
     With ``train.seeds`` > 1 (``zoo train … --seeds N``): one run per seed and one ensemble bundle
-    of them (:func:`zoo.train.ensemble.train_ensemble`), which is what is returned.
+    of them (:func:`zoo.train.ensemble.train_ensemble`), which is what is returned. ``parent``: the
+    tracked run (a tuning study's) this one is a child of (:mod:`zoo.train.tracking`).
     """
     if recipe.train.seeds > 1:
-        return train_ensemble(recipe, data_root, store, device, resume, download, progress, on_epoch)
-    return train_single(recipe, data_root, store, device, resume, download, progress, on_epoch)
+        return train_ensemble(recipe, data_root, store, device, resume, download, progress, on_epoch, parent)
+    return train_single(recipe, data_root, store, device, resume, download, progress, on_epoch, parent)
 
 
 __all__ = ["train"]

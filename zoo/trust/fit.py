@@ -7,7 +7,9 @@ a binary task, the decision threshold from validation only; ECE / Brier / NLL be
 the sets' coverage, on validation and on test (reported, never choosing); the validation logits
 written to ``validation.safetensors`` (an ensemble of bundles fits its own sets from them); the
 detector's statistics written to ``ood.safetensors`` (sha256s in the card); ``reliability.png``;
-the card's ``calibration``, ``conformal`` and ``ood`` sections; the Markdown card rewritten.
+the card's ``calibration``, ``conformal`` and ``ood`` sections, and ``drift`` (the validation split's
+predicted-class shares and OOD scores under the served rule: what the service's drift tests compare
+with); the Markdown card rewritten.
 Exports made before must be made again (their metadata and graph carry these): the ``zoo calibrate``
 command does that.
 """
@@ -23,12 +25,12 @@ import torch
 from safetensors.torch import save_file
 
 from zoo.bundle import load_bundle
-from zoo.card import CalibrationInfo, ConformalInfo, OODInfo, update_card
+from zoo.card import CalibrationInfo, ConformalInfo, DriftReference, ModelInfo, OODInfo, update_card
 from zoo.data import DataSplits
 from zoo.inference import bundle_splits
 from zoo.io import atomic_file, sha256_of
 from zoo.modelcard import write_model_card
-from zoo.postprocess import calibrated_probs
+from zoo.postprocess import calibrated_probs, interpret
 from zoo.trust.calibration import calibration_metrics, choose_calibration, decision_threshold, reliability_diagram
 from zoo.trust.conformal import evaluate_sets, fit_conformal, save_validation
 from zoo.trust.ood import (
@@ -81,6 +83,18 @@ def fit_ood(feats: dict[str, list[np.ndarray]], layers: list[str]) -> tuple[OODI
     return info, stats
 
 
+def drift_reference(info: ModelInfo, val_logits: np.ndarray, val_ood: np.ndarray | None) -> DriftReference:
+    """The validation split as the service would have answered it (``info`` carries the fitted
+    calibration and detector): the reference of the service's drift tests (:mod:`serving.drift`)."""
+    answer = interpret(val_logits, info, val_ood)
+    shares = np.bincount(answer.classes, minlength=info.num_classes) / len(answer)
+    flagged = answer.in_distribution
+    return DriftReference(
+        images=len(answer), class_proportions=[float(v) for v in shares],
+        ood_scores=None if answer.ood_score is None else [float(v) for v in np.sort(answer.ood_score)],
+        ood_rate=None if flagged is None else float((~flagged).mean()))
+
+
 def fit_bundle(path: str | Path, splits: DataSplits | None = None, data_root: str | Path | None = None,
                ood: bool = True, device: str | torch.device = "cpu",
                max_train_images: int = MAX_FIT_IMAGES) -> dict[str, Any]:
@@ -99,6 +113,7 @@ def fit_bundle(path: str | Path, splits: DataSplits | None = None, data_root: st
     reliability_diagram(bundle.path / RELIABILITY, curves, f"{bundle.id}: reliability")
     conformal.validation_sha256 = save_validation(bundle.path, logits["val"], labels["val"])
     fields: dict[str, Any] = {"calibration": calibration, "conformal": conformal}
+    val_ood: np.ndarray | None = None
     if ood:
         train = _train_subset(splits.train.images, max_train_images)
         _, feats["train"] = collect(bundle.model, bundle.net, layers, train, device=device)
@@ -107,9 +122,12 @@ def fit_bundle(path: str | Path, splits: DataSplits | None = None, data_root: st
         atomic_file(stats_path, lambda tmp: save_file(stats_to_tensors(stats), str(tmp)))
         info.stats_sha256 = sha256_of(stats_path)
         fields["ood"] = info
+        val_ood = score(stats, feats["val"])
+    fitted = bundle.card.model_copy(update=fields)  # the card as it is about to be written
+    fields["drift"] = drift_reference(fitted, logits["val"], val_ood)
     card = update_card(bundle.path, **fields)
     write_model_card(bundle.path)
-    return {"calibration": card.calibration, "conformal": card.conformal, "ood": card.ood}
+    return {"calibration": card.calibration, "conformal": card.conformal, "ood": card.ood, "drift": card.drift}
 
 
-__all__ = ["RELIABILITY", "fit_bundle", "fit_calibration", "fit_ood"]
+__all__ = ["RELIABILITY", "drift_reference", "fit_bundle", "fit_calibration", "fit_ood"]
