@@ -1,17 +1,16 @@
-"""Shared fixtures: the real BreastMNIST, synthetic MedMNIST files, bundles trained once per session."""
+"""Shared fixtures: the real BreastMNIST, synthetic MedMNIST files, bundles trained once per session, and
+one real server of the BreastMNIST bundle (``breast_server``; the servers themselves: tests/servers.py)."""
 
 from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
+from servers import ZooServer, start_zoo_serve
 
 REPO = Path(__file__).resolve().parents[1]
 # shared/ beside the checkout, or beside one of its parents (a git worktree under /work/wt/…)
@@ -112,24 +111,39 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], url: str, output: Callable[[], str], limit_s: float = 240) -> None:
-    """Poll ``GET {url}/readyz`` until it answers 200; fail with the server's output when the
-    process exits first or ``limit_s`` passes."""
-    deadline = time.monotonic() + limit_s
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"the server exited with {proc.returncode}:\n{output()[-4000:]}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"the server was not ready within {limit_s:.0f} s:\n{output()[-4000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
+@pytest.fixture(scope="session")
+def breast_store(breast_bundle: Path, breast_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store holding a copy of the BreastMNIST bundle, exported to ONNX (parity-checked on the real
+    images): what the servers of the BreastMNIST model serve. Read only: a test that alters a bundle
+    takes ``bundle_copy``."""
+    from export import ensure_exported
+
+    root = tmp_path_factory.mktemp("breast_store")
+    dst = root / "bundles" / breast_bundle.name
+    shutil.copytree(breast_bundle, dst, ignore=shutil.ignore_patterns("model.onnx", "model.fp16.onnx", "*.pt"))
+    ensure_exported(dst, ("onnx",), breast_root)
+    return root
+
+
+BREAST_SERVER_CONFIG = {
+    "max_request_mb": 1,  # tests/test_v2.py: a /v2 body above it gets 413 before it is read
+    "body_timeout_s": 1,  # tests/test_v2.py: a stalled /v2 body gets 408
+}
 
 
 @pytest.fixture(scope="session")
-def wait_ready() -> Callable[[subprocess.Popen[bytes], str, Callable[[], str]], None]:
-    """The started server's readiness wait (see :func:`_wait_ready`)."""
-    return _wait_ready
+def breast_server(breast_store: Path, breast_bundle: Path, tmp_path_factory: pytest.TempPathFactory
+                  ) -> Iterator[ZooServer]:
+    """One ``zoo serve --no-build`` for the session, shared by tests/test_dicom_sr.py, tests/test_ui.py and
+    tests/test_v2.py (which must not depend on what the others sent): the ``breast_store`` bundle as the task
+    ``breast``, and a copy of it without ``model.safetensors`` as ``noweights`` (predictions work,
+    explanations answer 503); skin, organ, pathology and the ensemble have no bundle. Settings:
+    ``BREAST_SERVER_CONFIG``, and one API worker (``GET /stats`` counts the requests of the worker that answers
+    it; tests/test_metrics.py, which needs two, has a server of its own)."""
+    work = tmp_path_factory.mktemp("breast_server")
+    bundle = breast_store / "bundles" / breast_bundle.name
+    bare = work / "noweights"
+    shutil.copytree(bundle, bare, ignore=shutil.ignore_patterns("model.safetensors"))
+    config = {"tasks": {"breast": bundle.name, "noweights": str(bare)}, **BREAST_SERVER_CONFIG}
+    with start_zoo_serve(work, breast_store, config) as server:
+        yield server

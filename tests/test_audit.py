@@ -13,9 +13,7 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -29,8 +27,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
+from servers import start_zoo_serve
 
 from serving.audit import AuditTrail
 from serving.events import ImageEvent, RequestEvent, RequestMeta, ServedModel
@@ -292,12 +290,6 @@ LOAD_S = 5.0
 CLIENTS = 3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _pngs(breast_root: Path, n: int) -> list[bytes]:
     images = np.load(breast_root / "breastmnist.npz")["test_images"][:n]
     out = []
@@ -363,45 +355,31 @@ class Load:
 
 @pytest.mark.slow
 def test_sigkill_under_load_leaves_a_whole_trail_with_every_answered_image(
-        breast_bundle: Path, breast_root: Path, tmp_path: Path, wait_ready: Callable[..., None]) -> None:
+        breast_store: Path, breast_bundle: Path, breast_root: Path, tmp_path: Path) -> None:
     """Acceptance (issue 21, item 3): every line parses, every image answered before kill − audit_flush_s
     is in the trail with its sha256, and ``zoo audit`` says so."""
-    from export import ensure_exported
-
-    store = tmp_path / "store"
-    bundle = store / "bundles" / breast_bundle.name
-    shutil.copytree(breast_bundle, bundle, ignore=shutil.ignore_patterns("model.onnx", "model.fp16.onnx", "*.pt"))
-    ensure_exported(bundle, ("onnx",), breast_root)
+    bundle = breast_store / "bundles" / breast_bundle.name  # exported to ONNX
     trail = tmp_path / "audit"
-    config = tmp_path / "serve.yaml"
-    config.write_text(yaml.safe_dump({"tasks": {"breast": bundle.name}, "audit_log": "audit", "api_workers": 2,
-                                      "audit_flush_s": FLUSH_S, "access_log": False}))
-    env = {**os.environ, "MEDZOO_HOME": str(store), "MEDZOO_SERVE_CONFIG": str(config), "BENTOML_DO_NOT_TRACK": "true",
-           "BENTOML_HOME": str(tmp_path / "bentoml_home"),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    env.pop("MEDZOO_AUDIT_LOG", None)
-    port, log = _free_port(), tmp_path / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "zoo.cli", "serve", "--no-build", "--host", "127.0.0.1",
-                                 "--port", str(port)], env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    try:
-        t_start = time.monotonic()
-        wait_ready(proc, f"http://127.0.0.1:{port}", log.read_text)
-        started_s = time.monotonic() - t_start
-        load = Load(f"http://127.0.0.1:{port}", _pngs(breast_root, 64))
-        threads = [threading.Thread(target=load.client, args=(c,)) for c in range(CLIENTS)]
-        for t in threads:
-            t.start()
-        time.sleep(LOAD_S)
-        killed_at = time.time()
-        _kill_everything(proc.pid)
-        load.stop.set()
-        for t in threads:
-            t.join(timeout=60)
-    finally:
-        if proc.poll() is None:
-            _kill_everything(proc.pid)
+    config = {"tasks": {"breast": bundle.name}, "audit_log": "audit", "api_workers": 2, "audit_flush_s": FLUSH_S,
+              "access_log": False}
+    t_start = time.monotonic()
+    # the log is not checked: SIGKILL, not SIGTERM, ends this server
+    with start_zoo_serve(tmp_path, breast_store, config, check_log=False) as server:
+        try:
+            started_s = time.monotonic() - t_start
+            load = Load(server.url, _pngs(breast_root, 64))
+            threads = [threading.Thread(target=load.client, args=(c,)) for c in range(CLIENTS)]
+            for t in threads:
+                t.start()
+            time.sleep(LOAD_S)
+            killed_at = time.time()
+            _kill_everything(server.proc.pid)
+            load.stop.set()
+            for t in threads:
+                t.join(timeout=60)
+        finally:
+            if server.proc.poll() is None:
+                _kill_everything(server.proc.pid)
     assert not load.failures, load.failures[:5]
     before = [a for a in load.answered if a[0] < killed_at - FLUSH_S]
     lines = {(ln.request_id, ln.filename): ln for ln in _lines(trail)}  # every line parses (else _lines fails)
@@ -417,7 +395,7 @@ def test_sigkill_under_load_leaves_a_whole_trail_with_every_answered_image(
             line = lines[(rid, name)]
             assert (line.sha256, line.status, line.task, line.request_status) == (sha, status, "breast", 200)
             assert line.models[0].id == bundle.name and (line.top is not None) == (status == 200)
-    r = subprocess.run([sys.executable, "-m", "zoo.cli", "audit", str(trail), "--json"], cwd=REPO, env=env,
+    r = subprocess.run([sys.executable, "-m", "zoo.cli", "audit", str(trail), "--json"], cwd=REPO, env=server.env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     s = json.loads(r.stdout)

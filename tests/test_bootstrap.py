@@ -11,30 +11,18 @@ saw fail (a parity check stopping the bootstrap) is exactly what this runs throu
 from __future__ import annotations
 
 import io
-import os
-import signal
-import socket
-import subprocess
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from servers import start_zoo_serve
 
-REPO = Path(__file__).resolve().parents[1]
 FLAGS = {"skin": "dermamnist", "organ": "organamnist", "pathology": "pathmnist"}
 SIZES = (300, 100, 100)  # train / val / test images per file: 1 epoch of each trains in seconds
 
 pytestmark = pytest.mark.slow  # three trainings, three exports and a server start: about 1-2 minutes
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _png(data: Path, flag: str) -> bytes:
@@ -44,8 +32,7 @@ def _png(data: Path, flag: str) -> bytes:
     return buf.getvalue()
 
 
-def test_zoo_serve_builds_the_default_models_on_an_empty_store(
-        tmp_path: Path, wait_ready: Callable[[subprocess.Popen[bytes], str, Callable[[], str]], None]) -> None:
+def test_zoo_serve_builds_the_default_models_on_an_empty_store(tmp_path: Path) -> None:
     from zoo.bootstrap import DEFAULT_ARCH
     from zoo.card import read_card
     from zoo.data.synthetic import write_synthetic_medmnist
@@ -53,34 +40,16 @@ def test_zoo_serve_builds_the_default_models_on_an_empty_store(
     home, data = tmp_path / "home", tmp_path / "data"
     for seed, flag in enumerate(FLAGS.values()):
         write_synthetic_medmnist(data, flag, 28, SIZES, seed=seed)
-    env = {**os.environ, "MEDZOO_HOME": str(home), "MEDZOO_DATA": str(data), "BENTOML_HOME": str(tmp_path / "bento"),
-           "BENTOML_DO_NOT_TRACK": "true"}
-    for key in ("MEDZOO_SERVE_CONFIG", "MEDZOO_ENSEMBLE_MEMBERS", "MEDZOO_ENSEMBLE_ARCH"):
-        env.pop(key, None)
-    port, log = _free_port(), tmp_path / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "zoo.cli", "serve", "--offline", "--epochs", "1", "--host", "127.0.0.1",
-             "--port", str(port)],
-            env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(proc, url, log.read_text, 600)  # training comes before readiness: a longer wait
+    # no config file: the defaults; training comes before readiness: a longer wait
+    with start_zoo_serve(tmp_path, home, None, {"MEDZOO_DATA": str(data)},
+                         args=("serve", "--offline", "--epochs", "1"), ready_s=600, stop_s=60) as server:
         for task, flag in FLAGS.items():
-            r = httpx.post(f"{url}/{task}", files={"images": ("a.png", _png(data, flag), "image/png")}, timeout=60)
+            r = httpx.post(f"{server.url}/{task}", files={"images": ("a.png", _png(data, flag), "image/png")},
+                           timeout=60)
             assert r.status_code == 200, (task, r.status_code, r.text[:500])
             result = r.json()["results"][0]
             assert result["status"] == 200 and result["top"], result
             assert isinstance(result.get("in_distribution"), bool), result  # the detector is in the served file
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the group of the `zoo serve` this test started
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-    text = log.read_text()
-    assert "Traceback" not in text, text[-4000:]
     bundles = sorted((home / "bundles").iterdir())
     assert len(bundles) == 3, bundles
     for b in bundles:

@@ -10,35 +10,23 @@ import csv
 import email.parser
 import email.policy
 import io
-import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pydicom
 import pytest
-import yaml
 from PIL import Image
 from pydicom.data import get_testdata_file
+from servers import ZooServer
 
 from zoo.dicom_sr import SCHEME, class_code, read_sr
 
-REPO = Path(__file__).resolve().parents[1]
 CT = Path(get_testdata_file("CT_small.dcm"))  # type: ignore[arg-type]
 MR = Path(get_testdata_file("MR_small.dcm"))  # type: ignore[arg-type]
 LABELS = ["malignant", "normal, benign"]  # BreastMNIST's
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def dciodvfy_errors(path: Path) -> list[str]:
@@ -51,44 +39,9 @@ def dciodvfy_errors(path: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def sr_store(breast_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A store holding a copy of the BreastMNIST bundle, exported to ONNX."""
-    from export import ensure_exported
-
-    root = tmp_path_factory.mktemp("sr_store")
-    dst = root / "bundles" / breast_bundle.name
-    shutil.copytree(breast_bundle, dst, ignore=shutil.ignore_patterns("*.onnx", "*.pt"))
-    ensure_exported(dst, ("onnx",))
-    return root
-
-
-@pytest.fixture(scope="module")
-def server(sr_store: Path, tmp_path_factory: pytest.TempPathFactory,
-           wait_ready: Callable[..., None]) -> Iterator[str]:
-    """``zoo serve`` (the real CLI, no training) serving ``/breast``, until the module ends."""
-    work = tmp_path_factory.mktemp("sr_server")
-    config = work / "serve.yaml"
-    config.write_text(yaml.safe_dump({"tasks": {"breast": next((sr_store / "bundles").iterdir()).name}}))
-    env = {**os.environ, "MEDZOO_HOME": str(sr_store), "MEDZOO_SERVE_CONFIG": str(config),
-           "BENTOML_HOME": str(work / "bentoml_home"), "BENTOML_DO_NOT_TRACK": "true",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    port, log = _free_port(), work / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "zoo.cli", "--store", str(sr_store), "serve", "--no-build",
-                                 "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=REPO, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(proc, url, log.read_text)
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the group of the server this fixture started
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-    assert "Traceback" not in log.read_text(), log.read_text()[-4000:]
+def server(breast_server: ZooServer) -> str:
+    """The session's shared ``zoo serve`` (the real CLI, no training; tests/conftest.py) serving ``/breast``."""
+    return breast_server.url
 
 
 def _files(*paths: Path) -> list[tuple[str, tuple[str, bytes, str]]]:
@@ -176,7 +129,7 @@ def test_several_images_answer_multipart_related_and_other_images_406(server: st
     assert r.status_code == 200 and r.json()["results"][0]["top"], r.text
 
 
-def test_zoo_score_writes_one_sr_per_dicom_file(sr_store: Path, tmp_path: Path,
+def test_zoo_score_writes_one_sr_per_dicom_file(breast_store: Path, tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """``zoo score FOLDER --dicom-sr OUTDIR``: one valid SR per DICOM file, named by its SOP instance
     UID, carrying the CSV row's answer; the PNG is scored but gets none."""
@@ -187,7 +140,7 @@ def test_zoo_score_writes_one_sr_per_dicom_file(sr_store: Path, tmp_path: Path,
     shutil.copy(CT, folder / "ct.dcm")
     shutil.copy(MR, folder / "mr.dcm")
     Image.new("L", (28, 28), 128).save(folder / "grey.png")
-    bundle = next((sr_store / "bundles").iterdir())
+    bundle = next((breast_store / "bundles").iterdir())
     out, reports = tmp_path / "scores.csv", tmp_path / "sr"
     assert main(["score", str(folder), "-m", str(bundle), "-o", str(out), "--workers", "0", "--no-progress",
                  "--dicom-sr", str(reports)]) == 0

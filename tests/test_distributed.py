@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from zoo.card import read_card
 
 REPO = Path(__file__).resolve().parents[1]
+EPOCHS = 6  # of the runs killed after their first snapshot: the rest is what a resume must finish
 ONE_STEP = ("--epochs", "1", "--set", "train.max_batches=1", "--offline", "--json")
 
 
@@ -33,6 +34,19 @@ def _zoo(store: Path, *args: str, **kw: object) -> subprocess.CompletedProcess[s
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "zoo.cli", "--store", str(store), *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600, **kw)
+
+
+def _zoo_together(*runs: tuple[Path, tuple[str, ...]]) -> list[subprocess.CompletedProcess[str]]:
+    """Several ``zoo`` runs at once (each store its own): most of a short run is starting Python and torch."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [(subprocess.Popen([sys.executable, "-m", "zoo.cli", "--store", str(store), *args], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), args)
+             for store, args in runs]
+    done = []
+    for proc, args in procs:
+        out, err = proc.communicate(timeout=600)
+        done.append(subprocess.CompletedProcess(args, proc.returncode, out, err))
+    return done
 
 
 def _bundle(run: subprocess.CompletedProcess[str]) -> Path:
@@ -44,9 +58,9 @@ def _bundle(run: subprocess.CompletedProcess[str]) -> Path:
 def two_and_one(breast_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """The same first step by 2 processes × 8 images and by 1 process × 16 images."""
     base = ("train", "breast", "simplecnn_v1", "--data-root", str(breast_root), *ONE_STEP)
-    two = _bundle(_zoo(tmp_path_factory.mktemp("ddp2"), *base, "--batch-size", "8", "--nproc", "2"))
-    one = _bundle(_zoo(tmp_path_factory.mktemp("ddp1"), *base, "--batch-size", "16"))
-    return two, one
+    two, one = _zoo_together((tmp_path_factory.mktemp("ddp2"), (*base, "--batch-size", "8", "--nproc", "2")),
+                             (tmp_path_factory.mktemp("ddp1"), (*base, "--batch-size", "16")))
+    return _bundle(two), _bundle(one)
 
 
 def test_two_processes_average_gradients_like_one_process_on_both_shards(two_and_one: tuple[Path, Path]) -> None:
@@ -80,7 +94,7 @@ def test_the_ddp_bundle_loads_exports_and_answers_like_any_other(two_and_one: tu
 
 def test_a_killed_distributed_run_resumes(breast_root: Path, tmp_path: Path) -> None:
     """SIGKILL to the whole torchrun group after a snapshot; `--resume --nproc 2` finishes the run."""
-    args = ("train", "breast", "lenet", "--data-root", str(breast_root), "--epochs", "12", "--batch-size", "32",
+    args = ("train", "breast", "lenet", "--data-root", str(breast_root), "--epochs", str(EPOCHS), "--batch-size", "32",
             "--offline", "--nproc", "2")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "zoo.cli", "--store", str(tmp_path), *args], cwd=REPO, env=env,
@@ -96,7 +110,7 @@ def test_a_killed_distributed_run_resumes(breast_root: Path, tmp_path: Path) -> 
     bundle = _bundle(resumed)
     assert "resuming" in resumed.stderr
     card = read_card(bundle)
-    assert card.training.epochs_run == 12 and card.training.world_size == 2
+    assert card.training.epochs_run == EPOCHS and card.training.world_size == 2
     assert not list(tmp_path.glob("runs/*/state.pt"))
 
 
@@ -108,7 +122,7 @@ def _children(pid: int) -> list[int]:
 def test_a_dead_rank_is_restarted_and_the_run_goes_on(breast_root: Path, tmp_path: Path) -> None:
     """One rank SIGKILLed after a snapshot (a crash, the OOM killer): torchrun restarts both ranks,
     which resume from rank 0's snapshot and finish the run."""
-    args = ("train", "breast", "lenet", "--data-root", str(breast_root), "--epochs", "12", "--batch-size", "32",
+    args = ("train", "breast", "lenet", "--data-root", str(breast_root), "--epochs", str(EPOCHS), "--batch-size", "32",
             "--offline", "--nproc", "2", "-v", "--json")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "zoo.cli", "--store", str(tmp_path), *args], cwd=REPO, env=env,
@@ -128,7 +142,7 @@ def test_a_dead_rank_is_restarted_and_the_run_goes_on(breast_root: Path, tmp_pat
     assert proc.returncode == 0, err[-3000:]
     assert "resuming" in err  # the restarted group continued from the snapshot, not from epoch 1
     card = read_card(Path(json.loads(out.strip().splitlines()[-1])["bundle"]))
-    assert card.training.epochs_run == 12 and card.training.world_size == 2
+    assert card.training.epochs_run == EPOCHS and card.training.world_size == 2
 
 
 def test_a_rank_without_peers_gives_up_within_the_connect_timeout() -> None:

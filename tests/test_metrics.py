@@ -11,15 +11,11 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +26,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from servers import free_port, start_zoo_serve, stop_group
 
 from serving.drift import DriftWindow, class_mix_test, ood_score_test, pooled_cells
 from serving.events import ImageEvent, RequestEvent, RequestMeta, ServedModel
@@ -131,14 +128,9 @@ def test_the_observer_counts_images_by_class_flag_and_refusal() -> None:
 
 
 @pytest.fixture(scope="module")
-def exported(breast_bundle: Path, breast_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the session's BreastMNIST bundle with its ``model.onnx``, in a store of its own."""
-    from export import ensure_exported
-
-    bundle = tmp_path_factory.mktemp("metrics_store") / "bundles" / breast_bundle.name
-    shutil.copytree(breast_bundle, bundle, ignore=shutil.ignore_patterns("model.onnx", "model.fp16.onnx", "*.pt"))
-    ensure_exported(bundle, ("onnx",), breast_root)
-    return bundle
+def exported(breast_store: Path, breast_bundle: Path) -> Path:
+    """The session's BreastMNIST bundle with its ``model.onnx`` (the ``breast_store`` copy, which the server serves)."""
+    return breast_store / "bundles" / breast_bundle.name
 
 
 def test_the_card_carries_the_validation_answers_of_the_exported_model(exported: Path, breast_root: Path) -> None:
@@ -235,21 +227,6 @@ def _labels(alert: str) -> dict[str, str]:
 # --------------------------------------------------------------------------- the real parts
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)  # the process group this module started
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-
-
 @dataclass
 class Served:
     url: str
@@ -258,35 +235,17 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(exported: Path, breast_root: Path, tmp_path_factory: pytest.TempPathFactory,
-           wait_ready: Callable[..., None]) -> Iterator[Served]:
-    """``zoo serve`` of the BreastMNIST bundle as ``/breast``: two API workers, a drift window of 300."""
+def served(exported: Path, breast_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """``zoo serve`` of the BreastMNIST bundle as ``/breast``: two API workers, a drift window of 300. Its own
+    server, not the session's shared one: the shared one has a single API worker, whose ``/stats`` counts
+    tests/test_v2.py reads."""
     from zoo.data import load_dataset
 
-    work = tmp_path_factory.mktemp("metrics_server")
-    config = work / "serve.yaml"
-    config.write_text(yaml.safe_dump({"tasks": {"breast": exported.name}, "api_workers": 2, "drift_window": WINDOW,
-                                      "access_log": False}))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDZOO_SERVE_")}
-    env.update({"MEDZOO_HOME": str(exported.parents[1]), "MEDZOO_SERVE_CONFIG": str(config),
-                "BENTOML_DO_NOT_TRACK": "true",
-                "BENTOML_HOME": str(work / "bentoml_home"),
-                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
-    env.pop("MEDZOO_DRIFT_WINDOW", None)
-    env.pop("MEDZOO_API_WORKERS", None)
-    port, log = _free_port(), work / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "zoo.cli", "serve", "--no-build", "--host", "127.0.0.1",
-                                 "--port", str(port)], env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(proc, url, log.read_text)
+    config = {"tasks": {"breast": exported.name}, "api_workers": 2, "drift_window": WINDOW, "access_log": False}
+    with start_zoo_serve(tmp_path_factory.mktemp("metrics_server"), exported.parents[1], config) as server:
         test = load_dataset("breastmnist", size=28, root=breast_root, download=False).test.images.numpy()
-        yield Served(url=url, multiproc=work / "bentoml_home" / "prometheus_multiproc_dir", test_images=test)
-    finally:
-        _stop(proc)
-    assert "Traceback" not in log.read_text(), log.read_text()[-4000:]
+        yield Served(url=server.url, multiproc=Path(server.env["BENTOML_HOME"]) / "prometheus_multiproc_dir",
+                     test_images=test)
 
 
 @dataclass
@@ -324,7 +283,7 @@ def prometheus(served: Served, tmp_path_factory: pytest.TempPathFactory) -> Iter
     cfg["rule_files"] = [str(DEPLOY / "prometheus" / "alerts.yml")]
     cfg["scrape_configs"][0]["static_configs"] = [{"targets": [served.url.removeprefix("http://")]}]
     (work / "prometheus.yml").write_text(yaml.safe_dump(cfg))
-    port = _free_port()
+    port = free_port()
     with open(work / "prometheus.log", "wb") as out:
         proc = subprocess.Popen([binary, f"--config.file={work / 'prometheus.yml'}",
                                  f"--storage.tsdb.path={work / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
@@ -343,7 +302,7 @@ def prometheus(served: Served, tmp_path_factory: pytest.TempPathFactory) -> Iter
             time.sleep(0.3)
         yield Prometheus(url)
     finally:
-        _stop(proc)
+        stop_group(proc)  # the process group this module started
 
 
 def _png(image: np.ndarray | Image.Image) -> bytes:

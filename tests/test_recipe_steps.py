@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,7 +16,29 @@ from zoo.names import FOLDER_DATASETS, resolve_name
 from zoo.recipe import apply_overrides, load_recipe_file, recipe_files
 from zoo.train import train
 
-RECIPES = [p for p in recipe_files() if load_recipe_file(p).dataset != "any"]
+# A recipe that differs from another one only in numbers outside its model and data (learning rate, epochs,
+# patience) trains the same step as that one: checked below, not trained again.
+SAME_STEP_AS = {"path-alexnet-lr1e-3": "path-alexnet"}
+FILES = {p.stem: p for p in recipe_files() if load_recipe_file(p).dataset != "any"}
+RECIPES = [p for name, p in FILES.items() if name not in SAME_STEP_AS]
+
+
+def _step(path: Path) -> Any:
+    """What a training step of the recipe runs: the recipe without its description, and with every
+    number outside ``model`` and ``data`` blanked."""
+    def blank(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: blank(v) for k, v in value.items()}
+        return "#" if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+    recipe = load_recipe_file(path).model_dump(mode="json")
+    return {k: v if k in ("model", "data") else blank(v) for k, v in recipe.items()
+            if k not in ("name", "citation", "reported", "tune")}
+
+
+@pytest.mark.parametrize(("name", "other"), SAME_STEP_AS.items())
+def test_a_recipe_left_out_trains_the_same_step_as_one_trained(name: str, other: str) -> None:
+    assert FILES[other] in RECIPES and _step(FILES[name]) == _step(FILES[other])
 
 
 def _write_mnist(root: Path) -> None:

@@ -17,22 +17,19 @@ import resource
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
+from servers import ZooServer, free_port, start_zoo_serve
 
-REPO = Path(__file__).resolve().parents[1]
 IDLE_TIMEOUT_S = 3  # the servers' idle_timeout_s here
 BODY_TIMEOUT_S = 4
 SHUTDOWN_GRACE_S = 8
@@ -41,35 +38,11 @@ FLOOD_OPEN_S = 60  # the flood stops opening sockets after this long, whatever t
 ANSWER_WITHIN_S = 15  # a real request during the flood is answered within this long
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _png(seed: int = 0) -> bytes:
     rng = np.random.default_rng(seed)
     buf = io.BytesIO()
     Image.fromarray((rng.random((28, 28, 3)) * 255).astype(np.uint8)).save(buf, "PNG")
     return buf.getvalue()
-
-
-@dataclass
-class Zoo:
-    url: str
-    port: int
-    proc: subprocess.Popen  # type: ignore[type-arg]
-    log: Path
-
-    def api_worker(self) -> Any:
-        """The API worker process (psutil)."""
-        import psutil
-
-        for p in psutil.Process(self.proc.pid).children(recursive=True):
-            cmd = p.cmdline()
-            if "--service-name" in cmd and cmd[cmd.index("--service-name") + 1] == "MedZoo":
-                return p
-        raise AssertionError("no API worker process found")
 
 
 @pytest.fixture(scope="module")
@@ -86,51 +59,19 @@ def served_store(tmp_path_factory: pytest.TempPathFactory, synthetic_bundles: di
     return root
 
 
-def _start(store: Path, work: Path, wait_ready: Callable[..., None]) -> Zoo:
-    """``zoo serve --no-build`` on a free loopback port, ready."""
-    work.mkdir(parents=True, exist_ok=True)
+def zoo_serve(store: Path, work: Path) -> AbstractContextManager[ZooServer]:
+    """``zoo serve --no-build`` of the store's bundle as ``pathology`` on a free loopback port, ready; at the
+    end it gets SIGTERM and the shutdown grace (+ 10 s) to stop before it is killed."""
     bundle = next((store / "bundles").iterdir())
-    config = work / "serve.yaml"
-    config.write_text(yaml.safe_dump({"pathology": bundle.name}))
-    env = {**os.environ, "MEDZOO_HOME": str(store), "MEDZOO_SERVE_CONFIG": str(config),
-           "MEDZOO_IDLE_TIMEOUT_S": str(IDLE_TIMEOUT_S), "MEDZOO_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
-           "MEDZOO_SHUTDOWN_GRACE_S": str(SHUTDOWN_GRACE_S), "BENTOML_HOME": str(work / "bentoml_home"),
-           "BENTOML_DO_NOT_TRACK": "true",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    env.pop("MEDZOO_ENSEMBLE_MEMBERS", None)
-    port = _free_port()
-    log = work / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "zoo.cli", "serve", "--no-build", "--host", "127.0.0.1",
-                                 "--port", str(port)], env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(proc, url, log.read_text)
-    except BaseException:
-        _kill(proc)
-        raise
-    return Zoo(url, port, proc, log)
-
-
-def _kill(proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)  # the group this module started
-        proc.wait(timeout=30)
+    env = {"MEDZOO_IDLE_TIMEOUT_S": str(IDLE_TIMEOUT_S), "MEDZOO_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
+           "MEDZOO_SHUTDOWN_GRACE_S": str(SHUTDOWN_GRACE_S)}
+    return start_zoo_serve(work, store, {"pathology": bundle.name}, env, stop_s=SHUTDOWN_GRACE_S + 10)
 
 
 @pytest.fixture(scope="module")
-def zoo(served_store: Path, tmp_path_factory: pytest.TempPathFactory, wait_ready: Callable[..., None]) -> Iterator[Zoo]:
-    server = _start(served_store, tmp_path_factory.mktemp("zoo_serve"), wait_ready)
-    try:
+def zoo(served_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ZooServer]:
+    with zoo_serve(served_store, tmp_path_factory.mktemp("zoo_serve")) as server:
         yield server
-    finally:
-        os.killpg(server.proc.pid, signal.SIGTERM)
-        try:
-            server.proc.wait(timeout=SHUTDOWN_GRACE_S + 10)
-        finally:
-            _kill(server.proc)
-    assert "Traceback" not in server.log.read_text(), server.log.read_text()[-4000:]
 
 
 def _classify(url: str, png: bytes, timeout: float) -> httpx.Response:
@@ -155,14 +96,14 @@ def _seconds_until_closed(sock: socket.socket, limit_s: float) -> float:
 
 
 @pytest.mark.parametrize("sent", [b"", b"GET /models HTTP/1.1\r\nHost: x\r\n"], ids=["nothing", "half headers"])
-def test_an_idle_connection_is_closed_after_the_idle_timeout(zoo: Zoo, sent: bytes) -> None:
+def test_an_idle_connection_is_closed_after_the_idle_timeout(zoo: ZooServer, sent: bytes) -> None:
     with socket.create_connection(("127.0.0.1", zoo.port)) as s:
         s.sendall(sent)
         took = _seconds_until_closed(s, IDLE_TIMEOUT_S + 10)
     assert IDLE_TIMEOUT_S - 0.5 < took < IDLE_TIMEOUT_S + 2, took
 
 
-def test_a_kept_alive_connection_is_closed_after_the_idle_timeout(zoo: Zoo) -> None:
+def test_a_kept_alive_connection_is_closed_after_the_idle_timeout(zoo: ZooServer) -> None:
     with socket.create_connection(("127.0.0.1", zoo.port)) as s:
         s.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
         assert s.recv(4096).startswith(b"HTTP/1.1 200")
@@ -199,7 +140,7 @@ def _open_flood(port: int, count: int, deadline: float, every_1000: Callable[[in
 
 
 @pytest.mark.slow  # ~30 s: opening 20,000 sockets on a shared 2-core machine
-def test_a_real_request_is_answered_during_a_flood_of_idle_connections(zoo: Zoo) -> None:
+def test_a_real_request_is_answered_during_a_flood_of_idle_connections(zoo: ZooServer) -> None:
     """As many idle connections as this process may open (up to 20,000): a real PNG is still
     classified within ANSWER_WITHIN_S, mid-flood and after it, and the API worker's descriptors
     stay under max_connections (default 4096) plus a reserve."""
@@ -272,7 +213,7 @@ def guarded_uvicorn(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
     from serving import connections
 
     monkeypatch.setattr(connections, "GUARD", connections.ConnectionGuard(idle_timeout_s=30, max_connections=4))
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(_App(), host="127.0.0.1", port=port, lifespan="off", log_level="warning",
                                            http=connections.GuardedHTTPProtocol))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -343,7 +284,7 @@ def _begin_upload(port: int, png: bytes) -> socket.socket:
 
 @pytest.mark.slow
 def test_sigterm_drains_requests_in_flight_refuses_new_ones_and_exits_within_the_grace(
-        served_store: Path, tmp_path: Path, wait_ready: Callable[..., None]) -> None:
+        served_store: Path, tmp_path: Path) -> None:
     """``zoo serve`` gets SIGTERM with four uploads in flight and one stalled: new connections are
     refused at once, the four are answered 200 (the inference worker still runs), the stalled one
     408 after the body timeout, and the whole tree is gone by shutdown_grace_s + KILL_MARGIN_S (killed then)."""
@@ -351,8 +292,7 @@ def test_sigterm_drains_requests_in_flight_refuses_new_ones_and_exits_within_the
 
     from serving.launch import KILL_MARGIN_S
 
-    server = _start(served_store, tmp_path / "drained", wait_ready)
-    try:
+    with zoo_serve(served_store, tmp_path / "drained") as server:
         png = _png(1)
         tree = psutil.Process(server.proc.pid).children(recursive=True)
         uploads = [_begin_upload(server.port, png) for _ in range(4)]
@@ -379,6 +319,3 @@ def test_sigterm_drains_requests_in_flight_refuses_new_ones_and_exits_within_the
         assert took < SHUTDOWN_GRACE_S + KILL_MARGIN_S + 2, took
         _, alive = psutil.wait_procs(tree, timeout=5)
         assert not alive, [p.pid for p in alive]
-    finally:
-        _kill(server.proc)
-    assert "Traceback" not in server.log.read_text(), server.log.read_text()[-4000:]

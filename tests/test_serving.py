@@ -34,6 +34,8 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from servers import ZooServer as Server
+from servers import serve_env, start_zoo_serve
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_FILE_MB = 1  # the server's per-file limit in these tests
@@ -83,12 +85,6 @@ def answer_of(model: Any, x: np.ndarray) -> Any:
 
     out = model.outputs(x)
     return interpret(out["logits"], model.meta, out.get("ood_score"))
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -149,77 +145,31 @@ def served(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequ
     return Served(root=root, bundles=bundles, members=sorted([bundles["pathology"], second]), data_roots=data_roots)
 
 
-@dataclass
-class Server:
-    url: str
-    log: Path
-    proc: subprocess.Popen  # type: ignore[type-arg]
-
-    def client(self, timeout: float = 60, **kw: Any) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=timeout, **kw)
-
-    def api_worker(self) -> Any:
-        """The API worker process (psutil): the one that reads and decodes the uploads."""
-        import psutil
-
-        for p in psutil.Process(self.proc.pid).children(recursive=True):
-            cmd = " ".join(p.cmdline())
-            if "--service-name MedZoo " in cmd + " " and "MedZooInference" not in cmd:
-                return p
-        raise AssertionError("no API worker process found")
+SERVER_SETTINGS = {  # the serving settings of every server here, as environment variables
+    "MEDZOO_ENSEMBLE_ARCH": "simplecnn",
+    "MEDZOO_MAX_FILE_MB": str(MAX_FILE_MB),
+    "MEDZOO_MAX_REQUEST_MB": str(MAX_REQUEST_MB),
+    "MEDZOO_MAX_IMAGES": str(MAX_IMAGES),
+    "MEDZOO_MAX_REQUEST_MEGAPIXELS": str(MAX_REQUEST_MEGAPIXELS),
+    "MEDZOO_REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S),
+    "MEDZOO_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
+    "MEDZOO_MAX_BATCH_SIZE": "32",
+}
 
 
 def server_env(served: Served, config: Path, bentoml_home: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({
-        "MEDZOO_HOME": str(served.root),
-        "MEDZOO_SERVE_CONFIG": str(config),
-        "MEDZOO_ENSEMBLE_ARCH": "simplecnn",
-        "MEDZOO_MAX_FILE_MB": str(MAX_FILE_MB),
-        "MEDZOO_MAX_REQUEST_MB": str(MAX_REQUEST_MB),
-        "MEDZOO_MAX_IMAGES": str(MAX_IMAGES),
-        "MEDZOO_MAX_REQUEST_MEGAPIXELS": str(MAX_REQUEST_MEGAPIXELS),
-        "MEDZOO_REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S),
-        "MEDZOO_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
-        "MEDZOO_MAX_BATCH_SIZE": "32",
-        "BENTOML_HOME": str(bentoml_home),
-        "BENTOML_DO_NOT_TRACK": "true",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    })
-    env.pop("MEDZOO_ENSEMBLE_MEMBERS", None)
-    return env
+    """The environment of a server (or ``zoo serve --package``) of ``served`` with ``config``."""
+    return serve_env(served.root, config, bentoml_home, SERVER_SETTINGS)
 
 
 @pytest.fixture(scope="module")
-def server(served: Served, tmp_path_factory: pytest.TempPathFactory,
-           wait_ready: Callable[..., None]) -> Iterator[Server]:
+def server(served: Served, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """``bentoml serve serving.service:MedZoo`` on a free loopback port, until the module ends."""
-    work = tmp_path_factory.mktemp("server")
-    config = work / "serve.yaml"
     tasks: dict[str, Any] = {t: b.name for t, b in served.bundles.items()}
     tasks["chest"] = None  # a task without a bundle: answers 503, the others still work
-    config.write_text(yaml.safe_dump({"tasks": tasks}))
-    port = free_port()
-    log = work / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "serving.service:MedZoo", "--host", "127.0.0.1",
-             "--port", str(port), "--working-dir", str(REPO)],
-            env=server_env(served, config, work / "bentoml_home"), cwd=REPO, stdout=out,
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(proc, url, log.read_text)
-        yield Server(url=url, log=log, proc=proc)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the group of the server this fixture started
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-    assert "Traceback" not in log.read_text(), log.read_text()[-4000:]
+    with start_zoo_serve(tmp_path_factory.mktemp("server"), served.root, {"tasks": tasks}, SERVER_SETTINGS,
+                         command="bentoml") as server:
+        yield server
 
 
 def _test_images(served: Served, task: str, split: str = "test") -> np.ndarray:
@@ -972,34 +922,22 @@ def test_tiff_with_an_unsupported_codec_gets_415_with_the_reason(server: Server)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
-def test_signal_to_zoo_serve_leaves_nothing_behind(served: Served, tmp_path: Path, sig: int,
-                                                   wait_ready: Callable[..., None]) -> None:
+def test_signal_to_zoo_serve_leaves_nothing_behind(served: Served, tmp_path: Path, sig: int) -> None:
     """``zoo serve`` (the real CLI) gets SIGTERM / SIGINT: it exits, no process of its server tree
     remains and the port is free for the next ``zoo serve``."""
     import psutil
 
-    config = tmp_path / "serve.yaml"
-    config.write_text(yaml.safe_dump({"pathology": served.bundles["pathology"].name}))
-    env = server_env(served, config, tmp_path / "bentoml_home")
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "zoo.cli", "--store", str(served.root), "serve", "--no-build",
-                             "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        # stderr is read only when the process has exited, for the failure message
-        wait_ready(proc, f"http://127.0.0.1:{port}", lambda: proc.stderr.read().decode() if proc.stderr else "")
-        tree = psutil.Process(proc.pid).children(recursive=True)
+    config = {"pathology": served.bundles["pathology"].name}
+    args = ("--store", str(served.root), "serve", "--no-build")
+    with start_zoo_serve(tmp_path, served.root, config, SERVER_SETTINGS, args=args) as server:
+        tree = psutil.Process(server.proc.pid).children(recursive=True)
         assert len(tree) >= 3  # the BentoML arbiter, the API worker, the inference worker
-        proc.send_signal(sig)
-        assert proc.wait(timeout=60) == 128 + sig
+        server.proc.send_signal(sig)
+        assert server.proc.wait(timeout=60) == 128 + sig
         gone, alive = psutil.wait_procs(tree, timeout=10)
         assert not alive, [" ".join(p.cmdline()) for p in alive]
         with socket.socket() as s:
-            s.bind(("127.0.0.1", port))  # nothing holds the port any more
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # the group this test started
-            proc.wait()
+            s.bind(("127.0.0.1", server.port))  # nothing holds the port any more
 
 
 # --------------------------------------------------------------------------- config, runtime, CLI, build

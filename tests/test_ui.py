@@ -1,6 +1,6 @@
-"""The explanation endpoints and the upload page, against one real server (``bentoml serve`` in a
-subprocess, as in test_serving.py) and a real headless browser (Debian's chromium driven by
-Playwright; no browser download).
+"""The explanation endpoints and the upload page, against one real server (the session's shared
+``breast_server``, a ``zoo serve`` in a subprocess: tests/conftest.py) and a real headless browser
+(Debian's chromium driven by Playwright; no browser download).
 
 The server serves the real BreastMNIST bundle as the task ``breast`` and a copy of it without
 ``model.safetensors`` as ``noweights`` (predictions work, explanations answer 503); skin, organ,
@@ -14,12 +14,7 @@ from __future__ import annotations
 import base64
 import io
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,18 +23,12 @@ from urllib.parse import urlparse
 import httpx
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
+from servers import ZooServer
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "tests" / "artifacts"
 CHROMIUM = Path(os.environ.get("MEDZOO_CHROMIUM", "/usr/bin/chromium"))
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -53,52 +42,17 @@ class Server:
         return httpx.Client(base_url=self.url, timeout=120)
 
 
-def _store(root: Path, breast_bundle: Path, breast_root: Path) -> dict[str, str]:
-    """The served store: the BreastMNIST bundle (exported) and a copy without its torch weights."""
-    from export import ensure_exported
-
-    bundles = root / "bundles"
-    full = bundles / breast_bundle.name
-    shutil.copytree(breast_bundle, full, ignore=shutil.ignore_patterns("model.onnx", "model.fp16.onnx", "*.pt"))
-    ensure_exported(full, ("onnx",), breast_root)
-    bare = root / "elsewhere" / "noweights"
-    shutil.copytree(full, bare, ignore=shutil.ignore_patterns("model.safetensors"))
-    return {"breast": full.name, "noweights": str(bare)}
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, breast_bundle: Path, breast_root: Path,
-           wait_ready: Callable[..., None]) -> Iterator[Server]:
-    work = tmp_path_factory.mktemp("ui_server")
-    config = work / "serve.yaml"
-    config.write_text(yaml.safe_dump({"tasks": _store(work / "store", breast_bundle, breast_root)}))
+def server(breast_server: ZooServer, breast_bundle: Path, breast_root: Path,
+           tmp_path_factory: pytest.TempPathFactory) -> Server:
+    """The shared server, and three real BreastMNIST test images as PNG files."""
+    work = tmp_path_factory.mktemp("ui_images")
     images = []
     for i, arr in enumerate(np.load(breast_root / "breastmnist.npz")["test_images"][:3]):
         images.append(work / f"breast-{i}.png")
         Image.fromarray(arr).save(images[-1])
-    port = _free_port()
-    env = {**os.environ, "MEDZOO_HOME": str(work / "store"), "MEDZOO_SERVE_CONFIG": str(config),
-           "BENTOML_HOME": str(work / "bentoml_home"), "BENTOML_DO_NOT_TRACK": "true",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    for key in [k for k in env if k.startswith("MEDZOO_SERVE_") and k != "MEDZOO_SERVE_CONFIG"]:
-        env.pop(key)
-    log = work / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "serving.service:MedZoo", "--host", "127.0.0.1",
-             "--port", str(port), "--working-dir", str(REPO)],
-            env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(proc, url, log.read_text)
-        yield Server(url=url, log=log, images=images, bundle=work / "store" / "bundles" / breast_bundle.name)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    return Server(url=breast_server.url, log=breast_server.log, images=images,
+                  bundle=breast_server.store / "bundles" / breast_bundle.name)
 
 
 def _files(paths: list[Path], extra: list[tuple[str, bytes]] = ()) -> list[tuple[str, tuple[str, bytes, str]]]:

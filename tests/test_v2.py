@@ -1,8 +1,9 @@
 """The Open Inference Protocol v2 (serving.v2): ``tritonclient.http`` against a real ``zoo serve``,
 and the protocol's corners on the pipeline in-process.
 
-The server serves a copy of the session's BreastMNIST bundle as the task ``skin`` (no ensemble:
-``pathology_ensemble`` is not ready there); tritonclient's answers are compared with ``POST /skin``'s
+The server is the session's shared ``breast_server`` (tests/conftest.py): the BreastMNIST bundle as
+the task ``breast``, ``max_request_mb: 1`` and ``body_timeout_s: 1`` for the limits test (no ensemble:
+``pathology_ensemble`` is not ready there); tritonclient's answers are compared with ``POST /breast``'s
 for the same real test images, as PNG files, as a uint8 tensor and as a DICOM file. The in-process
 tests run the v2 app behind ``UploadGuard`` on a :class:`~serving.frontend.Frontend` whose inference
 worker is a fake with known answers (three classes, an OOD score, conformal scores), with requests
@@ -15,15 +16,9 @@ import asyncio
 import base64
 import io
 import json
-import os
-import shutil
-import signal
 import socket
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +26,8 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
-import yaml
 from PIL import Image
+from servers import ZooServer
 
 from serving.config import ENSEMBLE_ROUTE, Limits
 from serving.decoding import DecodePool
@@ -45,11 +40,9 @@ from serving.v2 import INFER_PATH, v2_app
 from zoo.card import ConformalInfo, ModelInfo, OODInfo
 from zoo.preprocess import Preprocessing
 
-REPO = Path(__file__).resolve().parents[1]
 LABELS = ["a", "b", "c"]
 PREP = Preprocessing(28, 28, 1, (0.5,), (0.5,))
 LIMITS = Limits(max_file_bytes=200_000, max_request_bytes=1_000_000, max_images=8, body_timeout_s=1.0)
-BODY_TIMEOUT_S = 1
 
 
 def png(arr: np.ndarray) -> bytes:
@@ -325,86 +318,44 @@ def test_refuse_ood_refuses_the_whole_request_and_observers_see_each_image() -> 
 # --------------------------------------------------------------------------- a real `zoo serve`
 
 
-@dataclass
-class Zoo:
-    url: str
-    proc: subprocess.Popen  # type: ignore[type-arg]
-    log: Path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
-def zoo(breast_bundle: Path, breast_root: Path, tmp_path_factory: pytest.TempPathFactory,
-        wait_ready: Callable[..., None]) -> Iterator[Zoo]:
-    """``zoo serve --no-build`` on a free loopback port with a copy of the BreastMNIST bundle as ``skin``."""
-    from export import ensure_exported
-
-    work = tmp_path_factory.mktemp("v2_serve")
-    dst = work / "store" / "bundles" / breast_bundle.name
-    shutil.copytree(breast_bundle, dst, ignore=shutil.ignore_patterns("model.onnx", "model.fp16.onnx", "*.pt"))
-    ensure_exported(dst, ("onnx",), breast_root)
-    config = work / "serve.yaml"
-    config.write_text(yaml.safe_dump({"skin": dst.name, "max_request_mb": 1}))
-    env = {**os.environ, "MEDZOO_HOME": str(work / "store"), "MEDZOO_SERVE_CONFIG": str(config),
-           "MEDZOO_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S), "BENTOML_HOME": str(work / "bentoml_home"),
-           "BENTOML_DO_NOT_TRACK": "true",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    env.pop("MEDZOO_ENSEMBLE_MEMBERS", None)
-    port, log = _free_port(), work / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "zoo.cli", "serve", "--no-build", "--host", "127.0.0.1",
-                                 "--port", str(port)], env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    try:
-        wait_ready(proc, f"http://127.0.0.1:{port}", log.read_text)
-        yield Zoo(f"http://127.0.0.1:{port}", proc, log)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the group of the server this fixture started
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-    assert "Traceback" not in log.read_text(), log.read_text()[-4000:]
+def zoo(breast_server: ZooServer) -> ZooServer:
+    """The shared ``zoo serve --no-build`` (tests/conftest.py) with the BreastMNIST bundle as ``breast``."""
+    return breast_server
 
 
-def _post_skin(url: str, named: list[tuple[str, bytes]]) -> np.ndarray:
-    """``POST /skin``'s probabilities (N, K) in class order for the files, in one request."""
-    r = httpx.post(f"{url}/skin", files=[("images", (n, d, "application/octet-stream")) for n, d in named],
+def _post_breast(url: str, named: list[tuple[str, bytes]]) -> np.ndarray:
+    """``POST /breast``'s probabilities (N, K) in class order for the files, in one request."""
+    r = httpx.post(f"{url}/breast", files=[("images", (n, d, "application/octet-stream")) for n, d in named],
                    params={"top_k": 10}, timeout=60)
     assert r.status_code == 200, r.text
     return np.array([[c["prob"] for c in sorted(res["top"], key=lambda c: c["class"])] for res in r.json()["results"]],
                     dtype=np.float32)
 
 
-def test_tritonclient_talks_to_zoo_serve(zoo: Zoo, breast_root: Path) -> None:
+def test_tritonclient_talks_to_zoo_serve(zoo: ZooServer, breast_root: Path) -> None:
     """The issue's acceptance: health, metadata, and infer with a uint8 tensor and with PNG and DICOM
-    files, each answering exactly ``POST /skin``'s probabilities for the same images."""
+    files, each answering exactly ``POST /breast``'s probabilities for the same images."""
     images = np.load(breast_root / "breastmnist.npz")["test_images"][:8][:, None]  # uint8 (8, 1, 28, 28)
     pngs = [(f"t{i}.png", png(a)) for i, a in enumerate(images)]
     dcm = ("t0.dcm", dicom(images[0]))
     client = triton.InferenceServerClient(zoo.url.removeprefix("http://"), network_timeout=60)
     try:
         assert client.is_server_live() and client.is_server_ready()
-        assert client.is_model_ready("skin") and not client.is_model_ready(ENSEMBLE_ROUTE)
-        meta = client.get_model_metadata("skin")
+        assert client.is_model_ready("breast") and not client.is_model_ready(ENSEMBLE_ROUTE)
+        meta = client.get_model_metadata("breast")
         labels = meta["parameters"]["labels"]
         assert len(labels) == 2 and {i["name"]: i["shape"] for i in meta["inputs"]}["images"] == [-1, 1, 28, 28]
-        by_tensor = client.infer("skin", [tensor_input(images)])
-        by_files = client.infer("skin", [files_input([d for _, d in [*pngs, dcm]])])
-        as_json = client.infer("skin", [tensor_input(images, binary=False)],
+        by_tensor = client.infer("breast", [tensor_input(images)])
+        by_files = client.infer("breast", [files_input([d for _, d in [*pngs, dcm]])])
+        as_json = client.infer("breast", [tensor_input(images, binary=False)],
                                outputs=[triton.InferRequestedOutput("probabilities", binary_data=False)])
     finally:
         client.close()
-    expected = _post_skin(zoo.url, pngs)
+    expected = _post_breast(zoo.url, pngs)
     np.testing.assert_array_equal(by_tensor.as_numpy("probabilities"), expected)
     np.testing.assert_array_equal(as_json.as_numpy("probabilities"), expected)
-    np.testing.assert_array_equal(by_files.as_numpy("probabilities"), _post_skin(zoo.url, [*pngs, dcm]))
+    np.testing.assert_array_equal(by_files.as_numpy("probabilities"), _post_breast(zoo.url, [*pngs, dcm]))
     assert [o["name"] for o in by_tensor.get_response()["outputs"]] == [o["name"] for o in meta["outputs"]]
     assert by_tensor.as_numpy("logits").shape[0] == 8
 
@@ -418,16 +369,18 @@ def _raw_request(url: str, head: bytes, body: bytes, wait_s: float) -> tuple[flo
         return time.monotonic() - start, answer
 
 
-def test_v2_bodies_get_the_upload_limits_over_http(zoo: Zoo) -> None:
+def test_v2_bodies_get_the_upload_limits_over_http(zoo: ZooServer) -> None:
     """UploadGuard reads /v2 infer bodies: 413 above max_request_mb before reading, 408 for a stalled
     body, 400 for malformed JSON, each as {"error": …} (never a 5xx), with an X-Request-Id."""
-    path = b"POST /v2/models/skin/infer HTTP/1.1\r\nHost: x\r\n"
+    body_timeout_s = zoo.config["body_timeout_s"]
+    assert zoo.config["max_request_mb"] * 2**20 < 5_000_000
+    path = b"POST /v2/models/breast/infer HTTP/1.1\r\nHost: x\r\n"
     _, big = _raw_request(zoo.url, path + b"Content-Length: 5000000\r\n\r\n", b"", wait_s=10)
     assert big.startswith(b"HTTP/1.1 413"), big[:200]
     took, stalled = _raw_request(zoo.url, path + b"Content-Length: 1000\r\n\r\n", b'{"inputs": [', wait_s=15)
     assert stalled.startswith(b"HTTP/1.1 408"), stalled[:200]
-    assert took < BODY_TIMEOUT_S + 3
-    bad = httpx.post(f"{zoo.url}/v2/models/skin/infer", content=b"{not json", timeout=30)
+    assert took < body_timeout_s + 3
+    bad = httpx.post(f"{zoo.url}/v2/models/breast/infer", content=b"{not json", timeout=30)
     assert bad.status_code == 400 and "malformed" in bad.json()["error"] and bad.headers["x-request-id"]
     stats = httpx.get(f"{zoo.url}/stats", timeout=30).json()
-    assert stats["requests"].get("v2/models/skin/infer", 0) >= 1  # counted as its own route
+    assert stats["requests"].get("v2/models/breast/infer", 0) >= 1  # counted as its own route
