@@ -21,7 +21,7 @@ from serving.frontend import Frontend
 from serving.outputs import read_record, to_record
 from serving.schemas import ServedEnsembleInfo, ServedModelInfo, ServedTable
 from serving.uploads import Problem, Upload
-from zoo.card import ModelInfo, OODInfo
+from zoo.card import ConformalInfo, ModelInfo, OODInfo
 from zoo.preprocess import Preprocessing
 
 LABELS = ["a", "b", "c"]
@@ -29,25 +29,31 @@ PREP = Preprocessing(28, 28, 1, (0.5,), (0.5,))
 
 
 class FakeInference:
-    """Logits from the mean pixel value: class = mean // 86 (0, 1 or 2); OOD score = mean / 255."""
+    """Logits from the mean pixel value: class = mean // 86 (0, 1 or 2); OOD score = mean / 255 (the
+    detector's threshold 0.5). ``conformal``: the card's conformal scores (prediction sets);
+    ``members_agree=False``: the ensemble's second member sees the inverted image."""
 
-    def __init__(self, with_ood: bool) -> None:
-        self.with_ood = with_ood
+    def __init__(self, with_ood: bool = True, conformal: ConformalInfo | None = None,
+                 members_agree: bool = True) -> None:
+        self.with_ood, self.conformal, self.members_agree = with_ood, conformal, members_agree
         self.batches: list[int] = []
 
     def outputs(self, images: np.ndarray) -> np.ndarray:
         means = images.reshape(len(images), -1).mean(axis=1)
-        logits = np.eye(3, dtype=np.float32)[(means // 86).astype(int)] * 5
+        logits = np.eye(3, dtype=np.float32)[(means // 86).astype(int)] * 2 + means[:, None].astype(np.float32) / 255
         return to_record({"logits": logits, "ood_score": means / 255}, self.with_ood)
 
     async def describe(self) -> ServedTable:
-        card = _card(self.with_ood)
-        info = ServedModelInfo(task="skin", status="ok", id="skin-1", arch="fake", labels=LABELS, preprocessing=PREP,
-                               weights_sha256="0" * 64, provider="CPUExecutionProvider", has_ood=self.with_ood,
-                               model_info=card)
+        card = ModelInfo(id="skin-1", arch="fake", task="multi-class", labels=LABELS, num_outputs=3, preprocessing=PREP,
+                         weights_sha256="0" * 64, ood=OODInfo(threshold=0.5) if self.with_ood else None,
+                         conformal=self.conformal)
+        info = ServedModelInfo(task="skin", status="ok", id="skin-1", arch="fake", labels=LABELS, num_outputs=3,
+                               preprocessing=PREP, weights_sha256="0" * 64, provider="CPUExecutionProvider",
+                               has_ood=self.with_ood, model_info=card)
         members = [info.model_copy(update={"id": f"m{i}", "task": ENSEMBLE_ROUTE}) for i in range(2)]
         ensemble = ServedEnsembleInfo(task=ENSEMBLE_ROUTE, status="ok", arch="fake", members=members,
-                                      has_ood=self.with_ood, labels=LABELS, preprocessing=PREP)
+                                      has_ood=self.with_ood, labels=LABELS, preprocessing=PREP,
+                                      conformal=self.conformal)
         missing = ServedModelInfo(task="organ", status="missing", message="train one: zoo train organ simplecnn")
         return ServedTable(tasks={"skin": info, "organ": missing}, ensemble=ensemble, config={})
 
@@ -60,13 +66,8 @@ class FakeInference:
 
     async def predict_members(self, images: np.ndarray) -> np.ndarray:
         self.batches.append(len(images))
-        return np.stack([self.outputs(images), self.outputs(images)], axis=1)
-
-
-def _card(with_ood: bool) -> ModelInfo:
-    """The card part the pipeline reads: labels and, with a detector, its threshold (0.5)."""
-    return ModelInfo(id="skin-1", arch="fake", task="multi-class", labels=LABELS, num_outputs=3, preprocessing=PREP,
-                     weights_sha256="0" * 64, ood=OODInfo(threshold=0.5) if with_ood else None)
+        second = images if self.members_agree else 255 - images
+        return np.stack([self.outputs(images), self.outputs(second)], axis=1)
 
 
 def png(value: int) -> bytes:

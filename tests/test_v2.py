@@ -28,20 +28,16 @@ import pytest
 import tritonclient.http as triton
 from PIL import Image
 from servers import ZooServer
+from test_pipeline import LABELS, FakeInference
 
 from serving.config import ENSEMBLE_ROUTE, Limits
 from serving.decoding import DecodePool
 from serving.events import RequestEvent, subscribe, unsubscribe_all
 from serving.frontend import Frontend
-from serving.outputs import to_record
-from serving.schemas import ServedEnsembleInfo, ServedModelInfo, ServedTable
 from serving.uploads import Upload, UploadGuard
 from serving.v2 import INFER_PATH, v2_app
-from zoo.card import ConformalInfo, ModelInfo, OODInfo
-from zoo.preprocess import Preprocessing
+from zoo.card import ConformalInfo
 
-LABELS = ["a", "b", "c"]
-PREP = Preprocessing(28, 28, 1, (0.5,), (0.5,))
 LIMITS = Limits(max_file_bytes=200_000, max_request_bytes=1_000_000, max_images=8, body_timeout_s=1.0)
 
 
@@ -85,48 +81,13 @@ def tensor_input(arr: np.ndarray, binary: bool = True) -> triton.InferInput:
     return inp
 
 
-# --------------------------------------------------------------------------- in-process: a fake inference worker
-
-
-class FakeInference:
-    """Logits from the mean pixel value (class = mean // 86), OOD score = mean / 255 (threshold 0.5)."""
-
-    def __init__(self) -> None:
-        self.batches: list[int] = []
-
-    @staticmethod
-    def outputs(images: np.ndarray) -> np.ndarray:
-        means = images.reshape(len(images), -1).mean(axis=1)
-        logits = np.eye(3, dtype=np.float32)[(means // 86).astype(int)] * 2 + means[:, None].astype(np.float32) / 255
-        return to_record({"logits": logits, "ood_score": means / 255}, True)
-
-    async def describe(self) -> ServedTable:
-        card = ModelInfo(id="skin-1", arch="fake", task="multi-class", labels=LABELS, num_outputs=3, preprocessing=PREP,
-                         weights_sha256="0" * 64, ood=OODInfo(threshold=0.5),
-                         conformal=ConformalInfo(scores=[[0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9]]))
-        info = ServedModelInfo(task="skin", status="ok", id="skin-1", arch="fake", labels=LABELS, num_outputs=3,
-                               preprocessing=PREP, weights_sha256="0" * 64, provider="CPUExecutionProvider",
-                               has_ood=True, model_info=card)
-        members = [info.model_copy(update={"id": f"m{i}", "task": ENSEMBLE_ROUTE}) for i in range(2)]
-        ensemble = ServedEnsembleInfo(task=ENSEMBLE_ROUTE, status="ok", arch="fake", members=members, has_ood=True,
-                                      labels=LABELS, preprocessing=PREP, conformal=card.conformal)
-        missing = ServedModelInfo(task="organ", status="missing", message="train one: zoo train organ simplecnn")
-        return ServedTable(tasks={"skin": info, "organ": missing}, ensemble=ensemble, config={})
-
-    async def stats(self) -> dict[str, Any]:
-        return {}
-
-    async def predict(self, task: str, images: np.ndarray) -> np.ndarray:
-        self.batches.append(len(images))
-        return self.outputs(images)
-
-    async def predict_members(self, images: np.ndarray) -> np.ndarray:
-        self.batches.append(len(images))
-        return np.stack([self.outputs(images), self.outputs(255 - images)], axis=1)
+# ----------------------------------------------------------------- in-process: test_pipeline's fake worker
 
 
 def make_frontend(refuse_ood: bool = False) -> Frontend:
-    return Frontend(FakeInference(), LIMITS, 3, DecodePool(threads=2, memory_bytes=64 << 20, queue_s=5),
+    fake = FakeInference(conformal=ConformalInfo(scores=[[0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9]]),
+                         members_agree=False)
+    return Frontend(fake, LIMITS, 3, DecodePool(threads=2, memory_bytes=64 << 20, queue_s=5),
                     refuse_ood=refuse_ood)
 
 
